@@ -1,0 +1,1 @@
+"""The mother aggregator (rolling counters across every org) lives here; see issue 5."""

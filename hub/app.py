@@ -1,0 +1,202 @@
+"""The ASGI application: routes, the WebSocket endpoint, and the lifespan.
+
+:func:`create_app` builds a Starlette app around one :class:`Hub`, which
+owns the node's shared state: token verifier, engine, channels, the live
+sessions and the write flusher.  The lifespan's task group owns every
+long-lived task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from hub.api.broadcast import rest_broadcast, rest_broadcast_one
+from hub.auth.tokens import JwksCache, KeyNotCached, TokenVerifier
+from hub.channels.registry import Channels
+from hub.config import Settings
+from hub.engine.base import Engine
+from hub.engine.memory import MemoryEngine
+from hub.errors import AuthError
+from hub.frames import Outbox
+from hub.protocol import VERSIONS
+from hub.session import Session
+from hub.transport import SOCKET_EXTENSION, AsgiOutbox, Flusher, SocketOutbox
+
+log = logging.getLogger(__name__)
+
+#: How often sessions are checked for expired tokens and idle sockets.
+TICK_SECONDS = 1.0
+
+
+class Hub:
+    """The state one hub node shares between its connections."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id or "node"
+        jwks = (
+            JwksCache(settings.jwks_url, min_interval=settings.jwks_min_refresh)
+            if settings.jwks_url
+            else None
+        )
+        self.verifier = TokenVerifier(
+            secret=settings.jwt_secret.encode() if settings.jwt_secret else None,
+            jwks=jwks,
+            orgs_claim=settings.orgs_claim_path,
+            audience=settings.jwt_audience,
+        )
+        self.engine = engine or MemoryEngine()
+        self.channels = Channels(self.engine, node_id=self.node_id + ".")
+        self.sessions: set[Session] = set()
+        self._conn_ids = itertools.count(1)
+        self._flusher: Flusher | None = None
+
+    @property
+    def flusher(self) -> Flusher:
+        if self._flusher is None:
+            self._flusher = Flusher(asyncio.get_running_loop())
+        return self._flusher
+
+    def next_conn_id(self) -> str:
+        return f"{self.node_id}-{next(self._conn_ids)}"
+
+    async def start(self) -> None:
+        if self.verifier.jwks is not None:
+            await self.verifier.jwks.load()
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+
+    async def tick_forever(self) -> None:
+        while True:
+            await anyio.sleep(TICK_SECONDS)
+            now = time.time()
+            for session in list(self.sessions):
+                session.tick(now)
+
+
+def _deny(status: int, message: str) -> JSONResponse:
+    # Supabase answers a refused handshake with HTTP and {"error": ...}.
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def realtime_socket(websocket: WebSocket) -> None:
+    hub: Hub = websocket.app.state.hub
+    params = websocket.query_params
+    vsn = params.get("vsn", "1.0.0")
+    if vsn not in VERSIONS:
+        await websocket.send_denial_response(_deny(400, f"Unsupported vsn {vsn[:20]!r}"))
+        return
+    token = params.get("apikey")
+    if not token:
+        await websocket.send_denial_response(_deny(401, "No apikey given"))
+        return
+    try:
+        principal = await hub.verifier.verify_async(token)
+    except AuthError as exc:
+        await websocket.send_denial_response(_deny(401, exc.message))
+        return
+    await websocket.accept()
+    settings = hub.settings
+    extension = websocket.scope.get("extensions", {}).get(SOCKET_EXTENSION)
+    outbox: Outbox
+    writer: AsgiOutbox | None = None
+    if extension is not None:
+        outbox = SocketOutbox(extension["protocol"], hub.flusher, settings.max_outbox_bytes)
+    else:
+        outbox = writer = AsgiOutbox(websocket.send, settings.max_outbox_bytes)
+    session = Session(
+        conn_id=hub.next_conn_id(),
+        vsn=vsn,  # type: ignore[arg-type]
+        principal=principal,
+        verifier=hub.verifier,
+        channels=hub.channels,
+        outbox=outbox,
+        limits=settings.limits,
+    )
+    hub.sessions.add(session)
+    try:
+        if writer is None:
+            await _read_loop(hub, session, websocket)
+        else:
+            async with anyio.create_task_group() as tg:
+
+                async def write_then_stop() -> None:
+                    await writer.run()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(write_then_stop)
+                await _read_loop(hub, session, websocket)
+                writer.close(1000)
+    finally:
+        hub.sessions.discard(session)
+        session.close()
+
+
+async def _read_loop(hub: Hub, session: Session, websocket: WebSocket) -> None:
+    receive = websocket.receive
+    outbox = session.outbox
+    while not outbox.closed:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data: Any = message.get("text")
+        if data is None:
+            data = message.get("bytes") or b""
+        try:
+            session.receive(data)
+        except KeyNotCached:
+            assert hub.verifier.jwks is not None
+            await hub.verifier.jwks.refresh()
+            session.receive(data, keys_refreshed=True)
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
+    """Build the hub's ASGI app for ``settings``."""
+    hub = Hub(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await hub.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hub.tick_forever)
+                yield
+                tg.cancel_scope.cancel()
+        finally:
+            await hub.stop()
+
+    app = Starlette(
+        routes=[
+            WebSocketRoute("/realtime/v1/websocket", realtime_socket),
+            Route("/realtime/v1/api/broadcast", rest_broadcast, methods=["POST"]),
+            Route("/api/broadcast", rest_broadcast, methods=["POST"]),
+            Route(
+                "/realtime/v1/api/broadcast/{topic}/events/{event}",
+                rest_broadcast_one,
+                methods=["POST"],
+            ),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.hub = hub
+    return app

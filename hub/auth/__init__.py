@@ -1,0 +1,1 @@
+"""Authentication (Supabase JWTs) and authorization (who may use which topic)."""

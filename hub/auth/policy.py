@@ -1,0 +1,38 @@
+"""Who may join, and publish to, which topic.
+
+* ``service_role`` may use every topic.
+* ``org:<id>`` and ``org:<id>:<name>``: members of ``<id>``.
+* ``user:<sub>``: the user whose ``sub`` it is.
+"""
+
+from __future__ import annotations
+
+from hub.auth.principal import Principal
+from hub.channels.topics import Topic
+from hub.errors import AuthError
+
+
+def may_access(principal: Principal, topic: Topic) -> bool:
+    if principal.is_service:
+        return True
+    if topic.kind == "org":
+        return topic.owner in principal.orgs
+    return principal.sub is not None and principal.sub == topic.owner
+
+
+def authorize_read(principal: Principal, topic: Topic) -> None:
+    """Raise AuthError unless ``principal`` may join ``topic``."""
+    if not may_access(principal, topic):
+        raise AuthError(
+            "Unauthorized",
+            f"You do not have permissions to read from this Channel topic: {topic.text}",
+        )
+
+
+def authorize_write(principal: Principal, topic: Topic) -> None:
+    """Raise AuthError unless ``principal`` may publish to ``topic``."""
+    if not may_access(principal, topic):
+        raise AuthError(
+            "Unauthorized",
+            f"You do not have permissions to write to this Channel topic: {topic.text}",
+        )

@@ -1,0 +1,91 @@
+"""Who a verified token speaks for.
+
+Org membership is read from a claim under ``app_metadata`` (server-controlled
+in Supabase), never from ``user_metadata``, which users edit themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from hub.channels.topics import is_org_id
+from hub.errors import AuthError, ConfigError
+
+SERVICE_ROLE: Final = "service_role"
+#: The role a member gets when ``orgs`` is a plain list.
+MEMBER: Final = "member"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The verified identity behind a connection or a channel."""
+
+    role: str
+    exp: float
+    sub: str | None = None
+    #: org id -> the member's role in that org.
+    orgs: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_service(self) -> bool:
+        return self.role == SERVICE_ROLE
+
+
+def parse_claim_path(path: str) -> tuple[str, ...]:
+    """Validate a dotted claim path such as ``app_metadata.orgs``.
+
+    Raises ConfigError unless the path lies under ``app_metadata``: every
+    other place in a Supabase token is either user-editable or not ours.
+    """
+    parts = tuple(path.split("."))
+    if len(parts) < 2 or parts[0] != "app_metadata" or not all(parts):
+        raise ConfigError(
+            f"claim path {path!r} must name a key under app_metadata, e.g. app_metadata.orgs"
+        )
+    return parts
+
+
+def _lookup(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = claims
+    for part in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def principal_from_claims(claims: Mapping[str, Any], orgs_path: tuple[str, ...]) -> Principal:
+    """Build a Principal from verified claims or raise AuthError.
+
+    Claims of the wrong type are refused rather than ignored: a token that
+    says something odd about membership is a bug or an attack.
+    """
+    role, exp, sub = claims.get("role"), claims.get("exp"), claims.get("sub")
+    if not isinstance(role, str) or not role:
+        raise AuthError("InvalidJWTToken", "Claim `role` must be a non-empty string")
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        raise AuthError("InvalidJWTToken", "Claim `exp` must be a number")
+    if sub is not None and not isinstance(sub, str):
+        raise AuthError("InvalidJWTToken", "Claim `sub` must be a string")
+    raw = _lookup(claims, orgs_path)
+    label = ".".join(orgs_path)
+    orgs: dict[str, str] = {}
+    if raw is None:
+        pass
+    elif isinstance(raw, list):
+        for org in raw:
+            if not is_org_id(org):
+                raise AuthError("InvalidJWTToken", f"Claim `{label}` holds an invalid org id")
+            orgs[org] = MEMBER
+    elif isinstance(raw, dict):
+        for org, org_role in raw.items():
+            if not is_org_id(org) or not isinstance(org_role, str):
+                raise AuthError(
+                    "InvalidJWTToken", f"Claim `{label}` must map org ids to role strings"
+                )
+            orgs[org] = org_role
+    else:
+        raise AuthError("InvalidJWTToken", f"Claim `{label}` must be a list or a map of org ids")
+    return Principal(role=role, exp=float(exp), sub=sub or None, orgs=orgs)

@@ -1,0 +1,1 @@
+"""Channels: topic grammar, subscriptions, fan-out, presence and change bindings."""

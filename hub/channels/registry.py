@@ -1,0 +1,186 @@
+"""Topics to subscribers, and the fan-out.
+
+Fan-out is the hot path of the hub.  For each message it:
+
+* encodes the frame at most once per wire format (vsn 1 text, vsn 2
+  binary), and only for formats that have subscribers;
+* walks the topic's subscribers and appends the same frame object to each
+  one's outbox, which never blocks;
+* does nothing else per subscriber: no awaits, no JSON, no allocation beyond
+  the outbox append.
+
+No I/O happens here; sockets are behind :class:`~hub.frames.Outbox`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub.auth.principal import Principal
+from hub.channels.changes import Binding
+from hub.channels.presence import PresenceDiff, PresenceMap, PresenceTable
+from hub.channels.topics import Topic
+from hub.engine.base import Engine, Envelope
+from hub.frames import Frame, Outbox
+from hub.protocol import TOPIC_PREFIX, VSN1, VSN2, Broadcast, Vsn, encode
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """One channel joined by one socket.  Identity is the object itself."""
+
+    topic: Topic
+    join_ref: str | None
+    vsn: Vsn
+    outbox: Outbox
+    principal: Principal
+    conn_id: str
+    echo_self: bool = False
+    ack: bool = False
+    presence_key: str = ""
+    presence_enabled: bool = True
+    bindings: list[Binding] = field(default_factory=list)
+
+    @property
+    def wire_topic(self) -> str:
+        return TOPIC_PREFIX + self.topic.text
+
+
+class _TopicSubscribers:
+    """The local subscribers of one topic, split by wire format so the loop
+    over them does not branch on the format."""
+
+    __slots__ = ("v1", "v2")
+
+    def __init__(self) -> None:
+        self.v1: dict[Subscription, None] = {}
+        self.v2: dict[Subscription, None] = {}
+
+    def of(self, vsn: Vsn) -> dict[Subscription, None]:
+        return self.v2 if vsn == VSN2 else self.v1
+
+    def __len__(self) -> int:
+        return len(self.v1) + len(self.v2)
+
+
+class Channels:
+    """The registry of this node's subscriptions and the fan-out to them."""
+
+    def __init__(self, engine: Engine, *, node_id: str = "") -> None:
+        self.engine = engine
+        self.node_id = node_id
+        engine.bind(self.deliver)
+        self._topics: dict[str, _TopicSubscribers] = {}
+        self._presence: dict[str, PresenceTable] = {}
+        self.delivered = 0
+
+    # -- subscriptions -------------------------------------------------------
+
+    def subscribe(self, sub: Subscription) -> None:
+        key = sub.topic.text
+        subscribers = self._topics.get(key)
+        if subscribers is None:
+            subscribers = self._topics[key] = _TopicSubscribers()
+            self.engine.subscribe(key)
+        subscribers.of(sub.vsn)[sub] = None
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Remove ``sub`` and its presence.  Idempotent."""
+        key = sub.topic.text
+        self.untrack(sub)
+        subscribers = self._topics.get(key)
+        if subscribers is None:
+            return
+        subscribers.of(sub.vsn).pop(sub, None)
+        if not subscribers:
+            del self._topics[key]
+            self.engine.unsubscribe(key)
+
+    def subscriber_count(self, topic: str) -> int:
+        subscribers = self._topics.get(topic)
+        return len(subscribers) if subscribers is not None else 0
+
+    @property
+    def topic_count(self) -> int:
+        return len(self._topics)
+
+    # -- publishing ------------------------------------------------------------
+
+    def publish(self, broadcast: Broadcast) -> None:
+        """Send a broadcast to every subscriber of its topic on every node."""
+        self.engine.publish(broadcast)
+
+    def track(self, sub: Subscription, fields: dict[str, Any]) -> None:
+        table = self._presence.get(sub.topic.text)
+        if table is None:
+            table = self._presence[sub.topic.text] = PresenceTable(
+                sub.topic.text, ref_prefix=self.node_id
+            )
+        self.engine.publish(table.track(sub, sub.presence_key, fields))
+
+    def untrack(self, sub: Subscription) -> None:
+        table = self._presence.get(sub.topic.text)
+        if table is None:
+            return
+        diff = table.untrack(sub)
+        if not len(table):
+            del self._presence[sub.topic.text]
+        if diff:
+            self.engine.publish(diff)
+
+    def presence_state(self, topic: str) -> PresenceMap:
+        table = self._presence.get(topic)
+        return table.state() if table is not None else {}
+
+    def presence_size(self, topic: str) -> int:
+        table = self._presence.get(topic)
+        return len(table) if table is not None else 0
+
+    # -- delivery (called by the engine) ------------------------------------
+
+    def deliver(self, envelope: Envelope) -> None:
+        if isinstance(envelope, Broadcast):
+            self._deliver_broadcast(envelope)
+        else:
+            self._deliver_presence(envelope)
+
+    def _deliver_broadcast(self, broadcast: Broadcast) -> None:
+        subscribers = self._topics.get(broadcast.topic)
+        if subscribers is None:
+            return
+        origin = broadcast.origin
+        count = 0
+        if subscribers.v2:
+            frame = broadcast.frame_v2()
+            for sub in subscribers.v2:
+                if sub is not origin:
+                    sub.outbox.push(frame)
+                    count += 1
+        if subscribers.v1:
+            frame_v1 = broadcast.frame_v1()
+            # Opaque binary payloads have no vsn 1 form; Supabase drops them.
+            if frame_v1 is not None:
+                for sub in subscribers.v1:
+                    if sub is not origin:
+                        sub.outbox.push(frame_v1)
+                        count += 1
+        self.delivered += count
+
+    def _deliver_presence(self, diff: PresenceDiff) -> None:
+        subscribers = self._topics.get(diff.topic)
+        if subscribers is None:
+            return
+        wire_topic = TOPIC_PREFIX + diff.topic
+        payload = diff.payload()
+        groups: tuple[tuple[Vsn, dict[Subscription, None]], ...] = (
+            (VSN2, subscribers.v2),
+            (VSN1, subscribers.v1),
+        )
+        for vsn, group in groups:
+            frame: Frame | None = None
+            for sub in group:
+                if sub.presence_enabled:
+                    if frame is None:
+                        frame = encode(vsn, None, None, wire_topic, "presence_diff", payload)
+                    sub.outbox.push(frame)

@@ -1,0 +1,121 @@
+"""The ``hub`` command: ``hub serve`` and ``hub token``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from hub import __version__
+from hub.auth.principal import SERVICE_ROLE, parse_claim_path
+from hub.auth.tokens import issue_token
+from hub.config import Settings, add_arguments, load_settings
+from hub.errors import ConfigError
+
+log = logging.getLogger("hub")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hub", description="Supabase-compatible realtime hub.")
+    parser.add_argument("--version", action="version", version=f"hub {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the hub",
+        description="Run the hub. Every flag can also be set with the HUB_* variable it names.",
+    )
+    add_arguments(serve)
+
+    token = commands.add_parser(
+        "token",
+        help="print a token signed with HUB_JWT_SECRET (development and tests)",
+    )
+    token.add_argument("--sub", required=True, help="user id (`sub` claim)")
+    token.add_argument("--org", action="append", default=[], help="org id; repeat for several")
+    token.add_argument("--role", default="authenticated", help="`role` claim [authenticated]")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry [3600]")
+    return parser
+
+
+def _dev_banner(settings: Settings) -> str:
+    assert settings.jwt_secret is not None
+    claim = settings.orgs_claim_path
+    member = issue_token(
+        settings.jwt_secret, sub="demo-user", orgs=["demo"], ttl=86400, orgs_claim=claim
+    )
+    admin = issue_token(settings.jwt_secret, sub="demo-admin", role=SERVICE_ROLE, ttl=86400)
+    url = f"ws://{settings.host}:{settings.port}/realtime/v1/websocket"
+    return (
+        "\nhub is in DEV MODE: no HUB_JWT_SECRET or HUB_JWKS_URL, so tokens are signed with a\n"
+        "random secret that lives as long as this process. Tokens valid for 24 h:\n\n"
+        f"  member of org 'demo' (may join org:demo):\n    {member}\n\n"
+        f"  service_role admin (may join every topic):\n    {admin}\n\n"
+        f"  connect: {url}?apikey=<token>&vsn=2.0.0\n"
+        f"  supabase-js: createClient('http://{settings.host}:{settings.port}', <token>)\n"
+    )
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from hub.app import create_app
+    from hub.transport import HubWebSocketProtocol
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s node={settings.node_id} %(name)s: %(message)s",
+    )
+    if settings.dev_mode:
+        print(_dev_banner(settings), flush=True)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws=HubWebSocketProtocol,
+        # Frames are built once and written to many sockets unchanged, which
+        # compression per socket would undo.
+        ws_per_message_deflate=False,
+        ws_max_size=settings.max_frame_bytes,
+        # Liveness is the protocol's heartbeat (HUB_IDLE_TIMEOUT), not pings.
+        ws_ping_interval=None,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+    )
+    uvicorn.Server(config).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            serve(load_settings(vars(args), os.environ))
+        elif args.command == "token":
+            secret = os.environ.get("HUB_JWT_SECRET")
+            if not secret:
+                raise ConfigError("hub token needs HUB_JWT_SECRET")
+            claim = parse_claim_path(os.environ.get("HUB_ORGS_CLAIM") or "app_metadata.orgs")
+            print(
+                issue_token(
+                    secret,
+                    sub=args.sub,
+                    orgs=list(args.org),
+                    role=args.role,
+                    ttl=args.ttl,
+                    orgs_claim=claim,
+                )
+            )
+    except ConfigError as exc:
+        print(f"hub: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

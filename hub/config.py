@@ -1,0 +1,229 @@
+"""Settings from command-line flags and ``HUB_*`` environment variables.
+
+Every setting is declared once in :data:`OPTIONS`; ``hub serve --help`` and
+the README's table are generated from that list.  A flag beats its variable,
+which beats the default.  :func:`load_settings` validates everything and
+raises :class:`~hub.errors.ConfigError` naming the setting at fault, so a
+mistake stops the hub at start-up, not at the first connection.  No I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub.auth.principal import parse_claim_path
+from hub.errors import ConfigError
+from hub.session import SessionLimits
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    #: Greater than zero (numbers only).
+    positive: bool = False
+
+    @property
+    def env(self) -> str:
+        return "HUB_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _text(value: str) -> str:
+    return value
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", _text, "127.0.0.1", "Interface to listen on."),
+    Option("port", int, 4000, "TCP port to listen on.", positive=True),
+    Option(
+        "jwt_secret",
+        _text,
+        None,
+        "HS256 secret of the Supabase project (at least 32 bytes). Without it "
+        "and without HUB_JWKS_URL the hub runs in dev mode with a random secret.",
+    ),
+    Option(
+        "jwks_url",
+        _text,
+        None,
+        "JWKS URL for ES256/RS256 tokens, e.g. "
+        "https://<ref>.supabase.co/auth/v1/.well-known/jwks.json.",
+    ),
+    Option(
+        "jwks_min_refresh",
+        float,
+        30.0,
+        "Seconds between JWKS refetches caused by unknown key ids.",
+        positive=True,
+    ),
+    Option(
+        "jwt_audience",
+        _text,
+        None,
+        "If set, tokens must carry this `aud` (Supabase: authenticated).",
+    ),
+    Option(
+        "orgs_claim",
+        _text,
+        "app_metadata.orgs",
+        "Claim path of the org membership list or map; must be under app_metadata.",
+    ),
+    Option(
+        "max_frame_bytes",
+        int,
+        1024 * 1024,
+        "Largest WebSocket message accepted; larger ones close the socket with 1009.",
+        positive=True,
+    ),
+    Option(
+        "max_payload_bytes",
+        int,
+        256 * 1024,
+        "Largest broadcast payload or presence meta (JSON bytes); larger ones are refused.",
+        positive=True,
+    ),
+    Option(
+        "max_outbox_bytes",
+        int,
+        4 * 1024 * 1024,
+        "Outbound bytes one connection may have waiting; beyond it the socket "
+        "is closed with 4001 (slow consumer).",
+        positive=True,
+    ),
+    Option("max_channels", int, 100, "Channels one connection may join.", positive=True),
+    Option(
+        "joins_per_second",
+        float,
+        10.0,
+        "Sustained joins per second per connection.",
+        positive=True,
+    ),
+    Option("join_burst", int, 20, "Joins a connection may make at once.", positive=True),
+    Option(
+        "idle_timeout",
+        float,
+        60.0,
+        "Seconds without a frame (clients heartbeat every 25 s) before closing with 4000.",
+        positive=True,
+    ),
+    Option("node_id", _text, None, "This node's name in logs and metrics (default: random)."),
+    Option("log_level", _text, "info", "debug, info, warning or error."),
+)
+
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 4000
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    jwks_min_refresh: float = 30.0
+    jwt_audience: str | None = None
+    orgs_claim: str = "app_metadata.orgs"
+    max_frame_bytes: int = 1024 * 1024
+    max_payload_bytes: int = 256 * 1024
+    max_outbox_bytes: int = 4 * 1024 * 1024
+    max_channels: int = 100
+    joins_per_second: float = 10.0
+    join_burst: int = 20
+    idle_timeout: float = 60.0
+    node_id: str | None = None
+    log_level: str = "info"
+    #: Set when neither a secret nor a JWKS URL was given.
+    dev_mode: bool = field(default=False)
+
+    @property
+    def orgs_claim_path(self) -> tuple[str, ...]:
+        return parse_claim_path(self.orgs_claim)
+
+    @property
+    def limits(self) -> SessionLimits:
+        return SessionLimits(
+            max_channels=self.max_channels,
+            joins_per_second=self.joins_per_second,
+            join_burst=self.join_burst,
+            max_payload_bytes=self.max_payload_bytes,
+            idle_timeout=self.idle_timeout,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per option; help names the variable and the default."""
+    for option in OPTIONS:
+        default = "unset" if option.default is None else option.default
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            default=None,
+            metavar=option.env,
+            help=f"{option.help} [env {option.env}; default {default}]",
+        )
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Merge flags, environment and defaults, and validate the result."""
+    flags = flags or {}
+    env = env or {}
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = flags.get(option.name)
+        source = option.flag
+        if raw is None:
+            raw, source = env.get(option.env), option.env
+        if raw is None or raw == "":
+            values[option.name] = option.default
+            continue
+        try:
+            value = option.type(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            raise ConfigError(f"{source}: {raw!r} is not a valid {option.type.__name__}") from None
+        if option.positive and not value > 0:
+            raise ConfigError(f"{source}: must be greater than 0, got {raw!r}")
+        values[option.name] = value
+    settings = Settings(**values)
+    return _validate(settings)
+
+
+def _validate(settings: Settings) -> Settings:
+    settings.orgs_claim_path  # noqa: B018 - raises ConfigError when malformed
+    if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
+        raise ConfigError("HUB_JWT_SECRET: must be at least 32 bytes")
+    if settings.jwks_url is not None and not settings.jwks_url.startswith(("https://", "http://")):
+        raise ConfigError("HUB_JWKS_URL: must be an http(s) URL")
+    if settings.max_payload_bytes >= settings.max_frame_bytes:
+        raise ConfigError("HUB_MAX_PAYLOAD_BYTES: must be smaller than HUB_MAX_FRAME_BYTES")
+    if settings.max_outbox_bytes < settings.max_frame_bytes:
+        raise ConfigError("HUB_MAX_OUTBOX_BYTES: must be at least HUB_MAX_FRAME_BYTES")
+    if settings.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("HUB_LOG_LEVEL: must be debug, info, warning or error")
+    changes: dict[str, Any] = {}
+    if settings.node_id is None:
+        changes["node_id"] = secrets.token_hex(3)
+    if settings.jwt_secret is None and settings.jwks_url is None:
+        changes["dev_mode"] = True
+        changes["jwt_secret"] = secrets.token_urlsafe(32)
+    if changes:
+        settings = Settings(**{**_as_dict(settings), **changes})
+    return settings
+
+
+def _as_dict(settings: Settings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in Settings.__dataclass_fields__}
+
+
+def option(name: str) -> Option:
+    return _BY_NAME[name]

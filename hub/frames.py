@@ -1,0 +1,98 @@
+"""Pre-built WebSocket frames.
+
+A message that goes to many sockets is framed once: the RFC 6455 header is
+prepended to the payload here, and the same ``bytes`` object is handed to
+every socket's outbox.  Server frames are never masked, and the hub turns
+permessage-deflate off, so a frame is byte-identical for every receiver.
+No I/O happens here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+
+
+def _header(opcode: int, length: int) -> bytes:
+    first = 0x80 | opcode  # FIN set: the hub never fragments.
+    if length < 126:
+        return bytes((first, length))
+    if length < 65536:
+        return bytes((first, 126)) + length.to_bytes(2, "big")
+    return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+class Frame:
+    """One outbound WebSocket message, framed once.
+
+    ``payload`` is the message body (UTF-8 JSON for text frames); ``wire`` is
+    the complete frame as it goes on the socket.
+    """
+
+    __slots__ = ("opcode", "payload", "wire")
+
+    def __init__(self, opcode: int, payload: bytes) -> None:
+        self.opcode = opcode
+        self.payload = payload
+        self.wire = _header(opcode, len(payload)) + payload
+
+    @property
+    def is_text(self) -> bool:
+        return self.opcode == OP_TEXT
+
+    def __len__(self) -> int:
+        return len(self.wire)
+
+    def __repr__(self) -> str:
+        kind = "text" if self.is_text else "binary"
+        return f"Frame({kind}, {self.payload[:60]!r})"
+
+
+def text_frame(payload: bytes) -> Frame:
+    return Frame(OP_TEXT, payload)
+
+
+def binary_frame(payload: bytes) -> Frame:
+    return Frame(OP_BINARY, payload)
+
+
+class Outbox:
+    """Where a connection's outbound frames go.  The interface the session
+    and the fan-out see; :mod:`hub.transport` holds the socket-backed ones.
+
+    ``push`` never blocks and never awaits: a connection that cannot keep up
+    is closed, not waited for.
+    """
+
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def push(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def close(self, code: int, reason: str = "") -> None:
+        raise NotImplementedError
+
+
+class ListOutbox(Outbox):
+    """An outbox that keeps what it is given: for tests and for tools."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[Frame] = []
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def push(self, frame: Frame) -> None:
+        if not self.closed:
+            self.frames.append(frame)
+
+    def close(self, code: int, reason: str = "") -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_code = code
+            self.close_reason = reason

@@ -1,0 +1,396 @@
+"""One socket's state machine: joins, refs, heartbeats, tokens and limits.
+
+A :class:`Session` is fed decoded frames and the time; it answers by pushing
+frames to its :class:`~hub.frames.Outbox` and by calling the channels
+registry.  It does no I/O and never awaits, so it is tested by feeding it
+frames (see ``tests/unit/test_session.py``).
+
+The one exception that escapes :meth:`Session.receive` is
+:class:`~hub.auth.tokens.KeyNotCached`: the caller refreshes the JWKS and
+feeds the same frame again.  Every handler verifies tokens before it changes
+any state, so the retry is safe.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from hub.auth.policy import authorize_read, authorize_write
+from hub.auth.principal import Principal
+from hub.auth.tokens import KeyNotCached, TokenVerifier
+from hub.channels.changes import InvalidBinding, parse_bindings
+from hub.channels.registry import Channels, Subscription
+from hub.channels.topics import InvalidTopic, parse_topic
+from hub.errors import AuthError, CloseCode, ProtocolError
+from hub.frames import Outbox
+from hub.protocol import (
+    MAX_BINARY_FIELD,
+    TOPIC_PREFIX,
+    BinaryBroadcast,
+    Broadcast,
+    Message,
+    Vsn,
+    decode,
+    encode,
+    encode_reply,
+)
+
+PHOENIX: Final = "phoenix"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Per-connection limits.  Each is a ``HUB_*`` setting (see config)."""
+
+    #: Channels one socket may have joined at once (Supabase: 100).
+    max_channels: int = 100
+    #: Sustained joins per second per socket, and the burst allowed above it.
+    joins_per_second: float = 10.0
+    join_burst: int = 20
+    #: Largest broadcast payload or presence meta, in bytes of JSON.
+    max_payload_bytes: int = 256 * 1024
+    #: Seconds without any frame from the client before the socket is closed.
+    idle_timeout: float = 60.0
+
+
+class _JoinRate:
+    """A token bucket: ``rate`` joins per second, bursts up to ``burst``."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens, self.stamp = float(burst), now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class _Refusal(Exception):
+    """A request is refused: reply with ``reason`` (``Code: message``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Session:
+    """The protocol state of one WebSocket connection."""
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        vsn: Vsn,
+        principal: Principal,
+        verifier: TokenVerifier,
+        channels: Channels,
+        outbox: Outbox,
+        limits: SessionLimits = SessionLimits(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.conn_id = conn_id
+        self.vsn = vsn
+        self.principal = principal
+        self.verifier = verifier
+        self.channels = channels
+        self.outbox = outbox
+        self.limits = limits
+        self.clock = clock
+        now = clock()
+        self.last_seen = now
+        self._join_rate = _JoinRate(limits.joins_per_second, limits.join_burst, now)
+        #: wire topic (``realtime:org:42``) -> subscription
+        self.subs: dict[str, Subscription] = {}
+        self.frames_in = 0
+        self._keys_refreshed = False
+
+    # -- input -------------------------------------------------------------
+
+    def receive(self, data: str | bytes, *, keys_refreshed: bool = False) -> None:
+        """Handle one WebSocket message from the client.
+
+        Raises KeyNotCached when a token names an unknown JWKS key, unless
+        ``keys_refreshed`` says the caller has just refreshed the keys: then
+        the token is refused as signed by an unknown key.
+        """
+        self._keys_refreshed = keys_refreshed
+        self.last_seen = self.clock()
+        self.frames_in += 1
+        try:
+            message = decode(data, self.vsn)
+        except ProtocolError as exc:
+            self.outbox.close(CloseCode.INVALID_FRAME, str(exc))
+            return
+        self.handle(message)
+
+    def handle(self, msg: Message) -> None:
+        if msg.topic == PHOENIX:
+            if msg.event == "heartbeat":
+                self._reply(msg, "ok", {})
+            else:
+                self._reply(msg, "error", {"reason": f"unknown event {msg.event!r} on phoenix"})
+            return
+        if msg.event == "phx_join":
+            try:
+                self._join(msg)
+            except _Refusal as refusal:
+                self._reply(msg, "error", {"reason": refusal.reason})
+            return
+        sub = self.subs.get(msg.topic)
+        if sub is None or (msg.join_ref is not None and msg.join_ref != sub.join_ref):
+            # Phoenix's answer to a frame for a channel this socket has not
+            # joined (or has since rejoined under a new join_ref).
+            self._reply(msg, "error", {"reason": "unmatched topic"})
+            return
+        handler = _HANDLERS.get(msg.event)
+        if handler is None:
+            self._reply(msg, "error", {"reason": f"unknown event {msg.event[:64]!r}"})
+            return
+        try:
+            handler(self, sub, msg)
+        except _Refusal as refusal:
+            self._reply(msg, "error", {"reason": refusal.reason})
+
+    def tick(self, now: float) -> None:
+        """Enforce time-based rules: token expiry per channel, idle sockets."""
+        if now - self.last_seen > self.limits.idle_timeout:
+            self.outbox.close(CloseCode.IDLE_TIMEOUT, "no heartbeat")
+            return
+        for sub in list(self.subs.values()):
+            if now >= sub.principal.exp:
+                ago = int(now - sub.principal.exp)
+                self._end_channel(sub, f"Token has expired {ago} seconds ago")
+
+    def close(self) -> None:
+        """The socket is gone: leave every channel (and its presence)."""
+        for sub in self.subs.values():
+            self.channels.unsubscribe(sub)
+        self.subs.clear()
+
+    # -- output helpers ------------------------------------------------------
+
+    def _reply(self, msg: Message, status: str, response: Any) -> None:
+        join_ref = msg.join_ref if msg.topic != PHOENIX else None
+        self.outbox.push(
+            encode_reply(self.vsn, join_ref, msg.ref, msg.topic, status, response)  # type: ignore[arg-type]
+        )
+
+    def _push(self, sub: Subscription, event: str, payload: Any) -> None:
+        self.outbox.push(encode(self.vsn, sub.join_ref, None, sub.wire_topic, event, payload))
+
+    def _system(self, sub: Subscription, message: str, status: str, extension: str) -> None:
+        self._push(
+            sub,
+            "system",
+            {
+                "channel": sub.topic.text,
+                "extension": extension,
+                "message": message,
+                "status": status,
+            },
+        )
+
+    def _end_channel(self, sub: Subscription, message: str) -> None:
+        """End a channel the way Supabase does: a ``system`` error, then
+        ``phx_close``.  Nothing more reaches it."""
+        self._system(sub, message, "error", "system")
+        self._close_channel(sub)
+
+    def _close_channel(self, sub: Subscription) -> None:
+        self.channels.unsubscribe(sub)
+        self.subs.pop(sub.wire_topic, None)
+        self.outbox.push(
+            encode(self.vsn, sub.join_ref, sub.join_ref, sub.wire_topic, "phx_close", {})
+        )
+
+    def _principal_for(self, token: object) -> Principal:
+        """The channel's principal: its own token, else the connection's."""
+        if token is None or token == "":
+            principal = self.principal
+            now = self.clock()
+            if now >= principal.exp:
+                raise _Refusal(
+                    f"InvalidJWTToken: Token has expired {int(now - principal.exp)} seconds ago"
+                )
+            return principal
+        try:
+            return self._verify(token)
+        except AuthError as exc:
+            raise _Refusal(exc.reason) from None
+
+    def _verify(self, token: object) -> Principal:
+        try:
+            return self.verifier.verify(token, self.clock())
+        except KeyNotCached:
+            if self._keys_refreshed:
+                raise AuthError("InvalidJWTToken", "Unknown signing key") from None
+            raise
+
+    # -- handlers ------------------------------------------------------------
+
+    def _join(self, msg: Message) -> None:
+        wire_topic = msg.topic
+        if not wire_topic.startswith(TOPIC_PREFIX):
+            raise _Refusal("Unauthorized: channel topics start with realtime:")
+        try:
+            topic = parse_topic(wire_topic[len(TOPIC_PREFIX) :])
+        except InvalidTopic as exc:
+            raise _Refusal(f"Unauthorized: {exc}: {wire_topic[:80]!r}") from None
+        payload = msg.payload if isinstance(msg.payload, dict) else {}
+        config = payload.get("config", {})
+        if not isinstance(config, dict):
+            raise _Refusal("InvalidJoinPayload: config must be an object")
+        principal = self._principal_for(payload.get("access_token"))
+        try:
+            authorize_read(principal, topic)
+        except AuthError as exc:
+            raise _Refusal(exc.reason) from None
+        previous = self.subs.get(wire_topic)
+        if previous is None and len(self.subs) >= self.limits.max_channels:
+            raise _Refusal("ChannelRateLimitReached: Too many channels")
+        if not self._join_rate.take(self.clock()):
+            raise _Refusal("ClientJoinRateLimitReached: Too many joins per second")
+        broadcast = _section(config, "broadcast")
+        presence = _section(config, "presence")
+        try:
+            bindings = parse_bindings(config.get("postgres_changes"))
+        except InvalidBinding as exc:
+            raise _Refusal(f"InvalidJoinPayload: {exc}") from None
+        key = presence.get("key")
+        if previous is not None:
+            # A second join of one topic replaces the first (Phoenix).
+            self._close_channel(previous)
+        sub = Subscription(
+            topic=topic,
+            join_ref=msg.join_ref,
+            vsn=self.vsn,
+            outbox=self.outbox,
+            principal=principal,
+            conn_id=self.conn_id,
+            echo_self=broadcast.get("self") is True,
+            ack=broadcast.get("ack") is True,
+            presence_key=key if isinstance(key, str) and key else str(uuid.uuid4()),
+            presence_enabled=presence.get("enabled", True) is not False,
+            bindings=bindings,
+        )
+        self.subs[wire_topic] = sub
+        self.channels.subscribe(sub)
+        self._reply(msg, "ok", {"postgres_changes": [b.reply() for b in bindings]})
+        # supabase-js buffers presence diffs until it has seen a state.
+        self._push(sub, "presence_state", self.channels.presence_state(topic.text))
+        if bindings:
+            self._system(sub, "Subscribed to PostgreSQL", "ok", "postgres_changes")
+
+    def _leave(self, sub: Subscription, msg: Message) -> None:
+        self._reply(msg, "ok", {})
+        self._close_channel(sub)
+
+    def _check_live(self, sub: Subscription) -> bool:
+        """End the channel if its token expired between ticks."""
+        now = self.clock()
+        if now >= sub.principal.exp:
+            self._end_channel(sub, f"Token has expired {int(now - sub.principal.exp)} seconds ago")
+            return False
+        return True
+
+    def _broadcast(self, sub: Subscription, msg: Message) -> None:
+        if not self._check_live(sub):
+            return
+        try:
+            authorize_write(sub.principal, sub.topic)
+        except AuthError as exc:
+            raise _Refusal(exc.reason) from None
+        body = msg.payload
+        event: Any
+        if isinstance(body, BinaryBroadcast):
+            event, data, is_json = body.event, body.data, body.is_json
+        elif isinstance(body, dict):
+            event = body.get("event")
+            if not isinstance(event, str):
+                raise _Refusal("InvalidPayload: broadcast needs a string event")
+            data, is_json = orjson.dumps(body.get("payload", {})), True
+        else:
+            raise _Refusal("InvalidPayload: broadcast payload must be an object")
+        if not event or len(event.encode()) > MAX_BINARY_FIELD:
+            raise _Refusal(f"InvalidPayload: event must be 1 to {MAX_BINARY_FIELD} bytes")
+        if len(data) > self.limits.max_payload_bytes:
+            raise _Refusal("PayloadTooLarge: Payload size exceeds tenant limit")
+        if sub.ack:
+            self._reply(msg, "ok", {})
+        origin = None if sub.echo_self else sub
+        self.channels.publish(
+            Broadcast(sub.topic.text, event, data, is_json=is_json, origin=origin)
+        )
+
+    def _presence(self, sub: Subscription, msg: Message) -> None:
+        if not self._check_live(sub):
+            return
+        body = msg.payload if isinstance(msg.payload, dict) else {}
+        event = body.get("event")
+        if event == "track":
+            fields = body.get("payload", {})
+            if not isinstance(fields, dict):
+                raise _Refusal("InvalidPayload: presence payload must be an object")
+            if len(orjson.dumps(fields)) > self.limits.max_payload_bytes:
+                raise _Refusal("PayloadTooLarge: Payload size exceeds tenant limit")
+            self._reply(msg, "ok", {})
+            if not sub.presence_enabled:
+                # Supabase turns presence on at the first track, even when
+                # the join said enabled: false, and sends the state then.
+                sub.presence_enabled = True
+                self._push(sub, "presence_state", self.channels.presence_state(sub.topic.text))
+            self.channels.track(sub, fields)
+        elif event == "untrack":
+            self._reply(msg, "ok", {})
+            self.channels.untrack(sub)
+        else:
+            raise _Refusal("InvalidPayload: presence event must be track or untrack")
+
+    def _access_token(self, sub: Subscription, msg: Message) -> None:
+        body = msg.payload if isinstance(msg.payload, dict) else {}
+        token = body.get("access_token")
+        if token is None:
+            return
+        try:
+            principal = self._verify(token)
+        except AuthError as exc:
+            self._end_channel(sub, exc.message)
+            return
+        try:
+            authorize_read(principal, sub.topic)
+        except AuthError:
+            self._end_channel(
+                sub,
+                f"You no longer have permission to read from this Channel topic: {sub.topic.text}",
+            )
+            return
+        sub.principal = principal
+
+
+def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    value = config.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Refusal(f"InvalidJoinPayload: config.{name} must be an object")
+    return value
+
+
+_HANDLERS: dict[str, Callable[[Session, Subscription, Message], None]] = {
+    "phx_leave": Session._leave,
+    "broadcast": Session._broadcast,
+    "presence": Session._presence,
+    "access_token": Session._access_token,
+}
