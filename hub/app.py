@@ -24,7 +24,9 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from hub.api.broadcast import rest_broadcast, rest_broadcast_one
+from hub.api.events import append_events, read_events
 from hub.auth.tokens import JwksCache, KeyNotCached, TokenVerifier
+from hub.channels.durable import DurableFeed
 from hub.channels.registry import Channels
 from hub.config import Settings
 from hub.engine.base import Engine
@@ -33,6 +35,7 @@ from hub.errors import AuthError
 from hub.frames import Outbox
 from hub.protocol import VERSIONS
 from hub.session import Session
+from hub.store.base import EventStore
 from hub.transport import SOCKET_EXTENSION, AsgiOutbox, Flusher, SocketOutbox
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,12 @@ TICK_SECONDS = 1.0
 class Hub:
     """The state one hub node shares between its connections."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        store: EventStore | None = None,
+    ) -> None:
         self.settings = settings
         self.node_id = settings.node_id or "node"
         jwks = (
@@ -60,6 +68,8 @@ class Hub:
         )
         self.engine = engine or MemoryEngine()
         self.channels = Channels(self.engine, node_id=self.node_id + ".")
+        self.store = store or _make_store(settings)
+        self.durable = DurableFeed(self.channels, self.store, replay_max=settings.replay_max)
         self.sessions: set[Session] = set()
         self._conn_ids = itertools.count(1)
         self._flusher: Flusher | None = None
@@ -76,10 +86,12 @@ class Hub:
     async def start(self) -> None:
         if self.verifier.jwks is not None:
             await self.verifier.jwks.load()
+        await self.store.start()
         await self.engine.start()
 
     async def stop(self) -> None:
         await self.engine.stop()
+        await self.store.stop()
 
     async def tick_forever(self) -> None:
         while True:
@@ -87,6 +99,16 @@ class Hub:
             now = time.time()
             for session in list(self.sessions):
                 session.tick(now)
+
+
+def _make_store(settings: Settings) -> EventStore:
+    if settings.database_url:
+        from hub.store.postgres import PostgresStore
+
+        return PostgresStore(settings.database_url)
+    from hub.store.memory import MemoryStore
+
+    return MemoryStore(max_events_per_org=settings.memory_events_per_org)
 
 
 def _deny(status: int, message: str) -> JSONResponse:
@@ -163,15 +185,21 @@ async def _read_loop(hub: Hub, session: Session, websocket: WebSocket) -> None:
             assert hub.verifier.jwks is not None
             await hub.verifier.jwks.refresh()
             session.receive(data, keys_refreshed=True)
+        # Replays run before the next frame is read, so a client's later
+        # frames (a leave, a rejoin) act on a channel that is fully live.
+        for sub, request in session.take_replays():
+            await hub.durable.replay(sub, request)
 
 
 async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
+def create_app(
+    settings: Settings, engine: Engine | None = None, store: EventStore | None = None
+) -> Starlette:
     """Build the hub's ASGI app for ``settings``."""
-    hub = Hub(settings, engine)
+    hub = Hub(settings, engine, store)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -194,6 +222,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
                 rest_broadcast_one,
                 methods=["POST"],
             ),
+            Route("/api/orgs/{org}/events", append_events, methods=["POST"]),
+            Route("/api/orgs/{org}/events", read_events, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
         ],
         lifespan=lifespan,

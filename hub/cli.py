@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from hub import __version__
 from hub.auth.principal import SERVICE_ROLE, parse_claim_path
 from hub.auth.tokens import issue_token
 from hub.config import Settings, add_arguments, load_settings
-from hub.errors import ConfigError
+from hub.errors import ConfigError, HubError
 
 log = logging.getLogger("hub")
 
@@ -37,6 +41,29 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--org", action="append", default=[], help="org id; repeat for several")
     token.add_argument("--role", default="authenticated", help="`role` claim [authenticated]")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry [3600]")
+
+    commands.add_parser(
+        "migrate", help="create or upgrade the event store schema in HUB_DATABASE_URL"
+    )
+    track = commands.add_parser(
+        "track", help="capture INSERT/UPDATE/DELETE of an app table as durable change events"
+    )
+    track.add_argument("table", help="SCHEMA.TABLE")
+    track.add_argument("--org-column", default="org_id", help="column holding the org id [org_id]")
+    untrack = commands.add_parser("untrack", help="stop capturing an app table")
+    untrack.add_argument("table", help="SCHEMA.TABLE")
+
+    publish = commands.add_parser(
+        "publish",
+        help="append a durable event through a running hub's REST API",
+        description="Token: HUB_TOKEN, else a service_role token signed with HUB_JWT_SECRET.",
+    )
+    publish.add_argument("payload", help="the payload, as JSON")
+    publish.add_argument("--org", required=True)
+    publish.add_argument("--type", required=True, dest="event_type")
+    publish.add_argument(
+        "--url", default=os.environ.get("HUB_URL", "http://127.0.0.1:4000"), help="hub base URL"
+    )
     return parser
 
 
@@ -56,6 +83,22 @@ def _dev_banner(settings: Settings) -> str:
         f"  connect: {url}?apikey=<token>&vsn=2.0.0\n"
         f"  supabase-js: createClient('http://{settings.host}:{settings.port}', <token>)\n"
     )
+
+
+_TOKEN_IN_QUERY = re.compile(r"(apikey|access_token)=[^&\s\"]+")
+
+
+class RedactTokens(logging.Filter):
+    """uvicorn logs each WebSocket's path with its query string, which holds
+    the client's JWT: replace it before any handler sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN_IN_QUERY.sub(r"\1=REDACTED", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
 
 
 def serve(settings: Settings) -> None:
@@ -88,7 +131,50 @@ def serve(settings: Settings) -> None:
         access_log=False,
         server_header=False,
     )
+    # uvicorn configured its loggers when Config was built; filter them now.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(RedactTokens())
     uvicorn.Server(config).run()
+
+
+def _database_url() -> str:
+    url = os.environ.get("HUB_DATABASE_URL")
+    if not url:
+        raise ConfigError("this command needs HUB_DATABASE_URL")
+    return url
+
+
+async def _database_command(args: argparse.Namespace) -> None:
+    from hub.store import tracking
+    from hub.store.migrate import migrate
+
+    url = _database_url()
+    if args.command == "migrate":
+        applied = await migrate(url)
+        print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    elif args.command == "track":
+        await tracking.track(url, args.table, args.org_column)
+        print(f"tracking {args.table} (org column {args.org_column})")
+    else:
+        await tracking.untrack(url, args.table)
+        print(f"no longer tracking {args.table}")
+
+
+async def _publish(args: argparse.Namespace) -> dict[str, Any]:
+    from hub.client import HubClient
+
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        raise ConfigError(f"payload is not valid JSON: {exc}") from None
+    token = os.environ.get("HUB_TOKEN")
+    if not token:
+        secret = os.environ.get("HUB_JWT_SECRET")
+        if not secret:
+            raise ConfigError("hub publish needs HUB_TOKEN or HUB_JWT_SECRET")
+        token = issue_token(secret, sub="hub-cli", role=SERVICE_ROLE, ttl=300)
+    async with HubClient(args.url, token) as client:
+        return await client.publish(args.org, args.event_type, payload)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             serve(load_settings(vars(args), os.environ))
+        elif args.command in ("migrate", "track", "untrack"):
+            asyncio.run(_database_command(args))
+        elif args.command == "publish":
+            print(json.dumps(asyncio.run(_publish(args))))
         elif args.command == "token":
             secret = os.environ.get("HUB_JWT_SECRET")
             if not secret:
@@ -114,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hub: configuration error: {exc}", file=sys.stderr)
         return 2
+    except HubError as exc:
+        print(f"hub: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -116,6 +116,27 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds without a frame (clients heartbeat every 25 s) before closing with 4000.",
         positive=True,
     ),
+    Option(
+        "database_url",
+        _text,
+        None,
+        "PostgreSQL DSN of the event store (run `hub migrate` first). Unset: an "
+        "in-memory store, bounded by HUB_MEMORY_EVENTS_PER_ORG.",
+    ),
+    Option(
+        "memory_events_per_org",
+        int,
+        10_000,
+        "Events the in-memory store keeps per org (oldest forgotten first).",
+        positive=True,
+    ),
+    Option(
+        "replay_max",
+        int,
+        10_000,
+        "Most events one replay delivers; beyond it the client is told (ReplayTruncated).",
+        positive=True,
+    ),
     Option("node_id", _text, None, "This node's name in logs and metrics (default: random)."),
     Option("log_level", _text, "info", "debug, info, warning or error."),
 )
@@ -139,6 +160,9 @@ class Settings:
     joins_per_second: float = 10.0
     join_burst: int = 20
     idle_timeout: float = 60.0
+    database_url: str | None = None
+    memory_events_per_org: int = 10_000
+    replay_max: int = 10_000
     node_id: str | None = None
     log_level: str = "info"
     #: Set when neither a secret nor a JWKS URL was given.
@@ -204,6 +228,10 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError("HUB_JWT_SECRET: must be at least 32 bytes")
     if settings.jwks_url is not None and not settings.jwks_url.startswith(("https://", "http://")):
         raise ConfigError("HUB_JWKS_URL: must be an http(s) URL")
+    if settings.database_url is not None and not settings.database_url.startswith(
+        ("postgres://", "postgresql://")
+    ):
+        raise ConfigError("HUB_DATABASE_URL: must be a postgresql:// DSN")
     if settings.max_payload_bytes >= settings.max_frame_bytes:
         raise ConfigError("HUB_MAX_PAYLOAD_BYTES: must be smaller than HUB_MAX_FRAME_BYTES")
     if settings.max_outbox_bytes < settings.max_frame_bytes:

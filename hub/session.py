@@ -25,6 +25,7 @@ from hub.auth.policy import authorize_read, authorize_write
 from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached, TokenVerifier
 from hub.channels.changes import InvalidBinding, parse_bindings
+from hub.channels.durable import ReplayRequest, parse_replay
 from hub.channels.registry import Channels, Subscription
 from hub.channels.topics import InvalidTopic, parse_topic
 from hub.errors import AuthError, CloseCode, ProtocolError
@@ -115,6 +116,9 @@ class Session:
         self.subs: dict[str, Subscription] = {}
         self.frames_in = 0
         self._keys_refreshed = False
+        #: Replays asked for by joins, for the I/O layer to run (in order)
+        #: before it feeds the next frame: see :meth:`take_replays`.
+        self._replays: list[tuple[Subscription, ReplayRequest]] = []
 
     # -- input -------------------------------------------------------------
 
@@ -172,6 +176,10 @@ class Session:
             if now >= sub.principal.exp:
                 ago = int(now - sub.principal.exp)
                 self._end_channel(sub, f"Token has expired {ago} seconds ago")
+
+    def take_replays(self) -> list[tuple[Subscription, ReplayRequest]]:
+        replays, self._replays = self._replays, []
+        return replays
 
     def close(self) -> None:
         """The socket is gone: leave every channel (and its presence)."""
@@ -268,6 +276,14 @@ class Session:
             bindings = parse_bindings(config.get("postgres_changes"))
         except InvalidBinding as exc:
             raise _Refusal(f"InvalidJoinPayload: {exc}") from None
+        replay: ReplayRequest | None = None
+        if broadcast.get("replay") is not None:
+            if topic.kind != "org" or topic.name is not None:
+                raise _Refusal("InvalidJoinPayload: replay is only available on org:<id> topics")
+            try:
+                replay = parse_replay(broadcast["replay"])
+            except ValueError as exc:
+                raise _Refusal(f"InvalidJoinPayload: {exc}") from None
         key = presence.get("key")
         if previous is not None:
             # A second join of one topic replaces the first (Phoenix).
@@ -284,6 +300,8 @@ class Session:
             presence_key=key if isinstance(key, str) and key else str(uuid.uuid4()),
             presence_enabled=presence.get("enabled", True) is not False,
             bindings=bindings,
+            # Live durable events wait here until the replay has run.
+            replay_buffer=[] if replay is not None else None,
         )
         self.subs[wire_topic] = sub
         self.channels.subscribe(sub)
@@ -292,6 +310,8 @@ class Session:
         self._push(sub, "presence_state", self.channels.presence_state(topic.text))
         if bindings:
             self._system(sub, "Subscribed to PostgreSQL", "ok", "postgres_changes")
+        if replay is not None:
+            self._replays.append((sub, replay))
 
     def _leave(self, sub: Subscription, msg: Message) -> None:
         self._reply(msg, "ok", {})

@@ -102,3 +102,56 @@ def parse_bindings(raw: Any) -> list[Binding]:
             )
         )
     return bindings
+
+
+def _compare(actual: Any, op: str, wanted: str) -> bool:
+    """Compare a record value with a filter value the way PostgREST reads
+    them: numbers numerically, booleans as true/false, the rest as text."""
+    if actual is None:
+        return False
+    left: Any
+    right: Any
+    if isinstance(actual, bool):
+        left, right = str(actual).lower(), wanted.lower()
+    elif isinstance(actual, int | float):
+        try:
+            left, right = actual, float(wanted)
+        except ValueError:
+            return False
+    else:
+        left, right = actual if isinstance(actual, str) else str(actual), wanted
+    if op == "eq":
+        return bool(left == right)
+    if op == "neq":
+        return bool(left != right)
+    if op == "lt":
+        return bool(left < right)
+    if op == "lte":
+        return bool(left <= right)
+    if op == "gt":
+        return bool(left > right)
+    return bool(left >= right)  # gte
+
+
+def matches(binding: Binding, change: dict[str, Any]) -> bool:
+    """Whether a captured change (the payload of a ``change`` event) matches
+    ``binding``.  Tenancy is not decided here: the caller only offers a
+    subscription the changes of its own org."""
+    if binding.event != "*" and binding.event != change.get("type"):
+        return False
+    if binding.schema != change.get("schema"):
+        return False
+    if binding.table != "*" and binding.table != change.get("table"):
+        return False
+    flt = binding.filter
+    if flt is None:
+        return True
+    row = change.get("record") or change.get("old_record") or {}
+    if change.get("type") == "DELETE":
+        row = change.get("old_record") or {}
+    if not isinstance(row, dict) or flt.column not in row:
+        return False
+    actual = row[flt.column]
+    if flt.op == "in":
+        return any(_compare(actual, "eq", value) for value in flt.values)
+    return _compare(actual, flt.op, flt.values[0])

@@ -41,6 +41,15 @@ class Subscription:
     presence_key: str = ""
     presence_enabled: bool = True
     bindings: list[Binding] = field(default_factory=list)
+    #: False once unsubscribed; async work (a replay) checks it on resume.
+    active: bool = True
+    #: The highest durable seq delivered; lower or equal ones are duplicates.
+    durable_seq: int = 0
+    #: While a replay runs, live durable events wait here (see durable.py).
+    replay_buffer: list[Any] | None = None
+    #: Set when a replay was truncated: live durable events would leave a
+    #: gap, so none are delivered until the client rejoins.
+    durable_paused: bool = False
 
     @property
     def wire_topic(self) -> str:
@@ -72,6 +81,9 @@ class Channels:
         self.node_id = node_id
         engine.bind(self.deliver)
         self._topics: dict[str, _TopicSubscribers] = {}
+        #: org id -> subscriptions (any topic of that org) with
+        #: postgres_changes bindings.
+        self._bindings: dict[str, dict[Subscription, None]] = {}
         self._presence: dict[str, PresenceTable] = {}
         self.delivered = 0
 
@@ -84,11 +96,19 @@ class Channels:
             subscribers = self._topics[key] = _TopicSubscribers()
             self.engine.subscribe(key)
         subscribers.of(sub.vsn)[sub] = None
+        if sub.bindings and sub.topic.kind == "org":
+            self._bindings.setdefault(sub.topic.owner, {})[sub] = None
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Remove ``sub`` and its presence.  Idempotent."""
         key = sub.topic.text
+        sub.active = False
         self.untrack(sub)
+        bound = self._bindings.get(sub.topic.owner)
+        if bound is not None:
+            bound.pop(sub, None)
+            if not bound:
+                del self._bindings[sub.topic.owner]
         subscribers = self._topics.get(key)
         if subscribers is None:
             return
@@ -96,6 +116,17 @@ class Channels:
         if not subscribers:
             del self._topics[key]
             self.engine.unsubscribe(key)
+
+    def subscribers(self, topic: str) -> list[Subscription]:
+        """This node's subscriptions of ``topic`` (a copy)."""
+        subscribers = self._topics.get(topic)
+        if subscribers is None:
+            return []
+        return [*subscribers.v2, *subscribers.v1]
+
+    def bound_subscribers(self, org: str) -> list[Subscription]:
+        """Subscriptions of ``org``'s topics with postgres_changes bindings."""
+        return list(self._bindings.get(org, ()))
 
     def subscriber_count(self, topic: str) -> int:
         subscribers = self._topics.get(topic)

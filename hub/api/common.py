@@ -1,0 +1,52 @@
+"""What every REST route shares: token auth, bounded bodies, JSON errors."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from hub.auth.principal import Principal
+from hub.errors import AuthError
+
+if TYPE_CHECKING:
+    from hub.app import Hub
+
+
+class Rejected(Exception):
+    """Answer the request with ``status`` and ``{"message": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"message": message}, status_code=status)
+
+
+async def authenticate(request: Request, hub: Hub) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    token = credentials.strip() if scheme.lower() == "bearer" else request.headers.get("apikey")
+    if not token:
+        raise Rejected(401, "Unauthorized")
+    try:
+        return await hub.verifier.verify_async(token)
+    except AuthError as exc:
+        raise Rejected(401, f"Unauthorized: {exc.message}") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or Rejected(413) once it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Rejected(413, "Payload size exceeds tenant limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Rejected(413, "Payload size exceeds tenant limit")
+    return bytes(body)

@@ -1,0 +1,261 @@
+"""Durable org events: from the event store to subscribers, with replay.
+
+Each node hears every appended event from its own store listener (never
+through the engine, so an event cannot arrive twice via two paths) and
+offers it to this node's subscriptions:
+
+* kind ``event`` goes to subscribers of ``org:<id>`` as a broadcast whose
+  ``meta`` carries ``{"id", "seq"}``;
+* kind ``change`` goes, as ``postgres_changes``, to subscriptions of any
+  topic of that org whose bindings match.  The org comes from the stored
+  event, never from the client's filter.
+
+A join may ask for a replay (``config.broadcast.replay``):
+
+* ``{"after": SEQ, "limit"?: N}``: every event with ``seq > SEQ`` (exact; the
+  hub's own form, for a client that remembers the last ``meta.seq`` it saw);
+* ``{"since": MS, "limit"?: N}``: Supabase's form, events created at or after
+  ``MS`` (Unix milliseconds).
+
+Replayed broadcasts carry ``meta.replayed: true``.  While a replay reads the
+store, live events for that subscription wait in its buffer; afterwards the
+buffer is drained skipping every ``seq`` already delivered, so the seam has
+no gap and no duplicate.  When more events match than the replay may return
+(``limit``, capped by ``HUB_REPLAY_MAX``), or the store no longer holds them,
+the hub delivers the oldest page, then a ``system`` message
+(``extension: "replay"``, ``message`` starting with ``ReplayTruncated``) with
+``resume_after``; durable delivery on that subscription then stops (a gap
+would follow) until the client rejoins with ``replay.after = resume_after``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from hub.channels.changes import matches
+from hub.channels.registry import Channels, Subscription
+from hub.frames import Frame
+from hub.protocol import Broadcast, encode
+from hub.store.base import MAX_READ, EventStore, StoredEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    after: int | None = None
+    #: Unix seconds.
+    since: float | None = None
+    limit: int | None = None
+
+
+def parse_replay(raw: Any) -> ReplayRequest:
+    """Validate ``config.broadcast.replay``; raise ValueError when malformed."""
+    if not isinstance(raw, dict):
+        raise ValueError("replay must be an object")
+    after, since, limit = raw.get("after"), raw.get("since"), raw.get("limit")
+    if (after is None) == (since is None):
+        raise ValueError("replay needs exactly one of after (a seq) or since (ms)")
+    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+        raise ValueError("replay.after must be a non-negative integer")
+    if since is not None and (
+        not isinstance(since, int | float) or isinstance(since, bool) or since < 0
+    ):
+        raise ValueError("replay.since must be a non-negative number of milliseconds")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError("replay.limit must be a positive integer")
+    return ReplayRequest(after, None if since is None else since / 1000.0, limit)
+
+
+def _change_data(payload: dict[str, Any]) -> dict[str, Any]:
+    # Every one of columns, commit_timestamp and errors must be present: a
+    # missing one crashes supabase-js or makes realtime-py drop the message.
+    data = {
+        "schema": payload.get("schema"),
+        "table": payload.get("table"),
+        "commit_timestamp": payload.get("commit_timestamp"),
+        "type": payload.get("type"),
+        "columns": payload.get("columns") or [],
+        "errors": None,
+    }
+    for key in ("record", "old_record"):
+        if payload.get(key) is not None:
+            data[key] = payload[key]
+    return data
+
+
+class DurableFeed:
+    """Offers stored events to this node's subscriptions; runs replays."""
+
+    def __init__(self, channels: Channels, store: EventStore, *, replay_max: int) -> None:
+        self.channels = channels
+        self.store = store
+        self.replay_max = replay_max
+        self.delivered = 0
+        store.listen(self.on_event)
+
+    # -- live ---------------------------------------------------------------
+
+    def on_event(self, event: StoredEvent) -> None:
+        """The store's callback: one event, in seq order per org."""
+        if event.kind == "event":
+            broadcast = Broadcast(
+                f"org:{event.org}",
+                event.type,
+                orjson.dumps(event.payload),
+                meta=event.meta(),
+            )
+            for sub in self.channels.subscribers(broadcast.topic):
+                self._offer(sub, event, broadcast)
+        elif isinstance(event.payload, dict):
+            frames: dict[tuple[str, str, tuple[int, ...]], Frame] = {}
+            data = _change_data(event.payload)
+            for sub in self.channels.bound_subscribers(event.org):
+                ids = tuple(b.id for b in sub.bindings if matches(b, event.payload))
+                if ids:
+                    self._offer_change(sub, event, ids, data, frames)
+
+    def _accept(self, sub: Subscription, event: StoredEvent) -> bool:
+        if sub.durable_paused or event.seq <= sub.durable_seq:
+            return False
+        if sub.replay_buffer is not None:
+            sub.replay_buffer.append(event)
+            return False
+        sub.durable_seq = event.seq
+        return True
+
+    def _offer(self, sub: Subscription, event: StoredEvent, broadcast: Broadcast) -> None:
+        if self._accept(sub, event):
+            frame = broadcast.frame_for(sub.vsn)
+            if frame is not None:
+                sub.outbox.push(frame)
+                self.delivered += 1
+
+    def _offer_change(
+        self,
+        sub: Subscription,
+        event: StoredEvent,
+        ids: tuple[int, ...],
+        data: dict[str, Any],
+        frames: dict[tuple[str, str, tuple[int, ...]], Frame],
+    ) -> None:
+        if not self._accept(sub, event):
+            return
+        key = (sub.vsn, sub.wire_topic, ids)
+        frame = frames.get(key)
+        if frame is None:
+            payload = {"ids": list(ids), "data": data}
+            frame = frames[key] = encode(
+                sub.vsn, None, None, sub.wire_topic, "postgres_changes", payload
+            )
+        sub.outbox.push(frame)
+        self.delivered += 1
+
+    def _offer_any(self, sub: Subscription, event: StoredEvent, *, replayed: bool) -> None:
+        """Offer one event to one subscription (replay and buffer drain)."""
+        if event.kind == "event":
+            if sub.topic.name is not None:
+                return
+            meta = event.meta()
+            if replayed:
+                meta["replayed"] = True
+            broadcast = Broadcast(
+                sub.topic.text, event.type, orjson.dumps(event.payload), meta=meta
+            )
+            self._offer(sub, event, broadcast)
+        elif isinstance(event.payload, dict):
+            ids = tuple(b.id for b in sub.bindings if matches(b, event.payload))
+            if ids:
+                self._offer_change(sub, event, ids, _change_data(event.payload), {})
+
+    # -- replay -------------------------------------------------------------
+
+    async def _read(self, org: str, request: ReplayRequest, wanted: int) -> list[StoredEvent]:
+        """Up to ``wanted`` events, oldest first, read in pages of MAX_READ."""
+        events: list[StoredEvent] = []
+        cursor = request.after or 0
+        if request.since is not None:
+            want = min(wanted, MAX_READ)
+            events = await self.store.read_since(org, since=request.since, limit=want)
+            if len(events) < want:
+                return events
+            cursor = events[-1].seq
+        while len(events) < wanted:
+            want = min(wanted - len(events), MAX_READ)
+            page = await self.store.read(org, after=cursor, limit=want)
+            events.extend(page)
+            if len(page) < want:
+                break
+            cursor = page[-1].seq
+        return events
+
+    async def replay(self, sub: Subscription, request: ReplayRequest) -> None:
+        """Deliver what ``sub`` missed, then switch it to the live stream."""
+        org = sub.topic.owner
+        limit = min(request.limit or self.replay_max, self.replay_max)
+        try:
+            events = await self._read(org, request, limit + 1)
+        except Exception:
+            log.exception("replay of org %s failed", org)
+            events = None
+        if not sub.active:
+            return
+        if events is None:
+            self._stop(
+                sub,
+                "ReplayFailed: the event store could not be read; rejoin to retry",
+                request.after or 0,
+            )
+            return
+        truncated = len(events) > limit
+        events = events[:limit]
+        start = request.after
+        forgotten = start is not None and bool(events) and events[0].seq != start + 1
+        if forgotten:
+            # The store no longer holds the oldest missed events.
+            self._stop(
+                sub, f"ReplayTruncated: events after seq {start} are no longer held", start or 0
+            )
+            return
+        # From here on nothing awaits, so no live event can slip in between
+        # the replayed ones and the buffered ones.
+        buffered, sub.replay_buffer = sub.replay_buffer or [], None
+        for event in events:
+            self._offer_any(sub, event, replayed=True)
+        if truncated:
+            last = events[-1].seq if events else (start or 0)
+            self._stop(
+                sub,
+                f"ReplayTruncated: more than {limit} events were missed; "
+                f"rejoin with replay.after={last} for the rest",
+                last,
+            )
+            return
+        for event in buffered:
+            self._offer_any(sub, event, replayed=False)
+
+    def _stop(self, sub: Subscription, message: str, resume_after: int) -> None:
+        sub.replay_buffer = None
+        sub.durable_paused = True
+        sub.outbox.push(
+            encode(
+                sub.vsn,
+                sub.join_ref,
+                None,
+                sub.wire_topic,
+                "system",
+                {
+                    "channel": sub.topic.text,
+                    "extension": "replay",
+                    # "ok", not "error": realtime-py rejoins on a system
+                    # error with the same replay, which would loop.
+                    "status": "ok",
+                    "message": message,
+                    "resume_after": resume_after,
+                },
+            )
+        )
