@@ -1,0 +1,158 @@
+"""DurableFeed: live delivery, tenancy of changes, and the replay seam."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from hub.auth.principal import Principal
+from hub.channels.changes import parse_bindings
+from hub.channels.durable import DurableFeed, ReplayRequest, parse_replay
+from hub.channels.registry import Channels, Subscription
+from hub.channels.topics import parse_topic
+from hub.engine.memory import MemoryEngine
+from hub.frames import ListOutbox
+from hub.store.memory import MemoryStore
+
+MEMBER = Principal(role="authenticated", exp=2e9, sub="u", orgs={"a": "member", "b": "member"})
+
+
+def make_sub(
+    channels: Channels, topic: str, *, vsn: Any = "1.0.0", bindings: Any = None, **kw: Any
+) -> Subscription:
+    sub = Subscription(
+        topic=parse_topic(topic),
+        join_ref="1",
+        vsn=vsn,
+        outbox=ListOutbox(),
+        principal=MEMBER,
+        conn_id="c",
+        bindings=parse_bindings(bindings),
+        **kw,
+    )
+    channels.subscribe(sub)
+    return sub
+
+
+def received(sub: Subscription) -> list[dict[str, Any]]:
+    assert isinstance(sub.outbox, ListOutbox)
+    return [orjson.loads(frame.payload) for frame in sub.outbox.frames]
+
+
+def seqs(sub: Subscription) -> list[int]:
+    return [m["payload"]["meta"]["seq"] for m in received(sub) if m["event"] == "broadcast"]
+
+
+@pytest.fixture
+def setup() -> tuple[Channels, MemoryStore, DurableFeed]:
+    channels = Channels(MemoryEngine())
+    store = MemoryStore(max_events_per_org=50)
+    return channels, store, DurableFeed(channels, store, replay_max=20)
+
+
+async def test_events_reach_only_their_org_topic(setup: Any) -> None:
+    channels, store, _ = setup
+    a, b, named = (
+        make_sub(channels, "org:a"),
+        make_sub(channels, "org:b"),
+        make_sub(channels, "org:a:chat"),
+    )
+    await store.append("a", [("x", {"n": 1})])
+    [message] = received(a)
+    assert message["payload"] == {
+        "type": "broadcast",
+        "event": "x",
+        "payload": {"n": 1},
+        "meta": {"id": message["payload"]["meta"]["id"], "seq": 1},
+    }
+    assert received(b) == [] and received(named) == []
+
+
+async def test_changes_go_to_matching_bindings_of_the_same_org_only(setup: Any) -> None:
+    channels, store, _ = setup
+    binding = [{"event": "INSERT", "schema": "public", "table": "items", "filter": "n=gt.5"}]
+    mine = make_sub(channels, "org:a:feed", bindings=binding)
+    other_org = make_sub(channels, "org:b", bindings=binding)
+    change = {
+        "schema": "public",
+        "table": "items",
+        "type": "INSERT",
+        "record": {"n": 7},
+        "columns": [{"name": "n", "type": "int4"}],
+        "commit_timestamp": "2026-01-01T00:00:00.000Z",
+    }
+    await store.append("a", [("INSERT", change)], kind="change")
+    await store.append("a", [("INSERT", {**change, "record": {"n": 3}})], kind="change")
+    [message] = received(mine)
+    assert message["event"] == "postgres_changes"
+    assert message["payload"]["ids"] == [mine.bindings[0].id]
+    data = message["payload"]["data"]
+    assert data["record"] == {"n": 7} and data["errors"] is None
+    assert {"columns", "commit_timestamp", "errors", "schema", "table", "type"} <= set(data)
+    assert received(other_org) == []
+
+
+async def test_replay_after_then_live_without_gap_or_duplicate(setup: Any) -> None:
+    channels, store, feed = setup
+    await store.append("a", [("x", {"i": i}) for i in range(5)])
+    sub = make_sub(channels, "org:a", replay_buffer=[])
+    # Live events arrive while the replay has not run yet: they wait.
+    await store.append("a", [("x", {"i": 5})])
+    assert received(sub) == []
+    await feed.replay(sub, ReplayRequest(after=2))
+    await store.append("a", [("x", {"i": 6})])
+    assert seqs(sub) == [3, 4, 5, 6, 7]
+    # Seq 6 was stored before the replay read the store, so it is replayed
+    # (and its buffered live copy dropped); seq 7 came live afterwards.
+    flags = [m["payload"]["meta"].get("replayed") for m in received(sub)]
+    assert flags == [True, True, True, True, None]
+
+
+async def test_replay_truncated_tells_the_client_and_pauses(setup: Any) -> None:
+    channels, store, feed = setup
+    await store.append("a", [("x", {"i": i}) for i in range(30)])
+    sub = make_sub(channels, "org:a", replay_buffer=[])
+    await feed.replay(sub, ReplayRequest(after=0, limit=10))
+    assert seqs(sub) == list(range(1, 11))
+    system = received(sub)[-1]
+    assert system["event"] == "system"
+    assert system["payload"]["message"].startswith("ReplayTruncated")
+    assert system["payload"]["resume_after"] == 10
+    await store.append("a", [("x", {})])
+    assert seqs(sub) == list(range(1, 11)), "no live event may follow a gap"
+
+
+async def test_replay_of_forgotten_events_is_reported(setup: Any) -> None:
+    channels, store, feed = setup
+    await store.append("a", [("x", {"i": i}) for i in range(60)])  # keeps 11..60
+    sub = make_sub(channels, "org:a", replay_buffer=[])
+    await feed.replay(sub, ReplayRequest(after=5))
+    [system] = received(sub)
+    assert system["payload"]["message"].startswith("ReplayTruncated")
+    assert system["payload"]["resume_after"] == 5
+
+
+async def test_replay_since_uses_created_at(setup: Any) -> None:
+    channels, store, feed = setup
+    old = await store.append("a", [("x", {})])
+    new = await store.append("a", [("x", {})])
+    sub = make_sub(channels, "org:a", replay_buffer=[])
+    await feed.replay(sub, ReplayRequest(since=new[0].created_at))
+    assert seqs(sub) == [2]
+    assert old[0].seq == 1
+
+
+def test_parse_replay() -> None:
+    assert parse_replay({"after": 3}) == ReplayRequest(after=3)
+    assert parse_replay({"since": 1500, "limit": 5}) == ReplayRequest(since=1.5, limit=5)
+    for bad in (
+        {},
+        {"after": -1},
+        {"after": "3"},
+        {"after": 1, "since": 2},
+        {"since": 1, "limit": 0},
+    ):
+        with pytest.raises(ValueError):
+            parse_replay(bad)
