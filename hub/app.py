@@ -35,6 +35,7 @@ from hub.errors import AuthError
 from hub.frames import Outbox
 from hub.protocol import VERSIONS
 from hub.session import Session
+from hub.stats import CONTENT_TYPE, HubCollector, Stats, render
 from hub.store.base import EventStore
 from hub.transport import SOCKET_EXTENSION, AsgiOutbox, Flusher, SocketOutbox
 
@@ -66,10 +67,12 @@ class Hub:
             orgs_claim=settings.orgs_claim_path,
             audience=settings.jwt_audience,
         )
-        self.engine = engine or MemoryEngine()
-        self.channels = Channels(self.engine, node_id=self.node_id + ".")
+        self.engine = engine or _make_engine(settings, self.node_id)
+        self.stats = Stats()
+        self.channels = Channels(self.engine, node_id=self.node_id + ".", stats=self.stats)
         self.store = store or _make_store(settings)
         self.durable = DurableFeed(self.channels, self.store, replay_max=settings.replay_max)
+        self.stats.registry.register(HubCollector(self))
         self.sessions: set[Session] = set()
         self._conn_ids = itertools.count(1)
         self._flusher: Flusher | None = None
@@ -77,7 +80,7 @@ class Hub:
     @property
     def flusher(self) -> Flusher:
         if self._flusher is None:
-            self._flusher = Flusher(asyncio.get_running_loop())
+            self._flusher = Flusher(asyncio.get_running_loop(), self.stats)
         return self._flusher
 
     def next_conn_id(self) -> str:
@@ -101,6 +104,20 @@ class Hub:
                 session.tick(now)
 
 
+def _make_engine(settings: Settings, node_id: str) -> Engine:
+    if settings.redis_url:
+        from hub.engine.redis import RedisEngine
+
+        return RedisEngine(
+            settings.redis_url,
+            node_id=node_id,
+            prefix=settings.redis_prefix,
+            sharded=settings.redis_sharded,
+            node_timeout=settings.node_timeout,
+        )
+    return MemoryEngine()
+
+
 def _make_store(settings: Settings) -> EventStore:
     if settings.database_url:
         from hub.store.postgres import PostgresStore
@@ -121,15 +138,19 @@ async def realtime_socket(websocket: WebSocket) -> None:
     params = websocket.query_params
     vsn = params.get("vsn", "1.0.0")
     if vsn not in VERSIONS:
+        hub.stats.connections_refused += 1
         await websocket.send_denial_response(_deny(400, f"Unsupported vsn {vsn[:20]!r}"))
         return
     token = params.get("apikey")
     if not token:
+        hub.stats.connections_refused += 1
         await websocket.send_denial_response(_deny(401, "No apikey given"))
         return
     try:
         principal = await hub.verifier.verify_async(token)
     except AuthError as exc:
+        hub.stats.connections_refused += 1
+        log.info("handshake refused: %s", exc.message)
         await websocket.send_denial_response(_deny(401, exc.message))
         return
     await websocket.accept()
@@ -140,7 +161,7 @@ async def realtime_socket(websocket: WebSocket) -> None:
     if extension is not None:
         outbox = SocketOutbox(extension["protocol"], hub.flusher, settings.max_outbox_bytes)
     else:
-        outbox = writer = AsgiOutbox(websocket.send, settings.max_outbox_bytes)
+        outbox = writer = AsgiOutbox(websocket.send, settings.max_outbox_bytes, hub.stats)
     session = Session(
         conn_id=hub.next_conn_id(),
         vsn=vsn,  # type: ignore[arg-type]
@@ -149,8 +170,17 @@ async def realtime_socket(websocket: WebSocket) -> None:
         channels=hub.channels,
         outbox=outbox,
         limits=settings.limits,
+        stats=hub.stats,
     )
     hub.sessions.add(session)
+    hub.stats.connections_opened += 1
+    log.info(
+        "connection open conn=%s sub=%s role=%s vsn=%s",
+        session.conn_id,
+        principal.sub,
+        principal.role,
+        vsn,
+    )
     try:
         if writer is None:
             await _read_loop(hub, session, websocket)
@@ -167,6 +197,13 @@ async def realtime_socket(websocket: WebSocket) -> None:
     finally:
         hub.sessions.discard(session)
         session.close()
+        log.info(
+            "connection closed conn=%s sub=%s code=%s frames_in=%d",
+            session.conn_id,
+            principal.sub,
+            getattr(outbox, "close_code", None),
+            session.frames_in,
+        )
 
 
 async def _read_loop(hub: Hub, session: Session, websocket: WebSocket) -> None:
@@ -193,6 +230,19 @@ async def _read_loop(hub: Hub, session: Session, websocket: WebSocket) -> None:
 
 async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    """200 when this node's engine and store links are up, else 503: a load
+    balancer should stop sending clients to a node that is deaf."""
+    hub: Hub = request.app.state.hub
+    checks = {"engine": hub.engine.ready, "store": hub.store.ready}
+    return JSONResponse(checks, status_code=200 if all(checks.values()) else 503)
+
+
+async def metrics(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    return Response(render(hub.stats), media_type=CONTENT_TYPE)
 
 
 def create_app(
@@ -225,6 +275,8 @@ def create_app(
             Route("/api/orgs/{org}/events", append_events, methods=["POST"]),
             Route("/api/orgs/{org}/events", read_events, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=lifespan,
     )

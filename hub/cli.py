@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -129,6 +130,9 @@ def serve(settings: Settings) -> None:
         lifespan="on",
         log_level=settings.log_level,
         access_log=False,
+        # SIGTERM: stop accepting, close every socket with 1012 (clients
+        # reconnect elsewhere), wait this long for them, then exit.
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
         server_header=False,
     )
     # uvicorn configured its loggers when Config was built; filter them now.

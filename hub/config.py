@@ -42,6 +42,18 @@ def _text(value: str) -> str:
     return value
 
 
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+_flag.__name__ = "boolean (1/0, true/false)"
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("host", _text, "127.0.0.1", "Interface to listen on."),
     Option("port", int, 4000, "TCP port to listen on.", positive=True),
@@ -137,6 +149,33 @@ OPTIONS: tuple[Option, ...] = (
         "Most events one replay delivers; beyond it the client is told (ReplayTruncated).",
         positive=True,
     ),
+    Option(
+        "redis_url",
+        _text,
+        None,
+        "Redis URL (redis://host:6379/0) joining several hub nodes. Unset: one node.",
+    ),
+    Option("redis_prefix", _text, "hub", "Prefix of every Redis channel and key this hub uses."),
+    Option(
+        "redis_sharded",
+        _flag,
+        False,
+        "Use sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7+); for Redis Cluster.",
+    ),
+    Option(
+        "node_timeout",
+        float,
+        10.0,
+        "Seconds without a heartbeat (every 2 s) before another node's presence is dropped.",
+        positive=True,
+    ),
+    Option(
+        "drain_timeout",
+        float,
+        10.0,
+        "On SIGTERM: seconds to wait for clients to go after the 1012 close, then exit.",
+        positive=True,
+    ),
     Option("node_id", _text, None, "This node's name in logs and metrics (default: random)."),
     Option("log_level", _text, "info", "debug, info, warning or error."),
 )
@@ -163,6 +202,11 @@ class Settings:
     database_url: str | None = None
     memory_events_per_org: int = 10_000
     replay_max: int = 10_000
+    redis_url: str | None = None
+    redis_prefix: str = "hub"
+    redis_sharded: bool = False
+    node_timeout: float = 10.0
+    drain_timeout: float = 10.0
     node_id: str | None = None
     log_level: str = "info"
     #: Set when neither a secret nor a JWKS URL was given.
@@ -171,6 +215,13 @@ class Settings:
     @property
     def orgs_claim_path(self) -> tuple[str, ...]:
         return parse_claim_path(self.orgs_claim)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest REST body.  Everything one request publishes reaches every
+        subscriber's outbox in one event-loop iteration, so it must fit in
+        half an outbox, or a prompt reader would be cut as a slow one."""
+        return min(self.max_payload_bytes * 100, self.max_outbox_bytes // 2)
 
     @property
     def limits(self) -> SessionLimits:
@@ -232,10 +283,16 @@ def _validate(settings: Settings) -> Settings:
         ("postgres://", "postgresql://")
     ):
         raise ConfigError("HUB_DATABASE_URL: must be a postgresql:// DSN")
+    if settings.redis_url is not None and not settings.redis_url.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        raise ConfigError("HUB_REDIS_URL: must be a redis://, rediss:// or unix:// URL")
+    if settings.node_timeout < 3:
+        raise ConfigError("HUB_NODE_TIMEOUT: must be at least 3 s (heartbeats come every 2 s)")
     if settings.max_payload_bytes >= settings.max_frame_bytes:
         raise ConfigError("HUB_MAX_PAYLOAD_BYTES: must be smaller than HUB_MAX_FRAME_BYTES")
-    if settings.max_outbox_bytes < settings.max_frame_bytes:
-        raise ConfigError("HUB_MAX_OUTBOX_BYTES: must be at least HUB_MAX_FRAME_BYTES")
+    if settings.max_outbox_bytes < 2 * settings.max_frame_bytes:
+        raise ConfigError("HUB_MAX_OUTBOX_BYTES: must be at least twice HUB_MAX_FRAME_BYTES")
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("HUB_LOG_LEVEL: must be debug, info, warning or error")
     changes: dict[str, Any] = {}

@@ -16,6 +16,7 @@ that is safe to send back; it never includes the offending frame.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -186,7 +187,7 @@ class Broadcast:
     ``self: false`` can skip it.
     """
 
-    __slots__ = ("topic", "event", "payload", "is_json", "meta", "origin", "_v1", "_v2")
+    __slots__ = ("topic", "event", "payload", "is_json", "meta", "origin", "sent_at", "_v1", "_v2")
 
     def __init__(
         self,
@@ -197,6 +198,7 @@ class Broadcast:
         is_json: bool = True,
         meta: dict[str, Any] | None = None,
         origin: object | None = None,
+        sent_at: float | None = None,
     ) -> None:
         self.topic = topic
         self.event = event
@@ -204,6 +206,9 @@ class Broadcast:
         self.is_json = is_json
         self.meta = meta
         self.origin = origin
+        #: Wall-clock time of the publish, carried between nodes, for the
+        #: fan-out latency metric.
+        self.sent_at = time.time() if sent_at is None else sent_at
         self._v1: Frame | None = None
         self._v2: Frame | None = None
 

@@ -41,6 +41,7 @@ from hub.protocol import (
     encode,
     encode_reply,
 )
+from hub.stats import Stats
 
 PHOENIX: Final = "phoenix"
 
@@ -100,6 +101,7 @@ class Session:
         outbox: Outbox,
         limits: SessionLimits = SessionLimits(),
         clock: Callable[[], float] = time.time,
+        stats: Stats | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.vsn = vsn
@@ -109,6 +111,7 @@ class Session:
         self.outbox = outbox
         self.limits = limits
         self.clock = clock
+        self.stats = stats or Stats()
         now = clock()
         self.last_seen = now
         self._join_rate = _JoinRate(limits.joins_per_second, limits.join_burst, now)
@@ -132,6 +135,8 @@ class Session:
         self._keys_refreshed = keys_refreshed
         self.last_seen = self.clock()
         self.frames_in += 1
+        self.stats.messages_in += 1
+        self.stats.bytes_in += len(data)
         try:
             message = decode(data, self.vsn)
         except ProtocolError as exc:
@@ -150,6 +155,7 @@ class Session:
             try:
                 self._join(msg)
             except _Refusal as refusal:
+                self.stats.refused(refusal.reason)
                 self._reply(msg, "error", {"reason": refusal.reason})
             return
         sub = self.subs.get(msg.topic)
@@ -256,6 +262,10 @@ class Session:
             topic = parse_topic(wire_topic[len(TOPIC_PREFIX) :])
         except InvalidTopic as exc:
             raise _Refusal(f"Unauthorized: {exc}: {wire_topic[:80]!r}") from None
+        # Every attempt counts, refused ones too: each may cost a signature
+        # check, so a flood of bad joins must hit the limit as well.
+        if not self._join_rate.take(self.clock()):
+            raise _Refusal("ClientJoinRateLimitReached: Too many joins per second")
         payload = msg.payload if isinstance(msg.payload, dict) else {}
         config = payload.get("config", {})
         if not isinstance(config, dict):
@@ -268,8 +278,6 @@ class Session:
         previous = self.subs.get(wire_topic)
         if previous is None and len(self.subs) >= self.limits.max_channels:
             raise _Refusal("ChannelRateLimitReached: Too many channels")
-        if not self._join_rate.take(self.clock()):
-            raise _Refusal("ClientJoinRateLimitReached: Too many joins per second")
         broadcast = _section(config, "broadcast")
         presence = _section(config, "presence")
         try:
@@ -305,6 +313,7 @@ class Session:
         )
         self.subs[wire_topic] = sub
         self.channels.subscribe(sub)
+        self.stats.joins += 1
         self._reply(msg, "ok", {"postgres_changes": [b.reply() for b in bindings]})
         # supabase-js buffers presence diffs until it has seen a state.
         self._push(sub, "presence_state", self.channels.presence_state(topic.text))

@@ -31,10 +31,16 @@ from websockets.http11 import Request
 
 from hub.errors import CloseCode
 from hub.frames import Frame, Outbox
+from hub.stats import Stats
 
 log = logging.getLogger(__name__)
 
 SOCKET_EXTENSION: Final = "hub.socket"
+#: Frames waiting in an outbox are written at the end of the loop iteration,
+#: or as soon as this many bytes wait: a burst published in one iteration
+#: then lands in the kernel, and only what the kernel refuses counts
+#: against the slow-consumer bound.
+EAGER_FLUSH_BYTES: Final = 64 * 1024
 #: Seconds a closing socket may take to echo our close frame before it is
 #: cut.  A slow consumer is not reading, so it gets less.
 CLOSE_GRACE: Final = 5.0
@@ -48,6 +54,17 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
     flow is unchanged (accept, receive and the HTTP denial response go
     through ASGI); the extension only adds a faster way out.
     """
+
+    #: The outbox writing to this socket, flushed before a shutdown close.
+    hub_outbox: SocketOutbox | None = None
+
+    def shutdown(self) -> None:
+        # uvicorn calls this on SIGTERM to close with 1012; frames already
+        # queued this iteration must go out before the close frame.
+        if self.hub_outbox is not None:
+            self.hub_outbox.flush()
+            self.hub_outbox.stats.closes[1012] += 1
+        super().shutdown()
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -86,8 +103,9 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
 class Flusher:
     """Writes every dirty outbox once per event-loop iteration."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stats: Stats) -> None:
         self.loop = loop
+        self.stats = stats
         self._dirty: list[SocketOutbox] = []
         self._scheduled = False
 
@@ -115,6 +133,7 @@ class SocketOutbox(Outbox):
         "pending_bytes",
         "backlog",
         "close_code",
+        "stats",
     )
 
     def __init__(self, protocol: HubWebSocketProtocol, flusher: Flusher, max_bytes: int) -> None:
@@ -127,6 +146,8 @@ class SocketOutbox(Outbox):
         #: Bytes the kernel had not taken at the last look.
         self.backlog = 0
         self.close_code: int | None = None
+        self.stats = flusher.stats
+        protocol.hub_outbox = self
 
     def push(self, frame: Frame) -> None:
         if self.closed:
@@ -138,6 +159,8 @@ class SocketOutbox(Outbox):
         if len(pending) == 1:
             self.backlog = self.protocol.buffered()
             self.flusher.mark(self)
+        if self.pending_bytes >= EAGER_FLUSH_BYTES:
+            self.flush()
         if self.pending_bytes + self.backlog > self.max_bytes:
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
@@ -145,6 +168,8 @@ class SocketOutbox(Outbox):
         if self.closed or not self.pending:
             return
         self.backlog = self.protocol.write_frames(self.pending)
+        self.stats.frames_out += len(self.pending)
+        self.stats.bytes_out += self.pending_bytes
         self.pending = []
         self.pending_bytes = 0
 
@@ -157,6 +182,7 @@ class SocketOutbox(Outbox):
             self.flush()
         self.closed = True
         self.close_code = code
+        self.stats.closes[code] += 1
         self.pending = []
         self.pending_bytes = 0
         self.protocol.close_now(code, reason, SLOW_CLOSE_GRACE if slow else CLOSE_GRACE)
@@ -168,8 +194,9 @@ class AsgiOutbox(Outbox):
     Used when the server is not running :class:`HubWebSocketProtocol`.
     """
 
-    def __init__(self, send: Any, max_bytes: int) -> None:
+    def __init__(self, send: Any, max_bytes: int, stats: Stats) -> None:
         super().__init__()
+        self.stats = stats
         self._send = send
         self.max_bytes = max_bytes
         self._queue: deque[Frame] = deque()
@@ -193,6 +220,7 @@ class AsgiOutbox(Outbox):
             return
         self.closed = True
         self.close_code = code
+        self.stats.closes[code] += 1
         self._close_reason = reason
         if code == CloseCode.SLOW_CONSUMER:
             self._queue.clear()

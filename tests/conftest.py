@@ -62,7 +62,9 @@ class HubProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def start_hub(tmp_path: Path, env: dict[str, str] | None = None, secret: str | None = None) -> HubProcess:
+def start_hub(
+    tmp_path: Path, env: dict[str, str] | None = None, secret: str | None = None
+) -> HubProcess:
     """Start `hub serve` and wait until /healthz answers."""
     port = free_port()
     secret = secret or secrets.token_urlsafe(32)

@@ -60,9 +60,7 @@ async def rest_broadcast(request: Request) -> Response:
     try:
         principal = await authenticate(request, hub)
         try:
-            body = orjson.loads(
-                await read_body(request, hub.settings.max_payload_bytes * MAX_MESSAGES)
-            )
+            body = orjson.loads(await read_body(request, hub.settings.max_request_bytes))
         except orjson.JSONDecodeError:
             raise Rejected(422, "body is not valid JSON") from None
         messages = body.get("messages") if isinstance(body, dict) else None
@@ -90,7 +88,7 @@ async def rest_broadcast_one(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     try:
         principal = await authenticate(request, hub)
-        body = await read_body(request, hub.settings.max_payload_bytes * MAX_MESSAGES)
+        body = await read_body(request, hub.settings.max_request_bytes)
         is_json = request.headers.get("content-type", "").split(";")[0] != (
             "application/octet-stream"
         )

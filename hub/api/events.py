@@ -35,7 +35,7 @@ MAX_BATCH: Final = 100
 
 async def _authorized_org(request: Request, hub: Hub) -> str:
     principal = await authenticate(request, hub)
-    org = request.path_params["org"]
+    org: str = request.path_params["org"]
     try:
         topic = parse_topic(f"org:{org}")
     except InvalidTopic:
@@ -82,7 +82,7 @@ async def append_events(request: Request) -> Response:
     try:
         org = await _authorized_org(request, hub)
         try:
-            body = orjson.loads(await read_body(request, limit * MAX_BATCH))
+            body = orjson.loads(await read_body(request, hub.settings.max_request_bytes))
         except orjson.JSONDecodeError:
             raise Rejected(422, "body is not valid JSON") from None
         batch = parse_batch(body, limit)

@@ -183,7 +183,9 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise _invalid(self._expired_message(token, now)) from None
-        except jwt.MissingRequiredClaimError:
+        except jwt.MissingRequiredClaimError as exc:
+            if exc.claim == "aud":
+                raise _invalid("Invalid audience: the token has no `aud`") from None
             raise _invalid("Fields `role` and `exp` are required in JWT") from None
         except jwt.InvalidSignatureError:
             raise _invalid("Failed to validate JWT signature") from None

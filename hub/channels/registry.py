@@ -14,6 +14,7 @@ No I/O happens here; sockets are behind :class:`~hub.frames.Outbox`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,10 @@ from hub.auth.principal import Principal
 from hub.channels.changes import Binding
 from hub.channels.presence import PresenceDiff, PresenceMap, PresenceTable
 from hub.channels.topics import Topic
-from hub.engine.base import Engine, Envelope
+from hub.engine.base import Engine, Envelope, NodeGone, PresenceSnapshot
 from hub.frames import Frame, Outbox
 from hub.protocol import TOPIC_PREFIX, VSN1, VSN2, Broadcast, Vsn, encode
+from hub.stats import Stats
 
 
 @dataclass(eq=False, slots=True)
@@ -76,10 +78,11 @@ class _TopicSubscribers:
 class Channels:
     """The registry of this node's subscriptions and the fan-out to them."""
 
-    def __init__(self, engine: Engine, *, node_id: str = "") -> None:
+    def __init__(self, engine: Engine, *, node_id: str = "", stats: Stats | None = None) -> None:
         self.engine = engine
+        self.stats = stats or Stats()
         self.node_id = node_id
-        engine.bind(self.deliver)
+        engine.bind(self)
         self._topics: dict[str, _TopicSubscribers] = {}
         #: org id -> subscriptions (any topic of that org) with
         #: postgres_changes bindings.
@@ -115,6 +118,9 @@ class Channels:
         subscribers.of(sub.vsn).pop(sub, None)
         if not subscribers:
             del self._topics[key]
+            # Mirrors of other nodes' presence are only kept for topics
+            # with local subscribers; a later subscribe re-syncs them.
+            self._presence.pop(key, None)
             self.engine.unsubscribe(key)
 
     def subscribers(self, topic: str) -> list[Subscription]:
@@ -143,22 +149,28 @@ class Channels:
         self.engine.publish(broadcast)
 
     def track(self, sub: Subscription, fields: dict[str, Any]) -> None:
-        table = self._presence.get(sub.topic.text)
-        if table is None:
-            table = self._presence[sub.topic.text] = PresenceTable(
-                sub.topic.text, ref_prefix=self.node_id
-            )
-        self.engine.publish(table.track(sub, sub.presence_key, fields))
+        self.engine.publish(self._table(sub.topic.text).track(sub, sub.presence_key, fields))
 
     def untrack(self, sub: Subscription) -> None:
         table = self._presence.get(sub.topic.text)
         if table is None:
             return
         diff = table.untrack(sub)
-        if not len(table):
-            del self._presence[sub.topic.text]
         if diff:
             self.engine.publish(diff)
+
+    def _table(self, topic: str) -> PresenceTable:
+        table = self._presence.get(topic)
+        if table is None:
+            table = self._presence[topic] = PresenceTable(topic, ref_prefix=self.node_id)
+        return table
+
+    def local_presence(self, topic: str) -> PresenceMap:
+        table = self._presence.get(topic)
+        return table.local_state() if table is not None else {}
+
+    def topics(self) -> list[str]:
+        return list(self._topics)
 
     def presence_state(self, topic: str) -> PresenceMap:
         table = self._presence.get(topic)
@@ -173,8 +185,22 @@ class Channels:
     def deliver(self, envelope: Envelope) -> None:
         if isinstance(envelope, Broadcast):
             self._deliver_broadcast(envelope)
-        else:
+        elif isinstance(envelope, PresenceDiff):
+            if envelope.node is not None:
+                if envelope.topic not in self._topics:
+                    return
+                envelope = self._table(envelope.topic).apply_remote(envelope.node, envelope)
             self._deliver_presence(envelope)
+        elif isinstance(envelope, PresenceSnapshot):
+            if envelope.topic in self._topics:
+                table = self._table(envelope.topic)
+                self._deliver_presence(table.replace_node(envelope.node, envelope.state))
+        else:
+            self._node_gone(envelope)
+
+    def _node_gone(self, gone: NodeGone) -> None:
+        for table in list(self._presence.values()):
+            self._deliver_presence(table.drop_node(gone.node))
 
     def _deliver_broadcast(self, broadcast: Broadcast) -> None:
         subscribers = self._topics.get(broadcast.topic)
@@ -197,10 +223,11 @@ class Channels:
                         sub.outbox.push(frame_v1)
                         count += 1
         self.delivered += count
+        self.stats.fanout_latency.observe(max(0.0, time.time() - broadcast.sent_at))
 
     def _deliver_presence(self, diff: PresenceDiff) -> None:
         subscribers = self._topics.get(diff.topic)
-        if subscribers is None:
+        if subscribers is None or not diff:
             return
         wire_topic = TOPIC_PREFIX + diff.topic
         payload = diff.payload()

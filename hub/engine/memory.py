@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from hub.engine.base import Engine, Envelope
+from hub.channels.presence import PresenceDiff
+from hub.engine.base import Engine
+from hub.protocol import Broadcast
 
 
 class MemoryEngine(Engine):
     """Delivers every envelope synchronously to this process's channels."""
 
-    def publish(self, envelope: Envelope) -> None:
-        assert self._deliver is not None, "engine used before bind()"
-        self._deliver(envelope)
+    def publish(self, envelope: Broadcast | PresenceDiff) -> None:
+        assert self._listener is not None, "engine used before bind()"
+        self._listener.deliver(envelope)

@@ -3,18 +3,71 @@
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import orjson
+
+from hub.errors import HubError
+
 #: ``event``: published by an app (REST, CLI, Python client).
 #: ``change``: captured by a trigger on a tracked table; its payload is
 #: ``{"schema", "table", "type", "record", "old_record", "columns",
-#: "commit_timestamp"}`` (see :mod:`hub.store.postgres`).
+#: "commit_timestamp"}`` (see :mod:`hub.store.tracking`).
 EventKind = Literal["event", "change"]
 
 #: Largest page one read returns, whatever the caller asks for.
 MAX_READ: Final = 1000
+
+#: Longest org id (in UTF-8 bytes) a store accepts: a NOTIFY that refers to
+#: an event by key must stay far below PostgreSQL's 8000-byte limit.
+MAX_ORG_BYTES: Final = 200
+
+
+class StoreError(HubError):
+    """The store cannot do what was asked: not migrated, not started, or an
+    argument it refuses (the message says which)."""
+
+
+# An escaped NUL in JSON text: \u0000 after an even number of backslashes.
+_JSON_NUL: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _check_text(what: str, value: str) -> bytes:
+    try:
+        encoded = value.encode()
+    except UnicodeEncodeError:
+        raise StoreError(f"{what} is not valid Unicode text") from None
+    if b"\0" in encoded:
+        raise StoreError(f"{what} contains a NUL character")
+    return encoded
+
+
+def check_org(org: str) -> None:
+    """Raise StoreError unless ``org`` is a usable org id: non-empty, at most
+    :data:`MAX_ORG_BYTES` bytes of UTF-8, no NUL.  Both stores apply the same
+    rules."""
+    if not org:
+        raise StoreError("org must not be empty")
+    if len(_check_text("org", org)) > MAX_ORG_BYTES:
+        raise StoreError(f"org is longer than {MAX_ORG_BYTES} bytes")
+
+
+def encode_event(type_: str, payload: Any) -> bytes:
+    """Check an event before it is stored and return its payload as JSON.
+
+    Raises TypeError when the payload is not JSON-serialisable by orjson
+    (including strings with lone surrogates), and StoreError when the type
+    is not valid text or either holds a NUL character, which PostgreSQL
+    cannot store.  Both stores apply the same rules.
+    """
+    _check_text("type", type_)
+    encoded = orjson.dumps(payload)
+    if _JSON_NUL.search(encoded):
+        raise StoreError("payload contains a NUL character")
+    return encoded
 
 
 @dataclass(frozen=True, slots=True)

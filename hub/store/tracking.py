@@ -1,0 +1,116 @@
+"""Change capture: track an app table so that its row changes become events.
+
+``track`` installs one row trigger, ``hub_capture_change``, that runs the
+shared function ``hub.capture_change(org_column)`` (see
+``migrations/0002_capture_change.sql``) after every INSERT, UPDATE and
+DELETE: the change is appended to the row's org, kind ``change``, type
+``INSERT``/``UPDATE``/``DELETE``, in the writer's own transaction.  The
+payload is ``{"schema", "table", "type", "record", "old_record", "columns",
+"commit_timestamp"}``.  Rows whose org column is NULL are not captured; an
+UPDATE that moves a row to another org becomes a DELETE for the old org and
+an INSERT for the new one.  TRUNCATE is not captured.
+"""
+
+from __future__ import annotations
+
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+from hub.store.base import StoreError
+from hub.store.migrate import migrate
+
+#: The trigger's name on every tracked table.
+TRIGGER = "hub_capture_change"
+
+
+class TrackingError(StoreError):
+    """A table cannot be tracked: it does not exist, is not a table, or has
+    no such org column."""
+
+
+async def _connect(dsn: str) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn, server_settings={"application_name": "hub track"})
+
+
+async def _resolve(conn: asyncpg.Connection, table: str) -> tuple[int, str]:
+    """The oid and the quoted ``schema.table`` of ``table``, which may be
+    schema-qualified and quoted as in SQL (unqualified names follow the
+    search_path, usually ``public``)."""
+    try:
+        oid = await conn.fetchval("SELECT to_regclass($1)::oid", table)
+    except asyncpg.PostgresError as exc:
+        raise TrackingError(f"invalid table name {table!r}: {exc}") from None
+    if oid is None:
+        raise TrackingError(f"table {table!r} does not exist")
+    row = await conn.fetchrow(
+        "SELECT format('%I.%I', n.nspname, c.relname) AS name, c.relkind::text AS relkind "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        oid,
+    )
+    if row["relkind"] not in ("r", "p"):
+        raise TrackingError(f"{table!r} is not a table")
+    return int(oid), str(row["name"])
+
+
+async def track(dsn: str, table: str, org_column: str = "org_id") -> str:
+    """Capture the row changes of ``table`` into the event store, grouped by
+    ``org_column``.  Idempotent: tracking again replaces the trigger (so the
+    org column can change).  Applies pending migrations first.
+
+    Returns the quoted ``schema.table``.  Raises TrackingError when the table
+    or the column does not exist.
+    """
+    await migrate(dsn)
+    conn = await _connect(dsn)
+    try:
+        async with conn.transaction():
+            oid, name = await _resolve(conn, table)
+            has_column = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1 "
+                "AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+                oid,
+                org_column,
+            )
+            if not has_column:
+                raise TrackingError(f"table {name} has no column {org_column!r}")
+            argument = await conn.fetchval("SELECT quote_literal($1)", org_column)
+            await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {name}")
+            await conn.execute(
+                f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {name} "
+                f"FOR EACH ROW EXECUTE FUNCTION hub.capture_change({argument})"
+            )
+        return name
+    finally:
+        await conn.close()
+
+
+async def untrack(dsn: str, table: str) -> str:
+    """Stop capturing ``table``'s changes (a no-op when it was not tracked).
+
+    Returns the quoted ``schema.table``; raises TrackingError when the table
+    does not exist.
+    """
+    conn = await _connect(dsn)
+    try:
+        async with conn.transaction():
+            _, name = await _resolve(conn, table)
+            await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {name}")
+        return name
+    finally:
+        await conn.close()
+
+
+async def tracked(dsn: str) -> list[tuple[str, str]]:
+    """Every tracked table as ``(quoted schema.table, org column)``."""
+    conn = await _connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT format('%I.%I', n.nspname, c.relname) AS name, t.tgargs AS args "
+            "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE t.tgname = $1 ORDER BY 1",
+            TRIGGER,
+        )
+    finally:
+        await conn.close()
+    # tgargs holds each argument followed by a NUL byte.
+    return [(str(row["name"]), bytes(row["args"]).split(b"\0")[0].decode()) for row in rows]
