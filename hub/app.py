@@ -174,6 +174,8 @@ async def realtime_socket(websocket: WebSocket) -> None:
     )
     hub.sessions.add(session)
     hub.stats.connections_opened += 1
+    for observer in hub.channels.observers:
+        observer.connected(session.conn_id, principal)
     log.info(
         "connection open conn=%s sub=%s role=%s vsn=%s",
         session.conn_id,
@@ -197,6 +199,8 @@ async def realtime_socket(websocket: WebSocket) -> None:
     finally:
         hub.sessions.discard(session)
         session.close()
+        for observer in hub.channels.observers:
+            observer.disconnected(session.conn_id, principal)
         log.info(
             "connection closed conn=%s sub=%s code=%s frames_in=%d",
             session.conn_id,

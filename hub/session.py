@@ -155,7 +155,7 @@ class Session:
             try:
                 self._join(msg)
             except _Refusal as refusal:
-                self.stats.refused(refusal.reason)
+                self.channels.refused(msg.topic.removeprefix(TOPIC_PREFIX), refusal.reason)
                 self._reply(msg, "error", {"reason": refusal.reason})
             return
         sub = self.subs.get(msg.topic)
@@ -321,6 +321,7 @@ class Session:
             self._system(sub, "Subscribed to PostgreSQL", "ok", "postgres_changes")
         if replay is not None:
             self._replays.append((sub, replay))
+        self.channels.joined(sub)
 
     def _leave(self, sub: Subscription, msg: Message) -> None:
         self._reply(msg, "ok", {})

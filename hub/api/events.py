@@ -24,7 +24,7 @@ from hub.auth.policy import authorize_write
 from hub.channels.topics import InvalidTopic, parse_topic
 from hub.errors import AuthError
 from hub.protocol import MAX_BINARY_FIELD
-from hub.store.base import MAX_READ, StoredEvent
+from hub.store.base import MAX_READ, StoredEvent, StoreError
 
 if TYPE_CHECKING:
     from hub.app import Hub
@@ -86,9 +86,13 @@ async def append_events(request: Request) -> Response:
         except orjson.JSONDecodeError:
             raise Rejected(422, "body is not valid JSON") from None
         batch = parse_batch(body, limit)
+        try:
+            stored = await hub.store.append(org, batch)
+        except (StoreError, TypeError) as exc:
+            # The store's own checks (NUL bytes, unencodable values).
+            raise Rejected(422, f"event refused: {exc}") from None
     except Rejected as rejected:
         return error_response(rejected.status, rejected.message)
-    stored = await hub.store.append(org, batch)
     return JSONResponse(
         {"events": [{"seq": event.seq, "id": event.id} for event in stored]}, status_code=201
     )

@@ -102,6 +102,8 @@ class DurableFeed:
 
     def on_event(self, event: StoredEvent) -> None:
         """The store's callback: one event, in seq order per org."""
+        for observer in self.channels.observers:
+            observer.durable(event)
         if event.kind == "event":
             broadcast = Broadcast(
                 f"org:{event.org}",

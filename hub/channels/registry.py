@@ -20,6 +20,7 @@ from typing import Any
 
 from hub.auth.principal import Principal
 from hub.channels.changes import Binding
+from hub.channels.observer import Observer
 from hub.channels.presence import PresenceDiff, PresenceMap, PresenceTable
 from hub.channels.topics import Topic
 from hub.engine.base import Engine, Envelope, NodeGone, PresenceSnapshot
@@ -81,6 +82,7 @@ class Channels:
     def __init__(self, engine: Engine, *, node_id: str = "", stats: Stats | None = None) -> None:
         self.engine = engine
         self.stats = stats or Stats()
+        self.observers: list[Observer] = []
         self.node_id = node_id
         engine.bind(self)
         self._topics: dict[str, _TopicSubscribers] = {}
@@ -105,6 +107,9 @@ class Channels:
     def unsubscribe(self, sub: Subscription) -> None:
         """Remove ``sub`` and its presence.  Idempotent."""
         key = sub.topic.text
+        if sub.active:
+            for observer in self.observers:
+                observer.left(sub)
         sub.active = False
         self.untrack(sub)
         bound = self._bindings.get(sub.topic.owner)
@@ -122,6 +127,16 @@ class Channels:
             # with local subscribers; a later subscribe re-syncs them.
             self._presence.pop(key, None)
             self.engine.unsubscribe(key)
+
+    def joined(self, sub: Subscription) -> None:
+        """Called by the session once the join reply is queued."""
+        for observer in self.observers:
+            observer.joined(sub)
+
+    def refused(self, topic: str, reason: str) -> None:
+        self.stats.refused(reason)
+        for observer in self.observers:
+            observer.refused(topic, reason)
 
     def subscribers(self, topic: str) -> list[Subscription]:
         """This node's subscriptions of ``topic`` (a copy)."""
@@ -223,6 +238,8 @@ class Channels:
                         sub.outbox.push(frame_v1)
                         count += 1
         self.delivered += count
+        for observer in self.observers:
+            observer.broadcast(broadcast, count)
         self.stats.fanout_latency.observe(max(0.0, time.time() - broadcast.sent_at))
 
     def _deliver_presence(self, diff: PresenceDiff) -> None:

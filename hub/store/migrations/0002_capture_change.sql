@@ -74,3 +74,7 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- Whoever may attach this function to a table may append to any org: only
+-- the hub's own role (the owner) and roles granted EXECUTE may track.
+REVOKE EXECUTE ON FUNCTION hub.capture_change() FROM PUBLIC;
