@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from hub.aggregator.mother import Mother
 from hub.api.broadcast import rest_broadcast, rest_broadcast_one
 from hub.api.events import append_events, read_events
 from hub.auth.tokens import JwksCache, KeyNotCached, TokenVerifier
@@ -65,6 +66,7 @@ class Hub:
             secret=settings.jwt_secret.encode() if settings.jwt_secret else None,
             jwks=jwks,
             orgs_claim=settings.orgs_claim_path,
+            admin_claim=settings.admin_claim_path,
             audience=settings.jwt_audience,
         )
         self.engine = engine or _make_engine(settings, self.node_id)
@@ -73,6 +75,15 @@ class Hub:
         self.store = store or _make_store(settings)
         self.durable = DurableFeed(self.channels, self.store, replay_max=settings.replay_max)
         self.stats.registry.register(HubCollector(self))
+        self.mother = Mother(
+            channels=self.channels,
+            store=self.store,
+            node_id=self.node_id,
+            redis_url=settings.redis_url,
+            redis_prefix=settings.redis_prefix,
+            rate=settings.mother_rate,
+        )
+        self.channels.observers.append(self.mother)
         self.sessions: set[Session] = set()
         self._conn_ids = itertools.count(1)
         self._flusher: Flusher | None = None
@@ -261,6 +272,7 @@ def create_app(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(hub.tick_forever)
+                tg.start_soon(hub.mother.run)
                 yield
                 tg.cancel_scope.cancel()
         finally:

@@ -91,6 +91,13 @@ OPTIONS: tuple[Option, ...] = (
         "Claim path of the org membership list or map; must be under app_metadata.",
     ),
     Option(
+        "admin_claim",
+        _text,
+        "app_metadata.hub_admin",
+        "Claim path that, when exactly true, makes a user a network admin "
+        "(mother topic, dashboard); must be under app_metadata.",
+    ),
+    Option(
         "max_frame_bytes",
         int,
         1024 * 1024,
@@ -176,6 +183,13 @@ OPTIONS: tuple[Option, ...] = (
         "On SIGTERM: seconds to wait for clients to go after the 1012 close, then exit.",
         positive=True,
     ),
+    Option(
+        "mother_rate",
+        float,
+        1.0,
+        "Updates per second sent to subscribers of the admin topic `mother`.",
+        positive=True,
+    ),
     Option("node_id", _text, None, "This node's name in logs and metrics (default: random)."),
     Option("log_level", _text, "info", "debug, info, warning or error."),
 )
@@ -192,6 +206,7 @@ class Settings:
     jwks_min_refresh: float = 30.0
     jwt_audience: str | None = None
     orgs_claim: str = "app_metadata.orgs"
+    admin_claim: str = "app_metadata.hub_admin"
     max_frame_bytes: int = 1024 * 1024
     max_payload_bytes: int = 256 * 1024
     max_outbox_bytes: int = 4 * 1024 * 1024
@@ -207,6 +222,7 @@ class Settings:
     redis_sharded: bool = False
     node_timeout: float = 10.0
     drain_timeout: float = 10.0
+    mother_rate: float = 1.0
     node_id: str | None = None
     log_level: str = "info"
     #: Set when neither a secret nor a JWKS URL was given.
@@ -215,6 +231,10 @@ class Settings:
     @property
     def orgs_claim_path(self) -> tuple[str, ...]:
         return parse_claim_path(self.orgs_claim)
+
+    @property
+    def admin_claim_path(self) -> tuple[str, ...]:
+        return parse_claim_path(self.admin_claim)
 
     @property
     def max_request_bytes(self) -> int:
@@ -275,6 +295,7 @@ def load_settings(
 
 def _validate(settings: Settings) -> Settings:
     settings.orgs_claim_path  # noqa: B018 - raises ConfigError when malformed
+    settings.admin_claim_path  # noqa: B018
     if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
         raise ConfigError("HUB_JWT_SECRET: must be at least 32 bytes")
     if settings.jwks_url is not None and not settings.jwks_url.startswith(("https://", "http://")):

@@ -3,6 +3,7 @@
 * ``service_role`` may use every topic.
 * ``org:<id>`` and ``org:<id>:<name>``: members of ``<id>``.
 * ``user:<sub>``: the user whose ``sub`` it is.
+* ``mother``: admins only (``service_role`` or the admin claim); read-only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from hub.errors import AuthError
 def may_access(principal: Principal, topic: Topic) -> bool:
     if principal.is_service:
         return True
+    if topic.kind == "mother":
+        return principal.is_admin
     if topic.kind == "org":
         return topic.owner in principal.orgs
     return principal.sub is not None and principal.sub == topic.owner
@@ -31,7 +34,8 @@ def authorize_read(principal: Principal, topic: Topic) -> None:
 
 def authorize_write(principal: Principal, topic: Topic) -> None:
     """Raise AuthError unless ``principal`` may publish to ``topic``."""
-    if not may_access(principal, topic):
+    # The mother feed is written by the hub alone.
+    if not may_access(principal, topic) or topic.kind == "mother":
         raise AuthError(
             "Unauthorized",
             f"You do not have permissions to write to this Channel topic: {topic.text}",

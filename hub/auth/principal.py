@@ -27,10 +27,17 @@ class Principal:
     sub: str | None = None
     #: org id -> the member's role in that org.
     orgs: Mapping[str, str] = field(default_factory=dict)
+    #: True when the admin claim (``HUB_ADMIN_CLAIM``) is exactly ``true``.
+    admin: bool = False
 
     @property
     def is_service(self) -> bool:
         return self.role == SERVICE_ROLE
+
+    @property
+    def is_admin(self) -> bool:
+        """May watch the whole network (the ``mother`` topic, dashboard)."""
+        return self.is_service or self.admin
 
 
 def parse_claim_path(path: str) -> tuple[str, ...]:
@@ -56,7 +63,14 @@ def _lookup(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return value
 
 
-def principal_from_claims(claims: Mapping[str, Any], orgs_path: tuple[str, ...]) -> Principal:
+DEFAULT_ADMIN_CLAIM: Final = ("app_metadata", "hub_admin")
+
+
+def principal_from_claims(
+    claims: Mapping[str, Any],
+    orgs_path: tuple[str, ...],
+    admin_path: tuple[str, ...] = DEFAULT_ADMIN_CLAIM,
+) -> Principal:
     """Build a Principal from verified claims or raise AuthError.
 
     Claims of the wrong type are refused rather than ignored: a token that
@@ -88,4 +102,5 @@ def principal_from_claims(claims: Mapping[str, Any], orgs_path: tuple[str, ...])
             orgs[org] = org_role
     else:
         raise AuthError("InvalidJWTToken", f"Claim `{label}` must be a list or a map of org ids")
-    return Principal(role=role, exp=float(exp), sub=sub or None, orgs=orgs)
+    admin = _lookup(claims, admin_path) is True
+    return Principal(role=role, exp=float(exp), sub=sub or None, orgs=orgs, admin=admin)

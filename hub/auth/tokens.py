@@ -18,7 +18,7 @@ from typing import Any, Final
 import anyio
 import jwt
 
-from hub.auth.principal import Principal, principal_from_claims
+from hub.auth.principal import DEFAULT_ADMIN_CLAIM, Principal, principal_from_claims
 from hub.errors import AuthError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class TokenVerifier:
         secret: bytes | None,
         jwks: JwksCache | None,
         orgs_claim: tuple[str, ...],
+        admin_claim: tuple[str, ...] = DEFAULT_ADMIN_CLAIM,
         audience: str | None = None,
         leeway: float = 0.0,
     ) -> None:
@@ -135,6 +136,7 @@ class TokenVerifier:
         self.secret = secret
         self.jwks = jwks
         self.orgs_claim = orgs_claim
+        self.admin_claim = admin_claim
         self.audience = audience
         self.leeway = leeway
 
@@ -196,7 +198,7 @@ class TokenVerifier:
         except jwt.InvalidTokenError:
             # Don't include the library's message: it may quote the token.
             raise _invalid("The token provided is not a valid JWT") from None
-        return principal_from_claims(claims, self.orgs_claim)
+        return principal_from_claims(claims, self.orgs_claim, self.admin_claim)
 
     @staticmethod
     def _expired_message(token: str, now: float | None) -> str:

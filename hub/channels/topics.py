@@ -5,6 +5,7 @@ exist; everything else is refused:
 
 * ``org:<id>`` and ``org:<id>:<name>``: an organisation's channels.
 * ``user:<sub>``: one user's private channel.
+* ``mother``: the network-wide feed of the mother aggregator, for admins.
 
 Names are compared byte for byte: no case folding, no trimming, no
 normalisation, no wildcards.  The grammar is deliberately ASCII-only so that
@@ -26,7 +27,8 @@ CHANNEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A user id (Supabase uses UUIDs): letters, digits, ``_ - . @``; at most 128.
 USER_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
 
-TopicKind = Literal["org", "user"]
+TopicKind = Literal["org", "user", "mother"]
+MOTHER: Final = "mother"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,8 @@ def is_org_id(value: object) -> bool:
 
 def parse_topic(text: str) -> Topic:
     """Parse a topic (without the ``realtime:`` prefix) or raise InvalidTopic."""
+    if text == MOTHER:
+        return Topic("mother", MOTHER, None, text)
     kind, sep, rest = text.partition(":")
     if not sep:
         raise InvalidTopic("topics are org:<id>, org:<id>:<name> or user:<id>")
