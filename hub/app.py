@@ -35,6 +35,7 @@ from hub.engine.memory import MemoryEngine
 from hub.errors import AuthError
 from hub.frames import Outbox
 from hub.protocol import VERSIONS
+from hub.quotas import Quotas
 from hub.session import Session
 from hub.stats import CONTENT_TYPE, HubCollector, Stats, render
 from hub.store.base import EventStore
@@ -70,6 +71,8 @@ class Hub:
             audience=settings.jwt_audience,
         )
         self.engine = engine or _make_engine(settings, self.node_id)
+        self.quotas = Quotas(settings.org_quota, settings.org_quota_overrides)
+        self.engine.quotas = self.quotas
         self.stats = Stats()
         self.channels = Channels(self.engine, node_id=self.node_id + ".", stats=self.stats)
         self.store = store or _make_store(settings)
@@ -182,6 +185,7 @@ async def realtime_socket(websocket: WebSocket) -> None:
         outbox=outbox,
         limits=settings.limits,
         stats=hub.stats,
+        quotas=hub.quotas,
     )
     hub.sessions.add(session)
     hub.stats.connections_opened += 1

@@ -10,6 +10,7 @@ mistake stops the hub at start-up, not at the first connection.  No I/O.
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 from hub.auth.principal import parse_claim_path
 from hub.errors import ConfigError
+from hub.quotas import OrgQuota, parse_overrides
 from hub.session import SessionLimits
 
 
@@ -136,6 +138,34 @@ OPTIONS: tuple[Option, ...] = (
         positive=True,
     ),
     Option(
+        "org_max_connections",
+        int,
+        1000,
+        "Per org: connections holding a channel of the org (all nodes).",
+        positive=True,
+    ),
+    Option(
+        "org_joins_per_second",
+        int,
+        100,
+        "Per org: joins of the org's topics per second (all nodes).",
+        positive=True,
+    ),
+    Option(
+        "org_messages_per_second",
+        int,
+        1000,
+        "Per org: broadcasts to the org's topics per second, WebSocket and REST (all nodes).",
+        positive=True,
+    ),
+    Option(
+        "org_quotas",
+        _text,
+        None,
+        'Per-org overrides as JSON, e.g. {"acme": {"max_connections": 50, '
+        '"joins_per_second": 10, "messages_per_second": 100}}.',
+    ),
+    Option(
         "database_url",
         _text,
         None,
@@ -214,6 +244,10 @@ class Settings:
     joins_per_second: float = 10.0
     join_burst: int = 20
     idle_timeout: float = 60.0
+    org_max_connections: int = 1000
+    org_joins_per_second: int = 100
+    org_messages_per_second: int = 1000
+    org_quotas: str | None = None
     database_url: str | None = None
     memory_events_per_org: int = 10_000
     replay_max: int = 10_000
@@ -242,6 +276,24 @@ class Settings:
         subscriber's outbox in one event-loop iteration, so it must fit in
         half an outbox, or a prompt reader would be cut as a slow one."""
         return min(self.max_payload_bytes * 100, self.max_outbox_bytes // 2)
+
+    @property
+    def org_quota(self) -> OrgQuota:
+        return OrgQuota(
+            max_connections=self.org_max_connections,
+            joins_per_second=self.org_joins_per_second,
+            messages_per_second=self.org_messages_per_second,
+        )
+
+    @property
+    def org_quota_overrides(self) -> dict[str, OrgQuota]:
+        if not self.org_quotas:
+            return {}
+        try:
+            raw = json.loads(self.org_quotas)
+        except ValueError as exc:
+            raise ConfigError(f"HUB_ORG_QUOTAS: not valid JSON: {exc}") from None
+        return parse_overrides(raw, self.org_quota)
 
     @property
     def limits(self) -> SessionLimits:
@@ -294,8 +346,11 @@ def load_settings(
 
 
 def _validate(settings: Settings) -> Settings:
+    if settings.port > 65535:
+        raise ConfigError(f"HUB_PORT: must be at most 65535, got {settings.port}")
     settings.orgs_claim_path  # noqa: B018 - raises ConfigError when malformed
     settings.admin_claim_path  # noqa: B018
+    settings.org_quota_overrides  # noqa: B018
     if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
         raise ConfigError("HUB_JWT_SECRET: must be at least 32 bytes")
     if settings.jwks_url is not None and not settings.jwks_url.startswith(("https://", "http://")):

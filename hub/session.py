@@ -41,6 +41,7 @@ from hub.protocol import (
     encode,
     encode_reply,
 )
+from hub.quotas import Quotas
 from hub.stats import Stats
 
 PHOENIX: Final = "phoenix"
@@ -102,6 +103,7 @@ class Session:
         limits: SessionLimits = SessionLimits(),
         clock: Callable[[], float] = time.time,
         stats: Stats | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.vsn = vsn
@@ -112,6 +114,7 @@ class Session:
         self.limits = limits
         self.clock = clock
         self.stats = stats or Stats()
+        self.quotas = quotas or Quotas()
         now = clock()
         self.last_seen = now
         self._join_rate = _JoinRate(limits.joins_per_second, limits.join_burst, now)
@@ -190,8 +193,14 @@ class Session:
     def close(self) -> None:
         """The socket is gone: leave every channel (and its presence)."""
         for sub in self.subs.values():
-            self.channels.unsubscribe(sub)
+            self._unsubscribe(sub)
         self.subs.clear()
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        self.channels.unsubscribe(sub)
+        org = sub.topic.org
+        if org is not None:
+            self.quotas.release(self.conn_id, org)
 
     # -- output helpers ------------------------------------------------------
 
@@ -223,7 +232,7 @@ class Session:
         self._close_channel(sub)
 
     def _close_channel(self, sub: Subscription) -> None:
-        self.channels.unsubscribe(sub)
+        self._unsubscribe(sub)
         self.subs.pop(sub.wire_topic, None)
         self.outbox.push(
             encode(self.vsn, sub.join_ref, sub.join_ref, sub.wire_topic, "phx_close", {})
@@ -292,6 +301,12 @@ class Session:
                 replay = parse_replay(broadcast["replay"])
             except ValueError as exc:
                 raise _Refusal(f"InvalidJoinPayload: {exc}") from None
+        org = topic.org if not principal.is_service else None
+        if org is not None:
+            if not self.quotas.take_join(org):
+                raise _Refusal("ClientJoinRateLimitReached: Too many joins per second")
+            if not self.quotas.admit(self.conn_id, org):
+                raise _Refusal("ConnectionRateLimitReached: Too many connected users")
         key = presence.get("key")
         if previous is not None:
             # A second join of one topic replaces the first (Phoenix).
@@ -357,6 +372,9 @@ class Session:
             raise _Refusal(f"InvalidPayload: event must be 1 to {MAX_BINARY_FIELD} bytes")
         if len(data) > self.limits.max_payload_bytes:
             raise _Refusal("PayloadTooLarge: Payload size exceeds tenant limit")
+        org = sub.topic.org
+        if org is not None and not sub.principal.is_service and not self.quotas.take_message(org):
+            raise _Refusal("RateLimitReached: Too many messages per second")
         if sub.ack:
             self._reply(msg, "ok", {})
         origin = None if sub.echo_self else sub

@@ -55,6 +55,16 @@ def _check(
     return topic.text, event
 
 
+def _charge(hub: Hub, principal: Principal, topics: list[str]) -> None:
+    """Count the messages against their orgs' quotas; 429 when over."""
+    if principal.is_service:
+        return
+    for text in topics:
+        org = parse_topic(text).org
+        if org is not None and not hub.quotas.take_message(org):
+            raise Rejected(429, "You have exceeded your rate limit")
+
+
 async def rest_broadcast(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     try:
@@ -77,6 +87,7 @@ async def rest_broadcast(request: Request) -> Response:
                 hub, principal, message.get("topic"), message.get("event"), payload
             )
             ready.append(Broadcast(topic, event, payload))
+        _charge(hub, principal, [broadcast.topic for broadcast in ready])
     except Rejected as rejected:
         return error_response(rejected.status, rejected.message)
     for broadcast in ready:
@@ -100,6 +111,7 @@ async def rest_broadcast_one(request: Request) -> Response:
         topic, event = _check(
             hub, principal, request.path_params["topic"], request.path_params["event"], body
         )
+        _charge(hub, principal, [topic])
     except Rejected as rejected:
         return error_response(rejected.status, rejected.message)
     hub.channels.publish(Broadcast(topic, event, body, is_json=is_json))

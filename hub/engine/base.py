@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from hub.channels.presence import PresenceDiff, PresenceMap
 from hub.protocol import Broadcast
+from hub.quotas import Quotas
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,9 @@ class Engine(abc.ABC):
 
     def __init__(self) -> None:
         self._listener: EngineListener | None = None
+        #: Per-org quota counters; a networked engine exchanges each node's
+        #: share with the others (see hub.quotas).
+        self.quotas: Quotas | None = None
 
     def bind(self, listener: EngineListener) -> None:
         """Set the registry that receives every envelope for this node."""

@@ -68,7 +68,7 @@ class RedisEngine(Engine):
         node_id: str,
         prefix: str = "hub",
         sharded: bool = False,
-        heartbeat: float = 2.0,
+        heartbeat: float = 1.0,
         node_timeout: float = 10.0,
         health_timeout: float = 5.0,
     ) -> None:
@@ -327,9 +327,10 @@ class RedisEngine(Engine):
                 listener.deliver(PresenceSnapshot(body["t"], node, body["s"]))
             elif kind == b"H":
                 self._nodes[node] = time.monotonic()
+                if self.quotas is not None:
+                    self.quotas.set_remote(node, body.get("q"))
             elif kind == b"G":
-                self._nodes.pop(node, None)
-                listener.deliver(NodeGone(node))
+                self._gone(node)
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
             log.warning("dropped a malformed message from redis")
 
@@ -348,18 +349,24 @@ class RedisEngine(Engine):
             request = b"S" + orjson.dumps({"n": self.node_id, "t": topic})
             self._send(self._channel(topic), request, self.sharded)
 
+    def _gone(self, node: str) -> None:
+        self._nodes.pop(node, None)
+        if self.quotas is not None:
+            self.quotas.drop_node(node)
+        assert self._listener is not None
+        self._listener.deliver(NodeGone(node))
+
     async def _pulse(self) -> None:
-        beat = b"H" + orjson.dumps({"n": self.node_id})
         while True:
             if self._ready:
+                usage = self.quotas.local_usage() if self.quotas is not None else {}
+                beat = b"H" + orjson.dumps({"n": self.node_id, "q": usage})
                 self._send(self._nodes_channel, beat, False)
                 now = time.monotonic()
                 for node, seen in list(self._nodes.items()):
                     if now - seen > self.node_timeout:
-                        del self._nodes[node]
                         log.warning(
                             "node %s silent for %.0f s: dropping its presence", node, now - seen
                         )
-                        assert self._listener is not None
-                        self._listener.deliver(NodeGone(node))
+                        self._gone(node)
             await asyncio.sleep(self.heartbeat)
