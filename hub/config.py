@@ -388,3 +388,17 @@ def _as_dict(settings: Settings) -> dict[str, Any]:
 
 def option(name: str) -> Option:
     return _BY_NAME[name]
+
+
+def markdown_table() -> str:
+    """The README's configuration table (``python -m hub.config``); a test
+    checks the README holds exactly this."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    for opt in OPTIONS:
+        default = "unset" if opt.default is None else opt.default
+        rows.append(f"| `{opt.env}` | `{opt.flag}` | {default} | {opt.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
