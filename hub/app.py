@@ -32,7 +32,7 @@ from hub.channels.registry import Channels
 from hub.config import Settings
 from hub.engine.base import Engine
 from hub.engine.memory import MemoryEngine
-from hub.errors import AuthError
+from hub.errors import AuthError, CloseCode
 from hub.frames import Outbox
 from hub.protocol import VERSIONS
 from hub.quotas import Quotas
@@ -236,11 +236,17 @@ async def _read_loop(hub: Hub, session: Session, websocket: WebSocket) -> None:
         if data is None:
             data = message.get("bytes") or b""
         try:
-            session.receive(data)
-        except KeyNotCached:
-            assert hub.verifier.jwks is not None
-            await hub.verifier.jwks.refresh()
-            session.receive(data, keys_refreshed=True)
+            try:
+                session.receive(data)
+            except KeyNotCached:
+                assert hub.verifier.jwks is not None
+                await hub.verifier.jwks.refresh()
+                session.receive(data, keys_refreshed=True)
+        except Exception:
+            # Unexpected: drop this connection (1011), keep the process.
+            log.exception("connection %s failed", session.conn_id)
+            outbox.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return
         # Replays run before the next frame is read, so a client's later
         # frames (a leave, a rejoin) act on a channel that is fully live.
         for sub, request in session.take_replays():

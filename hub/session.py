@@ -13,6 +13,7 @@ any state, so the retry is safe.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from hub.quotas import Quotas
 from hub.stats import Stats
 
 PHOENIX: Final = "phoenix"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,19 @@ class Session:
             handler(self, sub, msg)
         except _Refusal as refusal:
             self._reply(msg, "error", {"reason": refusal.reason})
+        except KeyNotCached:
+            raise
+        except Exception:
+            # A bug must cost one channel, not the socket or the process:
+            # phx_error makes both clients rejoin after a second.
+            log.exception(
+                "channel %s failed on %r (conn %s)", sub.topic.text, msg.event, self.conn_id
+            )
+            self._unsubscribe(sub)
+            self.subs.pop(sub.wire_topic, None)
+            self.outbox.push(
+                encode(self.vsn, sub.join_ref, sub.join_ref, sub.wire_topic, "phx_error", {})
+            )
 
     def tick(self, now: float) -> None:
         """Enforce time-based rules: token expiry per channel, idle sockets."""
