@@ -331,6 +331,10 @@ def load_settings(
         source = option.flag
         if raw is None:
             raw, source = env.get(option.env), option.env
+        if raw == "" and option.name == "jwt_secret":
+            # An empty secret is a broken deployment template, not a request
+            # for dev mode (which would print an admin token to the logs).
+            raise ConfigError(f"{source}: is set but empty")
         if raw is None or raw == "":
             values[option.name] = option.default
             continue
@@ -348,8 +352,11 @@ def load_settings(
 def _validate(settings: Settings) -> Settings:
     if settings.port > 65535:
         raise ConfigError(f"HUB_PORT: must be at most 65535, got {settings.port}")
-    settings.orgs_claim_path  # noqa: B018 - raises ConfigError when malformed
-    settings.admin_claim_path  # noqa: B018
+    for name, variable in (("orgs_claim", "HUB_ORGS_CLAIM"), ("admin_claim", "HUB_ADMIN_CLAIM")):
+        try:
+            parse_claim_path(getattr(settings, name))
+        except ConfigError as exc:
+            raise ConfigError(f"{variable}: {exc}") from None
     settings.org_quota_overrides  # noqa: B018
     if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
         raise ConfigError("HUB_JWT_SECRET: must be at least 32 bytes")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any, Final
@@ -80,8 +81,14 @@ class JwksCache:
 
     def _fetch(self) -> dict[str, Any]:
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            data: Any = json.loads(response.read(1 << 20))
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                data: Any = json.loads(response.read(1 << 20))
+        except urllib.error.HTTPError as exc:
+            # An HTTPError holds the open response; close it now rather
+            # than leave the socket to the garbage collector.
+            exc.close()
+            raise ValueError(f"HTTP {exc.code}") from None
         if not isinstance(data, dict):
             raise ValueError("JWKS document is not a JSON object")
         return data
@@ -150,6 +157,10 @@ class TokenVerifier:
             raise _invalid("The token provided is not a valid JWT")
         if len(token) > MAX_TOKEN_BYTES:
             raise _invalid("Token is too large")
+        if not token.isascii():
+            # JWTs are base64url and dots; anything else (lone surrogates
+            # included) would only reach the parser to fail there.
+            raise _invalid("The token provided is not a valid JWT")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:

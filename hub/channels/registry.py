@@ -111,17 +111,18 @@ class Channels:
             for observer in self.observers:
                 observer.left(sub)
         sub.active = False
-        self.untrack(sub)
         bound = self._bindings.get(sub.topic.owner)
         if bound is not None:
             bound.pop(sub, None)
             if not bound:
                 del self._bindings[sub.topic.owner]
         subscribers = self._topics.get(key)
-        if subscribers is None:
-            return
-        subscribers.of(sub.vsn).pop(sub, None)
-        if not subscribers:
+        if subscribers is not None:
+            subscribers.of(sub.vsn).pop(sub, None)
+        # Untrack after leaving the topic: the leave diff goes to everyone
+        # else (here and on other nodes), not back to the one leaving.
+        self.untrack(sub)
+        if subscribers is not None and not subscribers:
             del self._topics[key]
             # Mirrors of other nodes' presence are only kept for topics
             # with local subscribers; a later subscribe re-syncs them.
