@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,15 +26,16 @@ from starlette.websockets import WebSocket
 from hub.aggregator.mother import Mother
 from hub.api.broadcast import rest_broadcast, rest_broadcast_one
 from hub.api.events import append_events, read_events
+from hub.auth.principal import Principal
 from hub.auth.tokens import JwksCache, KeyNotCached, TokenVerifier
-from hub.channels.durable import DurableFeed
-from hub.channels.registry import Channels
+from hub.channels.durable import DurableFeed, ReplayRequest
+from hub.channels.registry import Channels, Subscription
 from hub.config import Settings
 from hub.engine.base import Engine
 from hub.engine.memory import MemoryEngine
 from hub.errors import AuthError, CloseCode
 from hub.frames import Outbox
-from hub.protocol import VERSIONS
+from hub.protocol import VERSIONS, VSN1, Vsn
 from hub.quotas import Quotas
 from hub.session import Session
 from hub.stats import CONTENT_TYPE, HubCollector, Stats, render
@@ -88,6 +89,7 @@ class Hub:
         )
         self.channels.observers.append(self.mother)
         self.sessions: set[Session] = set()
+        self._limits = settings.limits
         self._conn_ids = itertools.count(1)
         self._flusher: Flusher | None = None
 
@@ -99,6 +101,97 @@ class Hub:
 
     def next_conn_id(self) -> str:
         return f"{self.node_id}-{next(self._conn_ids)}"
+
+    # -- connections (shared by the ASGI endpoint and the fast path) --------
+
+    def check_handshake(self, vsn: str, token: str) -> tuple[int, str] | None:
+        """The refusal (HTTP status, message) for a bad vsn or a missing
+        token, before any signature is checked; None when fine so far."""
+        if vsn not in VERSIONS:
+            return self.refuse_handshake(400, f"Unsupported vsn {vsn[:20]!r}")
+        if not token:
+            return self.refuse_handshake(401, "No apikey given")
+        return None
+
+    def refuse_handshake(self, status: int, message: str) -> tuple[int, str]:
+        self.stats.connections_refused += 1
+        log.info("handshake refused: %s", message)
+        return status, message
+
+    def open_session(self, principal: Principal, vsn: Vsn, outbox: Outbox) -> Session:
+        session = Session(
+            conn_id=self.next_conn_id(),
+            vsn=vsn,
+            principal=principal,
+            verifier=self.verifier,
+            channels=self.channels,
+            outbox=outbox,
+            limits=self._limits,
+            stats=self.stats,
+            quotas=self.quotas,
+        )
+        self.sessions.add(session)
+        self.stats.connections_opened += 1
+        for observer in self.channels.observers:
+            observer.connected(session.conn_id, principal)
+        log.debug(
+            "connection open conn=%s sub=%s role=%s vsn=%s",
+            session.conn_id,
+            principal.sub,
+            principal.role,
+            vsn,
+        )
+        return session
+
+    def close_session(self, session: Session) -> None:
+        self.sessions.discard(session)
+        session.close()
+        for observer in self.channels.observers:
+            observer.disconnected(session.conn_id, session.principal)
+        log.debug(
+            "connection closed conn=%s sub=%s code=%s frames_in=%d",
+            session.conn_id,
+            session.principal.sub,
+            getattr(session.outbox, "close_code", None),
+            session.frames_in,
+        )
+
+    def feed(self, session: Session, data: str | bytes) -> Coroutine[Any, Any, None] | None:
+        """Hand one client frame to its session.
+
+        Returns None when the frame is fully handled, or a coroutine the
+        caller must run to completion before it feeds the next frame of this
+        connection: a JWKS refresh and retry, or the replays a join asked
+        for (so later frames act on a channel that is fully live).
+        """
+        try:
+            session.receive(data)
+        except KeyNotCached:
+            return self._refresh_then_feed(session, data)
+        except Exception:
+            self._fail(session)
+            return None
+        replays = session.take_replays()
+        return self._replay(replays) if replays else None
+
+    async def _refresh_then_feed(self, session: Session, data: str | bytes) -> None:
+        assert self.verifier.jwks is not None
+        await self.verifier.jwks.refresh()
+        try:
+            session.receive(data, keys_refreshed=True)
+        except Exception:
+            self._fail(session)
+            return
+        await self._replay(session.take_replays())
+
+    async def _replay(self, replays: list[tuple[Subscription, ReplayRequest]]) -> None:
+        for sub, request in replays:
+            await self.durable.replay(sub, request)
+
+    def _fail(self, session: Session) -> None:
+        # Unexpected: drop this connection (1011), keep the process.
+        log.exception("connection %s failed", session.conn_id)
+        session.outbox.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def start(self) -> None:
         if self.verifier.jwks is not None:
@@ -148,24 +241,24 @@ def _deny(status: int, message: str) -> JSONResponse:
 
 
 async def realtime_socket(websocket: WebSocket) -> None:
+    """The WebSocket endpoint as an ASGI app: the path taken when the server
+    does not run :class:`~hub.transport.HubWebSocketProtocol`'s fast path
+    (another ASGI server, Starlette's TestClient, or a token whose JWKS key
+    must be fetched before the handshake can be answered)."""
     hub: Hub = websocket.app.state.hub
     params = websocket.query_params
-    vsn = params.get("vsn", "1.0.0")
-    if vsn not in VERSIONS:
-        hub.stats.connections_refused += 1
-        await websocket.send_denial_response(_deny(400, f"Unsupported vsn {vsn[:20]!r}"))
-        return
-    token = params.get("apikey")
-    if not token:
-        hub.stats.connections_refused += 1
-        await websocket.send_denial_response(_deny(401, "No apikey given"))
-        return
-    try:
-        principal = await hub.verifier.verify_async(token)
-    except AuthError as exc:
-        hub.stats.connections_refused += 1
-        log.info("handshake refused: %s", exc.message)
-        await websocket.send_denial_response(_deny(401, exc.message))
+    vsn = params.get("vsn", VSN1)
+    token = params.get("apikey", "")
+    refusal = hub.check_handshake(vsn, token)
+    principal: Principal | None = None
+    if refusal is None:
+        try:
+            principal = await hub.verifier.verify_async(token)
+        except AuthError as exc:
+            refusal = hub.refuse_handshake(401, exc.message)
+    if refusal is not None or principal is None:
+        assert refusal is not None
+        await websocket.send_denial_response(_deny(*refusal))
         return
     await websocket.accept()
     settings = hub.settings
@@ -176,28 +269,7 @@ async def realtime_socket(websocket: WebSocket) -> None:
         outbox = SocketOutbox(extension["protocol"], hub.flusher, settings.max_outbox_bytes)
     else:
         outbox = writer = AsgiOutbox(websocket.send, settings.max_outbox_bytes, hub.stats)
-    session = Session(
-        conn_id=hub.next_conn_id(),
-        vsn=vsn,  # type: ignore[arg-type]
-        principal=principal,
-        verifier=hub.verifier,
-        channels=hub.channels,
-        outbox=outbox,
-        limits=settings.limits,
-        stats=hub.stats,
-        quotas=hub.quotas,
-    )
-    hub.sessions.add(session)
-    hub.stats.connections_opened += 1
-    for observer in hub.channels.observers:
-        observer.connected(session.conn_id, principal)
-    log.info(
-        "connection open conn=%s sub=%s role=%s vsn=%s",
-        session.conn_id,
-        principal.sub,
-        principal.role,
-        vsn,
-    )
+    session = hub.open_session(principal, vsn, outbox)  # type: ignore[arg-type]
     try:
         if writer is None:
             await _read_loop(hub, session, websocket)
@@ -212,17 +284,7 @@ async def realtime_socket(websocket: WebSocket) -> None:
                 await _read_loop(hub, session, websocket)
                 writer.close(1000)
     finally:
-        hub.sessions.discard(session)
-        session.close()
-        for observer in hub.channels.observers:
-            observer.disconnected(session.conn_id, principal)
-        log.info(
-            "connection closed conn=%s sub=%s code=%s frames_in=%d",
-            session.conn_id,
-            principal.sub,
-            getattr(outbox, "close_code", None),
-            session.frames_in,
-        )
+        hub.close_session(session)
 
 
 async def _read_loop(hub: Hub, session: Session, websocket: WebSocket) -> None:
@@ -235,22 +297,9 @@ async def _read_loop(hub: Hub, session: Session, websocket: WebSocket) -> None:
         data: Any = message.get("text")
         if data is None:
             data = message.get("bytes") or b""
-        try:
-            try:
-                session.receive(data)
-            except KeyNotCached:
-                assert hub.verifier.jwks is not None
-                await hub.verifier.jwks.refresh()
-                session.receive(data, keys_refreshed=True)
-        except Exception:
-            # Unexpected: drop this connection (1011), keep the process.
-            log.exception("connection %s failed", session.conn_id)
-            outbox.close(CloseCode.INTERNAL_ERROR, "internal error")
-            return
-        # Replays run before the next frame is read, so a client's later
-        # frames (a leave, a rejoin) act on a channel that is fully live.
-        for sub, request in session.take_replays():
-            await hub.durable.replay(sub, request)
+        pending = hub.feed(session, data)
+        if pending is not None:
+            await pending
 
 
 async def healthz(request: Request) -> Response:
@@ -277,13 +326,15 @@ def create_app(
     hub = Hub(settings, engine, store)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await hub.start()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(hub.tick_forever)
                 tg.start_soon(hub.mother.run)
-                yield
+                # Lifespan state reaches uvicorn's protocols as app_state:
+                # that is how HubWebSocketProtocol finds the hub.
+                yield {"hub": hub}
                 tg.cancel_scope.cancel()
         finally:
             await hub.stop()

@@ -95,6 +95,8 @@ class Quotas:
         return self.overrides.get(org, self.defaults)
 
     def _remote_sum(self, org: str, index: int) -> int:
+        if not self._remote:
+            return 0
         return sum(usage[org][index] for usage in self._remote.values() if org in usage)
 
     def _take(self, table: dict[str, _Window], org: str, limit: int, index: int) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -336,7 +335,8 @@ class Session:
             conn_id=self.conn_id,
             echo_self=broadcast.get("self") is True,
             ack=broadcast.get("ack") is True,
-            presence_key=key if isinstance(key, str) and key else str(uuid.uuid4()),
+            # An empty key means "server generates one" (at the first track).
+            presence_key=key if isinstance(key, str) else "",
             presence_enabled=presence.get("enabled", True) is not False,
             bindings=bindings,
             # Live durable events wait here until the replay has run.

@@ -24,18 +24,29 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Final
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs, unquote
 
+import orjson
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.http11 import Request
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
-from hub.errors import CloseCode
+from hub.auth.tokens import KeyNotCached
+from hub.errors import AuthError, CloseCode
 from hub.frames import Frame, Outbox
+from hub.protocol import VSN1
 from hub.stats import Stats
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from hub.app import Hub
+    from hub.session import Session
+
 SOCKET_EXTENSION: Final = "hub.socket"
+REALTIME_PATH: Final = "/realtime/v1/websocket"
 #: Frames waiting in an outbox are written at the end of the loop iteration,
 #: or as soon as this many bytes wait: a burst published in one iteration
 #: then lands in the kernel, and only what the kernel refuses counts
@@ -48,15 +59,31 @@ SLOW_CLOSE_GRACE: Final = 1.0
 
 
 class HubWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol, plus direct frame writes.
+    """uvicorn's sans-I/O WebSocket protocol, plus the hub's fast path.
 
-    Select it with ``uvicorn.Config(ws=HubWebSocketProtocol)``.  The ASGI
-    flow is unchanged (accept, receive and the HTTP denial response go
-    through ASGI); the extension only adds a faster way out.
+    Select it with ``uvicorn.Config(ws=HubWebSocketProtocol)``.
+
+    For ``/realtime/v1/websocket`` the protocol serves the connection itself,
+    without an ASGI task: it checks the token during the handshake, answers
+    a refusal with HTTP and ``{"error": ...}`` as Supabase does, and feeds
+    each complete client message straight to the connection's
+    :class:`~hub.session.Session`.  No task, queue or ASGI scope exists per
+    connection, which roughly halves the memory of an idle connection and
+    the CPU time of a connect.  Work that must await (a JWKS refresh, a
+    replay read from the store) runs as a task while reading pauses, so a
+    connection's frames are still handled in order.
+
+    Every other path, and a token whose JWKS key is not cached yet, takes
+    uvicorn's ASGI route; the ``hub.socket`` extension then still lets the
+    app write pre-built frames directly.
     """
 
     #: The outbox writing to this socket, flushed before a shutdown close.
     hub_outbox: SocketOutbox | None = None
+    _hub: Hub | None = None
+    _session: Session | None = None
+    #: Messages that arrived while an awaited step ran; None when idle.
+    _backlog: deque[str | bytes] | None = None
 
     def shutdown(self) -> None:
         # uvicorn calls this on SIGTERM to close with 1012; frames already
@@ -67,10 +94,122 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
         super().shutdown()
 
     def handle_connect(self, event: Request) -> None:
+        hub: Hub | None = self.app_state.get("hub")
+        raw_path, _, query = event.path.partition("?")
+        fast = hub is not None and unquote(raw_path) == REALTIME_PATH
+        if fast and self._serve_fast(hub, event, query):  # type: ignore[arg-type]
+            return
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:
             scope["extensions"][SOCKET_EXTENSION] = {"protocol": self}
+
+    def _serve_fast(self, hub: Hub, event: Request, query: str) -> bool:
+        """Handle the handshake here; False hands it to the ASGI route."""
+        params = parse_qs(query)
+        vsn = params.get("vsn", [VSN1])[0]
+        token = params.get("apikey", [""])[0]
+        refusal = hub.check_handshake(vsn, token)
+        principal = None
+        if refusal is None:
+            try:
+                principal = hub.verifier.verify(token)
+            except KeyNotCached:
+                return False  # the ASGI route awaits the JWKS refresh
+            except AuthError as exc:
+                refusal = hub.refuse_handshake(401, exc.message)
+        self.request = event
+        self.handshake_initiated = True
+        self.handshake_complete = True
+        if refusal is not None or principal is None:
+            assert refusal is not None
+            status, message = refusal
+            self._respond(status, orjson.dumps({"error": message}))
+            return True
+        response = self.conn.accept(event)
+        if response.status_code != 101:
+            # Not a valid upgrade request: websockets built the answer.
+            self.close_sent = True
+            self.conn.send_response(response)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+            return True
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        outbox = SocketOutbox(self, hub.flusher, hub.settings.max_outbox_bytes)
+        self._hub = hub
+        self._session = hub.open_session(principal, vsn, outbox)  # type: ignore[arg-type]
+        return True
+
+    def _respond(self, status: int, body: bytes) -> None:
+        headers = Headers(
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+            ]
+        )
+        phrase = HTTPStatus(status).phrase
+        self.close_sent = True
+        self.conn.send_response(Response(status, phrase, headers, body))
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+
+    def send_receive_event_to_app(self) -> None:
+        session = self._session
+        if session is None:
+            super().send_receive_event_to_app()
+            return
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:
+            return
+        message: str | bytes
+        if self.curr_msg_data_type == "text":
+            try:
+                message = bytes(data).decode()
+            except UnicodeDecodeError:
+                session.outbox.close(CloseCode.INVALID_FRAME, "text frame is not UTF-8")
+                return
+        else:
+            message = bytes(data)
+        if self._backlog is not None:
+            self._backlog.append(message)
+            return
+        self._feed(session, message)
+
+    def _feed(self, session: Session, message: str | bytes) -> None:
+        assert self._hub is not None
+        pending = self._hub.feed(session, message)
+        if pending is None:
+            return
+        # Hold further frames until this step is done.
+        self._backlog = deque()
+        self.transport.pause_reading()
+        task = self.loop.create_task(pending)
+        task.add_done_callback(self._resume)
+
+    def _resume(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection step failed", exc_info=task.exception())
+        session, backlog = self._session, self._backlog
+        self._backlog = None
+        if session is None or backlog is None:
+            return
+        while backlog:
+            self._feed(session, backlog.popleft())
+            if self._backlog is not None:
+                # Another awaited step started: it takes over the rest.
+                self._backlog.extend(backlog)
+                return
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        session, self._session = self._session, None
+        if session is not None and self._hub is not None:
+            self._hub.close_session(session)
+        super().connection_lost(exc)
 
     def write_frames(self, frames: list[bytes]) -> int:
         """Write complete frames; returns the bytes the kernel has not taken."""

@@ -307,6 +307,8 @@ class _OrgEvents:
     first_live: int | None = None
     #: The highest seq counted, from either source.
     counted: int = 0
+    #: The highest seq the history read has offered.
+    history_max: int = 0
 
 
 @dataclass
@@ -348,9 +350,11 @@ class EventAggregate:
     def history(self, event: StoredEvent) -> bool:
         """Count an event read from the store; False if counted already."""
         state = self._org(event.org)
-        before_live = state.first_live is None or event.seq < state.first_live
-        if before_live and event.seq != state.counted or event.seq > state.counted:
-            # Before the live stream: read once, in order, so never twice.
+        if event.seq <= state.history_max:
+            return False
+        state.history_max = event.seq
+        first_live = state.first_live
+        if first_live is None or event.seq < first_live or event.seq > state.counted:
             self._count(state, event)
             return True
         return False

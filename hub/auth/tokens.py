@@ -13,6 +13,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 ASYMMETRIC: Final = ("ES256", "RS256")
 #: Supabase tokens are under 2 KB; anything near this is not a real token.
 MAX_TOKEN_BYTES: Final = 8192
+#: Verified tokens remembered (see TokenVerifier._cache).
+CACHE_SIZE: Final = 10_000
 #: Below this, HS256 secrets are guessable (RFC 7518 section 3.2).
 MIN_SECRET_BYTES: Final = 32
 
@@ -146,6 +149,11 @@ class TokenVerifier:
         self.admin_claim = admin_claim
         self.audience = audience
         self.leeway = leeway
+        #: Verified tokens, most recent last: a reconnect storm (a node
+        #: drained, a network blip) re-presents the same tokens, and a
+        #: byte-identical token needs no second signature check.  Hits are
+        #: re-checked for expiry; size bounded by CACHE_SIZE.
+        self._cache: OrderedDict[str, Principal] = OrderedDict()
 
     def verify(self, token: object, now: float | None = None) -> Principal:
         """Verify ``token`` synchronously.
@@ -155,6 +163,12 @@ class TokenVerifier:
         """
         if not isinstance(token, str) or not token:
             raise _invalid("The token provided is not a valid JWT")
+        cached = self._cache.get(token)
+        if cached is not None:
+            if (now if now is not None else time.time()) < cached.exp:
+                self._cache.move_to_end(token)
+                return cached
+            del self._cache[token]
         if len(token) > MAX_TOKEN_BYTES:
             raise _invalid("Token is too large")
         if not token.isascii():
@@ -209,7 +223,15 @@ class TokenVerifier:
         except jwt.InvalidTokenError:
             # Don't include the library's message: it may quote the token.
             raise _invalid("The token provided is not a valid JWT") from None
-        return principal_from_claims(claims, self.orgs_claim, self.admin_claim)
+        principal = principal_from_claims(claims, self.orgs_claim, self.admin_claim)
+        if now is not None and now >= principal.exp + self.leeway:
+            # PyJWT checked against the system clock; the caller's clock
+            # (a session's) has the last word.
+            raise _invalid(self._expired_message(token, now))
+        self._cache[token] = principal
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return principal
 
     @staticmethod
     def _expired_message(token: str, now: float | None) -> str:

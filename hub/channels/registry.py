@@ -15,6 +15,7 @@ No I/O happens here; sockets are behind :class:`~hub.frames.Outbox`.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +166,8 @@ class Channels:
         self.engine.publish(broadcast)
 
     def track(self, sub: Subscription, fields: dict[str, Any]) -> None:
+        if not sub.presence_key:
+            sub.presence_key = str(uuid.uuid4())
         self.engine.publish(self._table(sub.topic.text).track(sub, sub.presence_key, fields))
 
     def untrack(self, sub: Subscription) -> None:

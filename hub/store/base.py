@@ -132,6 +132,11 @@ class EventStore(abc.ABC):
         ascending by seq, at most ``min(limit, MAX_READ)``."""
 
     @abc.abstractmethod
+    async def orgs(self) -> list[str]:
+        """Every org that has events (the mother reads their last hour back
+        after a restart), in no particular order."""
+
+    @abc.abstractmethod
     async def last_seq(self, org: str) -> int:
         """The highest seq of ``org``, 0 when it has none."""
 

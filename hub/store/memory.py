@@ -120,6 +120,9 @@ class MemoryStore(EventStore):
         matching = (event for event in orglog.events if event.created_at >= since)
         return list(itertools.islice(matching, limit))
 
+    async def orgs(self) -> list[str]:
+        return [org for org, orglog in self._orgs.items() if orglog.events]
+
     async def last_seq(self, org: str) -> int:
         orglog = self._orgs.get(org)
         return orglog.last_seq if orglog is not None else 0

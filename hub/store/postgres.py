@@ -308,6 +308,10 @@ class PostgresStore(EventStore):
         rows = await self._require_pool().fetch(_READ_SINCE, org, since, limit)
         return [_event_from_row(row) for row in rows]
 
+    async def orgs(self) -> list[str]:
+        rows = await self._require_pool().fetch("SELECT org FROM hub.org_seq")
+        return [row["org"] for row in rows]
+
     async def last_seq(self, org: str) -> int:
         seq = await self._require_pool().fetchval("SELECT seq FROM hub.org_seq WHERE org = $1", org)
         return int(seq) if seq is not None else 0

@@ -445,7 +445,12 @@ def test_join_without_config_uses_defaults(hub: Hub) -> None:
     assert not sub.echo_self
     assert not sub.ack
     assert sub.presence_enabled
-    assert sub.presence_key
+    # No key given: the hub makes one at the first track, and keeps it.
+    client.send("1", "2", T42, "presence", {"event": "track", "payload": {}})
+    key = sub.presence_key
+    assert key
+    client.send("1", "3", T42, "presence", {"event": "track", "payload": {"a": 1}})
+    assert sub.presence_key == key
 
 
 def test_second_join_of_a_topic_closes_the_first(hub: Hub) -> None:
