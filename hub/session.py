@@ -93,6 +93,26 @@ class _Refusal(Exception):
 class Session:
     """The protocol state of one WebSocket connection."""
 
+    # Tens of thousands of these live at once: no per-instance __dict__.
+    __slots__ = (
+        "conn_id",
+        "vsn",
+        "principal",
+        "verifier",
+        "channels",
+        "outbox",
+        "limits",
+        "clock",
+        "stats",
+        "quotas",
+        "last_seen",
+        "_join_rate",
+        "subs",
+        "frames_in",
+        "_keys_refreshed",
+        "_replays",
+    )
+
     def __init__(
         self,
         *,
@@ -126,7 +146,7 @@ class Session:
         self._keys_refreshed = False
         #: Replays asked for by joins, for the I/O layer to run (in order)
         #: before it feeds the next frame: see :meth:`take_replays`.
-        self._replays: list[tuple[Subscription, ReplayRequest]] = []
+        self._replays: list[tuple[Subscription, ReplayRequest]] = []  # filled by joins
 
     # -- input -------------------------------------------------------------
 

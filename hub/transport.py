@@ -118,7 +118,6 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
                 return False  # the ASGI route awaits the JWKS refresh
             except AuthError as exc:
                 refusal = hub.refuse_handshake(401, exc.message)
-        self.request = event
         self.handshake_initiated = True
         self.handshake_complete = True
         if refusal is not None or principal is None:
