@@ -24,6 +24,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from hub.aggregator.mother import Mother
+from hub.aggregator.routes import routes as mother_routes
 from hub.api.broadcast import rest_broadcast, rest_broadcast_one
 from hub.api.events import append_events, read_events
 from hub.auth.principal import Principal
@@ -354,6 +355,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *mother_routes(),
         ],
         lifespan=lifespan,
     )

@@ -82,6 +82,7 @@ def _dev_banner(settings: Settings) -> str:
         f"  member of org 'demo' (may join org:demo):\n    {member}\n\n"
         f"  service_role admin (may join every topic):\n    {admin}\n\n"
         f"  connect: {url}?apikey=<token>&vsn=2.0.0\n"
+        f"  dashboard: http://{settings.host}:{settings.port}/dashboard#token={admin}\n"
         f"  supabase-js: createClient('http://{settings.host}:{settings.port}', <token>)\n"
     )
 
@@ -112,6 +113,8 @@ def serve(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s node={settings.node_id} %(name)s: %(message)s",
     )
+    # httpx (the demo's client) would log every request at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if settings.dev_mode:
         print(_dev_banner(settings), flush=True)
     config = uvicorn.Config(
@@ -135,6 +138,17 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
         server_header=False,
     )
+    if settings.demo:
+        from hub.aggregator.demo import start_in_thread
+
+        assert settings.jwt_secret is not None, "--demo needs HUB_JWT_SECRET or dev mode"
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        start_in_thread(
+            f"http://{host}:{settings.port}",
+            settings.jwt_secret,
+            orgs=settings.demo_orgs,
+            orgs_claim=settings.orgs_claim_path,
+        )
     # uvicorn configured its loggers when Config was built; filter them now.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(RedactTokens())

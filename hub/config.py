@@ -220,6 +220,13 @@ OPTIONS: tuple[Option, ...] = (
         "Updates per second sent to subscribers of the admin topic `mother`.",
         positive=True,
     ),
+    Option(
+        "demo",
+        _flag,
+        False,
+        "Drive synthetic orgs and members against this hub, so the dashboard comes alive.",
+    ),
+    Option("demo_orgs", int, 8, "Orgs the demo drives.", positive=True),
     Option("node_id", _text, None, "This node's name in logs and metrics (default: random)."),
     Option("log_level", _text, "info", "debug, info, warning or error."),
 )
@@ -257,6 +264,8 @@ class Settings:
     node_timeout: float = 10.0
     drain_timeout: float = 10.0
     mother_rate: float = 1.0
+    demo: bool = False
+    demo_orgs: int = 8
     node_id: str | None = None
     log_level: str = "info"
     #: Set when neither a secret nor a JWKS URL was given.
@@ -310,12 +319,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per option; help names the variable and the default."""
     for option in OPTIONS:
         default = "unset" if option.default is None else option.default
+        extra: dict[str, Any] = {}
+        if option.type is _flag:
+            # `--demo` alone means on; `--demo 0` still works.
+            extra = {"nargs": "?", "const": "1"}
         parser.add_argument(
             option.flag,
             dest=option.name,
             default=None,
             metavar=option.env,
             help=f"{option.help} [env {option.env}; default {default}]",
+            **extra,
         )
 
 

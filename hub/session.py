@@ -174,7 +174,9 @@ class Session:
             if msg.event == "heartbeat":
                 self._reply(msg, "ok", {})
             else:
-                self._reply(msg, "error", {"reason": f"unknown event {msg.event[:64]!r} on phoenix"})
+                self._reply(
+                    msg, "error", {"reason": f"unknown event {msg.event[:64]!r} on phoenix"}
+                )
             return
         if msg.event == "phx_join":
             try:

@@ -63,14 +63,17 @@ class HubProcess:
 
 
 def start_hub(
-    tmp_path: Path, env: dict[str, str] | None = None, secret: str | None = None
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    secret: str | None = None,
+    port: int | None = None,
 ) -> HubProcess:
     """Start `hub serve` and wait until /healthz answers."""
-    port = free_port()
+    port = port or free_port()
     secret = secret or secrets.token_urlsafe(32)
     full_env = {**os.environ, "HUB_JWT_SECRET": secret, "HUB_LOG_LEVEL": "info"}
     full_env.update(env or {})
-    log_path = tmp_path / f"hub-{port}.log"
+    log_path = tmp_path / f"hub-{port}-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "hub", "serve", "--host", "127.0.0.1", "--port", str(port)],

@@ -90,6 +90,10 @@ PREVIEW_CHARS: Final = 120
 PRUNE_INTERVAL: Final = 30.0
 
 
+#: The event windows of an org without events (shared, never added to).
+_NO_EVENTS: Final = EventWindows(max_types=1, recent=1)
+
+
 class _OrgLocal:
     """This node's connection-derived numbers for one org."""
 
@@ -347,12 +351,14 @@ class Mother(Observer):
             windows = self.events.get(org)
             conns = org_conns.get(org, OrgConnections())
             item = self._org_json(org, windows, conns, now)
-            if item["events"]["5m"]:
-                active += 1
-            if windows is None and not any(
+            # Shown while it had events in the hour or has any connection
+            # number: the same rule on every node, whenever it last pruned.
+            if not item["events"]["1h"] and not any(
                 (conns.clients, conns.presence, conns.delivered_1m, conns.refused_1h)
             ):
                 continue
+            if item["events"]["5m"]:
+                active += 1
             orgs.append(item)
         total = len(orgs)
         if total > MAX_SNAPSHOT_ORGS:
@@ -388,7 +394,8 @@ class Mother(Observer):
         self, org: str, windows: EventWindows | None, conns: OrgConnections, now: float
     ) -> dict[str, Any]:
         if windows is None:
-            windows = EventWindows(max_types=1, recent=1)
+            # An org known only from its connections: never counts anything.
+            windows = _NO_EVENTS
         return {
             "org": org,
             "seq": windows.seq,

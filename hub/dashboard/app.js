@@ -692,7 +692,7 @@
     chip.style.background = orgColor(org);
     name.append(chip, el("span", "org-name", org));
     const sparkCell = el("td", "left");
-    const spark = sparkline(120, 24);
+    const spark = sparkline(100, 24);
     sparkCell.append(spark.root);
     tr.append(name, sparkCell);
     const cells = {};
