@@ -133,8 +133,7 @@ class Hub:
         )
         self.sessions.add(session)
         self.stats.connections_opened += 1
-        for observer in self.channels.observers:
-            observer.connected(session.conn_id, principal)
+        self.channels.observe("connected", session.conn_id, principal)
         log.debug(
             "connection open conn=%s sub=%s role=%s vsn=%s",
             session.conn_id,
@@ -147,8 +146,7 @@ class Hub:
     def close_session(self, session: Session) -> None:
         self.sessions.discard(session)
         session.close()
-        for observer in self.channels.observers:
-            observer.disconnected(session.conn_id, session.principal)
+        self.channels.observe("disconnected", session.conn_id, session.principal)
         log.debug(
             "connection closed conn=%s sub=%s code=%s frames_in=%d",
             session.conn_id,

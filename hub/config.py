@@ -203,7 +203,7 @@ OPTIONS: tuple[Option, ...] = (
         "node_timeout",
         float,
         10.0,
-        "Seconds without a heartbeat (every 2 s) before another node's presence is dropped.",
+        "Seconds without a heartbeat (every 1 s) before another node's presence is dropped.",
         positive=True,
     ),
     Option(
@@ -385,7 +385,7 @@ def _validate(settings: Settings) -> Settings:
     ):
         raise ConfigError("HUB_REDIS_URL: must be a redis://, rediss:// or unix:// URL")
     if settings.node_timeout < 3:
-        raise ConfigError("HUB_NODE_TIMEOUT: must be at least 3 s (heartbeats come every 2 s)")
+        raise ConfigError("HUB_NODE_TIMEOUT: must be at least 3 s (heartbeats come every 1 s)")
     if settings.max_payload_bytes >= settings.max_frame_bytes:
         raise ConfigError("HUB_MAX_PAYLOAD_BYTES: must be smaller than HUB_MAX_FRAME_BYTES")
     if settings.max_outbox_bytes < 2 * settings.max_frame_bytes:

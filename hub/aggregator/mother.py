@@ -519,7 +519,6 @@ class Mother(Observer):
 
     async def _share_forever(self) -> None:
         import redis.asyncio as aioredis
-        from redis.exceptions import RedisError
 
         assert self.redis_url is not None
         base = f"{self.redis_prefix}:mother"
@@ -555,7 +554,9 @@ class Mother(Observer):
                     if not self._redis_ok:
                         log.info("mother: sharing through redis (%d other nodes)", len(remote))
                     self._redis_ok = True
-                except (RedisError, OSError) as exc:
+                except Exception as exc:
+                    # Any link failure (uvloop raises RuntimeError on a
+                    # closed transport) must not end the lifespan.
                     if self._redis_ok:
                         log.warning("mother: redis failed, showing this node only: %s", exc)
                     self._redis_ok = False
@@ -564,10 +565,10 @@ class Mother(Observer):
             # Leave at once rather than after the TTL; bounded, and shielded
             # from the cancellation that got us here.
             with anyio.move_on_after(1.0, shield=True):
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(Exception):
                     await client.delete(own_key)
                     await client.srem(nodes_key, self.node_id)
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(Exception):
                     await client.aclose()
 
     # -- lifecycle -----------------------------------------------------------

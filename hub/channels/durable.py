@@ -102,8 +102,7 @@ class DurableFeed:
 
     def on_event(self, event: StoredEvent) -> None:
         """The store's callback: one event, in seq order per org."""
-        for observer in self.channels.observers:
-            observer.durable(event)
+        self.channels.observe("durable", event)
         if event.kind == "event":
             broadcast = Broadcast(
                 f"org:{event.org}",
@@ -199,8 +198,11 @@ class DurableFeed:
         """Deliver what ``sub`` missed, then switch it to the live stream."""
         org = sub.topic.owner
         limit = min(request.limit or self.replay_max, self.replay_max)
+        first_held = 0
         try:
             events = await self._read(org, request, limit + 1)
+            if request.since is not None and events:
+                first_held = await self.store.first_seq(org)
         except Exception:
             log.exception("replay of org %s failed", org)
             events = None
@@ -216,16 +218,27 @@ class DurableFeed:
         truncated = len(events) > limit
         events = events[:limit]
         start = request.after
-        forgotten = start is not None and bool(events) and events[0].seq != start + 1
-        if forgotten:
-            # The store no longer holds the oldest missed events.
-            self._stop(
-                sub, f"ReplayTruncated: events after seq {start} are no longer held", start or 0
-            )
-            return
         # From here on nothing awaits, so no live event can slip in between
         # the replayed ones and the buffered ones.
         buffered, sub.replay_buffer = sub.replay_buffer or [], None
+        if events and start is not None and events[0].seq != start + 1:
+            # A bounded store forgot the oldest missed events: say which are
+            # lost for good, then go on from the oldest one still held.
+            gap_end = events[0].seq - 1
+            self._notice(
+                sub,
+                f"ReplayGap: events {start + 1}..{gap_end} are no longer held",
+                gap_end,
+            )
+        elif events and events[0].seq == first_held > 1:
+            # `since` reached back to the oldest event held: older ones in
+            # the requested range may have been forgotten.
+            self._notice(
+                sub,
+                f"ReplayGap: events before seq {first_held} are no longer held; "
+                "some may fall in the requested range",
+                first_held - 1,
+            )
         for event in events:
             self._offer_any(sub, event, replayed=True)
         if truncated:
@@ -241,8 +254,12 @@ class DurableFeed:
             self._offer_any(sub, event, replayed=False)
 
     def _stop(self, sub: Subscription, message: str, resume_after: int) -> None:
+        """Tell the client, and stop durable delivery until it rejoins."""
         sub.replay_buffer = None
         sub.durable_paused = True
+        self._notice(sub, message, resume_after)
+
+    def _notice(self, sub: Subscription, message: str, resume_after: int) -> None:
         sub.outbox.push(
             encode(
                 sub.vsn,

@@ -14,6 +14,7 @@ No I/O happens here; sockets are behind :class:`~hub.frames.Outbox`.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from hub.engine.base import Engine, Envelope, NodeGone, PresenceSnapshot
 from hub.frames import Frame, Outbox
 from hub.protocol import TOPIC_PREFIX, VSN1, VSN2, Broadcast, Vsn, encode
 from hub.stats import Stats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, slots=True)
@@ -109,8 +112,7 @@ class Channels:
         """Remove ``sub`` and its presence.  Idempotent."""
         key = sub.topic.text
         if sub.active:
-            for observer in self.observers:
-                observer.left(sub)
+            self.observe("left", sub)
         sub.active = False
         bound = self._bindings.get(sub.topic.owner)
         if bound is not None:
@@ -130,15 +132,22 @@ class Channels:
             self._presence.pop(key, None)
             self.engine.unsubscribe(key)
 
+    def observe(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every observer.  An observer's bug is logged and
+        never stops delivery."""
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:
+                log.exception("observer %r failed in %s", observer, hook)
+
     def joined(self, sub: Subscription) -> None:
         """Called by the session once the join reply is queued."""
-        for observer in self.observers:
-            observer.joined(sub)
+        self.observe("joined", sub)
 
     def refused(self, topic: str, reason: str) -> None:
         self.stats.refused(reason)
-        for observer in self.observers:
-            observer.refused(topic, reason)
+        self.observe("refused", topic, reason)
 
     def subscribers(self, topic: str) -> list[Subscription]:
         """This node's subscriptions of ``topic`` (a copy)."""
@@ -242,8 +251,8 @@ class Channels:
                         sub.outbox.push(frame_v1)
                         count += 1
         self.delivered += count
-        for observer in self.observers:
-            observer.broadcast(broadcast, count)
+        if self.observers:
+            self.observe("broadcast", broadcast, count)
         self.stats.fanout_latency.observe(max(0.0, time.time() - broadcast.sent_at))
 
     def _deliver_presence(self, diff: PresenceDiff) -> None:

@@ -87,6 +87,7 @@ class RedisEngine(Engine):
         self._outgoing: deque[tuple[str, bytes, bool]] = deque(maxlen=MAX_OUTGOING)
         self._wake = asyncio.Event()
         self._ready = False
+        self._broken = False
         #: Set the first time the subscription is up.
         self._up = asyncio.Event()
         self._reconnects = 0
@@ -101,7 +102,14 @@ class RedisEngine(Engine):
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and not self._broken
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        # These tasks only end when cancelled at shutdown; anything else is
+        # a bug, and the node must report it rather than go quietly mute.
+        if not task.cancelled():
+            self._broken = True
+            log.error("redis engine task %s ended", task.get_name(), exc_info=task.exception())
 
     @property
     def reconnects(self) -> int:
@@ -148,6 +156,8 @@ class RedisEngine(Engine):
             loop.create_task(self._publisher(), name="redis-publisher"),
             loop.create_task(self._pulse(), name="redis-heartbeat"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
         # Accepting connections before the subscription is up would make the
         # first joins deaf to other nodes; wait (bounded) for it.
         with contextlib.suppress(TimeoutError):
@@ -199,9 +209,11 @@ class RedisEngine(Engine):
                         await pipe.execute()
                     self.published += count
                     backoff = 0.1
-                except (RedisError, OSError) as exc:
-                    # Redis adds no durability: these reach local
-                    # subscribers only.  Count them and carry on.
+                except Exception as exc:
+                    # Any failure of the link (redis-py raises RuntimeError
+                    # under uvloop for a closed transport): the loop must
+                    # not die.  Redis adds no durability: these messages
+                    # reached local subscribers only.  Count and carry on.
                     self.dropped += count
                     log.warning("redis publish failed (%d messages dropped): %s", count, exc)
                     await asyncio.sleep(backoff)
@@ -231,15 +243,20 @@ class RedisEngine(Engine):
                 log.info("redis subscription up (%d topics)", len(self._wanted))
                 self._announce()
                 await self._read(pubsub)
-            except (TimeoutError, RedisError, OSError) as exc:
+            except Exception as exc:
+                # Whatever broke the link (RedisError, OSError, a PING
+                # timeout, uvloop's RuntimeError on a closed transport):
+                # reconnect; never leave the node deaf.
                 if self._ready:
                     self._reconnects += 1
-                log.warning("redis subscription lost, reconnecting: %s", exc or type(exc).__name__)
+                log.warning(
+                    "redis subscription lost, reconnecting: %s: %s", type(exc).__name__, exc
+                )
             finally:
                 self._ready = False
                 if control is not None:
                     control.cancel()
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                     await client.aclose()
             await asyncio.sleep(backoff)
@@ -271,7 +288,7 @@ class RedisEngine(Engine):
                     await pubsub.sunsubscribe(channel)
                 else:
                     await pubsub.unsubscribe(channel)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
                 # The reader will notice the broken link and resubscribe all.
                 log.debug("redis (un)subscribe of %s failed: %s", topic, exc)
                 return
@@ -319,6 +336,15 @@ class RedisEngine(Engine):
             node = body["n"]
             if node == self.node_id:
                 return
+            if kind != b"G":
+                # Any message proves the node alive.  A node heard for the
+                # first time (new, or back after being declared gone) gets
+                # our presence, and is asked for its own, so neither side
+                # keeps a stale view; its entries then expire with it.
+                unknown = node not in self._nodes
+                self._nodes[node] = time.monotonic()
+                if unknown:
+                    self._announce()
             if kind == b"P":
                 listener.deliver(PresenceDiff(body["t"], body["j"], body["l"], node=node))
             elif kind == b"S":
@@ -326,7 +352,6 @@ class RedisEngine(Engine):
             elif kind == b"T":
                 listener.deliver(PresenceSnapshot(body["t"], node, body["s"]))
             elif kind == b"H":
-                self._nodes[node] = time.monotonic()
                 if self.quotas is not None:
                     self.quotas.set_remote(node, body.get("q"))
             elif kind == b"G":

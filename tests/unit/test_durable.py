@@ -124,14 +124,26 @@ async def test_replay_truncated_tells_the_client_and_pauses(setup: Any) -> None:
     assert seqs(sub) == list(range(1, 11)), "no live event may follow a gap"
 
 
-async def test_replay_of_forgotten_events_is_reported(setup: Any) -> None:
+async def test_replay_of_forgotten_events_is_reported_then_continues(setup: Any) -> None:
     channels, store, feed = setup
     await store.append("a", [("x", {"i": i}) for i in range(60)])  # keeps 11..60
     sub = make_sub(channels, "org:a", replay_buffer=[])
-    await feed.replay(sub, ReplayRequest(after=5))
-    [system] = received(sub)
-    assert system["payload"]["message"].startswith("ReplayTruncated")
-    assert system["payload"]["resume_after"] == 5
+    await feed.replay(sub, ReplayRequest(after=5, limit=20))
+    system = received(sub)[0]
+    assert system["event"] == "system"
+    assert system["payload"]["message"] == "ReplayGap: events 6..10 are no longer held"
+    assert system["payload"]["resume_after"] == 10
+    assert seqs(sub) == list(range(11, 31)), "what is held follows, up to the limit"
+
+
+async def test_replay_since_reaching_forgotten_events_says_so(setup: Any) -> None:
+    channels, store, feed = setup
+    await store.append("a", [("x", {"i": i}) for i in range(60)])  # keeps 11..60
+    sub = make_sub(channels, "org:a", replay_buffer=[])
+    await feed.replay(sub, ReplayRequest(since=0, limit=10))
+    system = received(sub)[0]
+    assert system["payload"]["message"].startswith("ReplayGap: events before seq 11")
+    assert seqs(sub) == list(range(11, 21))
 
 
 async def test_replay_since_uses_created_at(setup: Any) -> None:
