@@ -103,6 +103,39 @@ class RedactTokens(logging.Filter):
         return True
 
 
+async def preflight(settings: Settings) -> None:
+    """Reach every dependency once before serving, so that a wrong URL, an
+    unreachable server or an unmigrated database stops the hub at start-up
+    with one clear line instead of a traceback from inside the lifespan."""
+    if settings.jwks_url:
+        from hub.auth.tokens import JwksCache
+
+        await JwksCache(settings.jwks_url).load()
+    if settings.redis_url:
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            await asyncio.wait_for(client.ping(), 5)
+        except Exception as exc:
+            raise ConfigError(f"HUB_REDIS_URL: cannot reach Redis: {exc}") from None
+        finally:
+            await client.aclose()
+    if settings.database_url:
+        from hub.store.migrate import applied_versions, migrations
+
+        try:
+            applied = await asyncio.wait_for(applied_versions(settings.database_url), 10)
+        except Exception as exc:
+            raise ConfigError(f"HUB_DATABASE_URL: cannot use the database: {exc}") from None
+        missing = [version for version, _ in migrations() if version not in applied]
+        if missing:
+            raise ConfigError(
+                f"HUB_DATABASE_URL: schema not up to date (missing {', '.join(missing)}): "
+                "run `hub migrate`"
+            )
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -199,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            serve(load_settings(vars(args), os.environ))
+            settings = load_settings(vars(args), os.environ)
+            asyncio.run(preflight(settings))
+            serve(settings)
         elif args.command in ("migrate", "track", "untrack"):
             asyncio.run(_database_command(args))
         elif args.command == "publish":
