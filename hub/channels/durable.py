@@ -14,6 +14,8 @@ A join may ask for a replay (``config.broadcast.replay``):
 
 * ``{"after": SEQ, "limit"?: N}``: every event with ``seq > SEQ`` (exact; the
   hub's own form, for a client that remembers the last ``meta.seq`` it saw);
+* ``{"after_id": ID, "limit"?: N}``: the same, after the event whose
+  ``meta.id`` is ID (realtime-py keeps only ``meta.id``);
 * ``{"since": MS, "limit"?: N}``: Supabase's form, events created at or after
   ``MS`` (Unix milliseconds).
 
@@ -51,6 +53,8 @@ class ReplayRequest:
     #: Unix seconds.
     since: float | None = None
     limit: int | None = None
+    #: An event id (meta.id): resume after that event.
+    after_id: str | None = None
 
 
 def parse_replay(raw: Any) -> ReplayRequest:
@@ -58,8 +62,13 @@ def parse_replay(raw: Any) -> ReplayRequest:
     if not isinstance(raw, dict):
         raise ValueError("replay must be an object")
     after, since, limit = raw.get("after"), raw.get("since"), raw.get("limit")
-    if (after is None) == (since is None):
-        raise ValueError("replay needs exactly one of after (a seq) or since (ms)")
+    after_id = raw.get("after_id")
+    if sum(value is not None for value in (after, since, after_id)) != 1:
+        raise ValueError(
+            "replay needs exactly one of after (a seq), after_id (an event id) or since (ms)"
+        )
+    if after_id is not None and (not isinstance(after_id, str) or not 0 < len(after_id) <= 64):
+        raise ValueError("replay.after_id must be an event id")
     if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
         raise ValueError("replay.after must be a non-negative integer")
     if since is not None and (
@@ -68,7 +77,7 @@ def parse_replay(raw: Any) -> ReplayRequest:
         raise ValueError("replay.since must be a non-negative number of milliseconds")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ValueError("replay.limit must be a positive integer")
-    return ReplayRequest(after, None if since is None else since / 1000.0, limit)
+    return ReplayRequest(after, None if since is None else since / 1000.0, limit, after_id)
 
 
 def _change_data(payload: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +209,18 @@ class DurableFeed:
         limit = min(request.limit or self.replay_max, self.replay_max)
         first_held = 0
         try:
+            if request.after_id is not None:
+                seq = await self.store.seq_of(org, request.after_id)
+                if seq is None:
+                    if sub.active:
+                        self._stop(
+                            sub,
+                            f"ReplayUnknownId: no event {request.after_id[:64]!r} is held; "
+                            "rejoin with replay.after or since",
+                            0,
+                        )
+                    return
+                request = ReplayRequest(after=seq, limit=request.limit)
             events = await self._read(org, request, limit + 1)
             if request.since is not None and events:
                 first_held = await self.store.first_seq(org)

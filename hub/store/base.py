@@ -140,6 +140,11 @@ class EventStore(abc.ABC):
     async def last_seq(self, org: str) -> int:
         """The highest seq of ``org``, 0 when it has none."""
 
+    @abc.abstractmethod
+    async def seq_of(self, org: str, event_id: str) -> int | None:
+        """The seq of ``org``'s event ``event_id``; None when the store does
+        not hold it (unknown, another org's, or forgotten)."""
+
     async def first_seq(self, org: str) -> int:
         """The lowest seq still held (a bounded store forgets old events);
         0 when it has none."""

@@ -127,6 +127,17 @@ class MemoryStore(EventStore):
         orglog = self._orgs.get(org)
         return orglog.last_seq if orglog is not None else 0
 
+    async def seq_of(self, org: str, event_id: str) -> int | None:
+        orglog = self._orgs.get(org)
+        if orglog is None:
+            return None
+        # A scan, newest first: resumes ask for recent ids, and this runs
+        # once per rejoin, never per event.
+        for event in reversed(orglog.events):
+            if event.id == event_id:
+                return event.seq
+        return None
+
     async def first_seq(self, org: str) -> int:
         orglog = self._orgs.get(org)
         if orglog is None or not orglog.events:

@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import random
+import uuid
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -315,6 +316,16 @@ class PostgresStore(EventStore):
     async def last_seq(self, org: str) -> int:
         seq = await self._require_pool().fetchval("SELECT seq FROM hub.org_seq WHERE org = $1", org)
         return int(seq) if seq is not None else 0
+
+    async def seq_of(self, org: str, event_id: str) -> int | None:
+        try:
+            uuid.UUID(event_id)
+        except ValueError:
+            return None
+        seq = await self._require_pool().fetchval(
+            "SELECT seq FROM hub.events WHERE org = $1 AND id = $2::uuid", org, event_id
+        )
+        return int(seq) if seq is not None else None
 
     async def first_seq(self, org: str) -> int:
         seq = await self._require_pool().fetchval(

@@ -1449,3 +1449,33 @@ async def test_embedded_store_forgotten_events_can_be_resumed(fresh_hub: Any, wi
         await wire.wait_seq(topic, 31, mark)
         seen = wire.seqs(topic, mark)
         assert seen == list(range(11, 32))
+
+
+async def test_realtime_py_resumes_after_the_last_event_id(
+    pg_hub: HubProcess, py_clients: Any
+) -> None:
+    """realtime-py keeps only meta.id: resuming with replay.after_id must
+    deliver exactly what was missed, marked replayed, then the live stream."""
+    org = new_org()
+    token = pg_hub.token(sub="py-resume", orgs=[org])
+    async with HubClient(pg_hub.http_url, token) as client:
+        await publish_range(client, org, 1, 5)
+        last_id = (await client.history(org, after=3, limit=1))[0]["id"]  # seq 4
+        got: list[dict[str, Any]] = []
+        three = asyncio.Event()
+
+        def on_tick(message: dict[str, Any]) -> None:
+            got.append(message)
+            if len(got) >= 3:
+                three.set()
+
+        py = await py_clients(pg_hub, token)
+        channel = py.channel(
+            f"org:{org}", {"config": {"broadcast": {"replay": {"after_id": last_id}}}}
+        )
+        channel.on_broadcast("tick", on_tick)
+        await py_subscribe(channel)
+        await publish_range(client, org, 6, 7)
+        await asyncio.wait_for(three.wait(), 10)
+    assert [m["payload"]["i"] for m in got] == [5, 6, 7]
+    assert [m.get("meta", {}).get("replayed") for m in got] == [True, None, None]

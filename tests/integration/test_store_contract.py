@@ -166,6 +166,15 @@ async def test_last_and_first_seq(harness: Harness) -> None:
     assert await store.first_seq(org) == 1
 
 
+async def test_seq_of_finds_an_event_by_id_within_its_org(harness: Harness) -> None:
+    store, org = harness.store, new_org()
+    stored = await store.append(org, [("n", 1), ("n", 2)])
+    assert await store.seq_of(org, stored[1].id) == 2
+    assert await store.seq_of(new_org(), stored[1].id) is None, "another org's id"
+    assert await store.seq_of(org, "00000000-0000-4000-8000-000000000000") is None
+    assert await store.seq_of(org, "not-a-uuid") is None
+
+
 async def test_bad_org_is_refused(harness: Harness) -> None:
     with pytest.raises(StoreError):
         await harness.store.append("", [("n", 1)])

@@ -156,14 +156,29 @@ async def test_replay_since_uses_created_at(setup: Any) -> None:
     assert old[0].seq == 1
 
 
+async def test_replay_after_id_resumes_after_that_event(setup: Any) -> None:
+    channels, store, feed = setup
+    stored = await store.append("a", [("x", {"i": i}) for i in range(5)])
+    sub = make_sub(channels, "org:a", replay_buffer=[])
+    await feed.replay(sub, ReplayRequest(after_id=stored[2].id))
+    assert seqs(sub) == [4, 5]
+    unknown = make_sub(channels, "org:a:x", replay_buffer=[])
+    await feed.replay(unknown, ReplayRequest(after_id="nope"))
+    [system] = received(unknown)
+    assert system["payload"]["message"].startswith("ReplayUnknownId")
+
+
 def test_parse_replay() -> None:
     assert parse_replay({"after": 3}) == ReplayRequest(after=3)
     assert parse_replay({"since": 1500, "limit": 5}) == ReplayRequest(since=1.5, limit=5)
+    assert parse_replay({"after_id": "e1"}) == ReplayRequest(after_id="e1")
     for bad in (
         {},
         {"after": -1},
         {"after": "3"},
         {"after": 1, "since": 2},
+        {"after": 1, "after_id": "e"},
+        {"after_id": 5},
         {"since": 1, "limit": 0},
     ):
         with pytest.raises(ValueError):
