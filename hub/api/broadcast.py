@@ -21,7 +21,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from hub.api.common import Rejected, authenticate, error_response, read_body
+from hub.api.common import Rejected, authenticate, error_response, read_body, read_json
 from hub.auth.policy import authorize_write
 from hub.auth.principal import Principal
 from hub.channels.topics import InvalidTopic, parse_topic
@@ -69,10 +69,7 @@ async def rest_broadcast(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     try:
         principal = await authenticate(request, hub)
-        try:
-            body = orjson.loads(await read_body(request, hub.settings.max_request_bytes))
-        except orjson.JSONDecodeError:
-            raise Rejected(422, "body is not valid JSON") from None
+        body = await read_json(request, hub.settings.max_request_bytes)
         messages = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not messages:
             raise Rejected(422, 'body must be {"messages": [...]} with at least one message')

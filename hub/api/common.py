@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -50,3 +51,11 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise Rejected(413, "Payload size exceeds tenant limit")
     return bytes(body)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body parsed as JSON; Rejected(413/422) otherwise."""
+    try:
+        return orjson.loads(await read_body(request, limit))
+    except orjson.JSONDecodeError:
+        raise Rejected(422, "body is not valid JSON") from None

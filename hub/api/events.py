@@ -19,7 +19,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from hub.api.common import Rejected, authenticate, error_response, read_body
+from hub.api.common import Rejected, authenticate, error_response, read_json
 from hub.auth.policy import authorize_write
 from hub.channels.topics import InvalidTopic, parse_topic
 from hub.errors import AuthError
@@ -81,11 +81,7 @@ async def append_events(request: Request) -> Response:
     limit = hub.settings.max_payload_bytes
     try:
         org = await _authorized_org(request, hub)
-        try:
-            body = orjson.loads(await read_body(request, hub.settings.max_request_bytes))
-        except orjson.JSONDecodeError:
-            raise Rejected(422, "body is not valid JSON") from None
-        batch = parse_batch(body, limit)
+        batch = parse_batch(await read_json(request, hub.settings.max_request_bytes), limit)
         try:
             stored = await hub.store.append(org, batch)
         except (StoreError, TypeError) as exc:
