@@ -562,3 +562,48 @@ async def test_every_metrics_counter_moves(cluster: Cluster) -> None:
 async def _zero_gauges(url: str) -> bool:
     metrics = await scrape(url)
     return metrics.value("hub_connections") == 0 and metrics.value("hub_channels") == 0
+
+
+async def test_org_quotas_hold_across_nodes(cluster: Cluster) -> None:
+    """Per-org limits count every node's share (through the heartbeat) and
+    refuse only the org over its quota."""
+    a, b = await cluster.start(2, HUB_ORG_MAX_CONNECTIONS="2", HUB_ORG_MESSAGES_PER_SECOND="1000")
+    org, other = new_org(), new_org()
+    on_a = await cluster.conn(a, cluster.token("u1", [org, other]), V2, "u1@A")
+    await on_a.join(f"org:{org}")
+    on_b = await cluster.conn(b, cluster.token("u2", [org, other]), V2, "u2@B")
+    await on_b.join(f"org:{org}")
+    third = await cluster.conn(a, cluster.token("u3", [org, other]), V2, "u3@A")
+    # Node A knows of B's connection once B's next heartbeat (1 s) arrived.
+    deadline = time.monotonic() + 5
+    while not await _refused(third, org):
+        assert time.monotonic() < deadline, "node A never counted node B's connection"
+        await asyncio.sleep(0.3)
+    # Another org is unaffected, and the org's admitted members still talk.
+    await third.join(f"org:{other}")
+    await on_a.broadcast(f"org:{org}", "still", {"ok": True})
+    await on_b.wait(is_event("still"), T, "a broadcast inside the quota")
+    # A slot frees when a member leaves (after B's next heartbeat).
+    await on_b.close()
+    deadline = time.monotonic() + 5
+    while await _refused(third, org):
+        assert time.monotonic() < deadline, "the freed slot never became usable"
+        await asyncio.sleep(0.3)
+
+
+async def _refused(conn: Conn, org: str) -> bool:
+    """Try to join ``org:<org>``; True when refused for the connection quota
+    (a successful join is left again, so the next try starts clean)."""
+    topic = f"realtime:org:{org}"
+    ref = conn.next_ref()
+    since = conn.mark()
+    await conn.push(topic, "phx_join", {"config": {}}, ref=ref, join_ref=ref)
+    reply = await conn.wait(lambda m: m.event == "phx_reply" and m.ref == ref, T, "join", since)
+    if reply.payload["status"] == "error":
+        reason = reply.payload["response"]["reason"]
+        assert reason == "ConnectionRateLimitReached: Too many connected users", reason
+        return True
+    leave = conn.next_ref()
+    await conn.push(topic, "phx_leave", {}, ref=leave, join_ref=ref)
+    await conn.wait(lambda m: m.event == "phx_close", T, "leave", since)
+    return False
