@@ -93,6 +93,20 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
             self.hub_outbox.stats.closes[1012] += 1
         super().shutdown()
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if (
+            not self.handshake_initiated
+            and self.conn.handshake_exc is not None
+            and not self.transport.is_closing()
+        ):
+            # The request was refused by the parser (a request line or
+            # headers over websockets' 8 KiB limit, e.g. a huge apikey);
+            # uvicorn would leave the socket open and unanswered.
+            response = self.conn.reject(431, "Request line or header fields too large\n")
+            self.transport.write(response.serialize())
+            self.transport.close()
+
     def handle_connect(self, event: Request) -> None:
         hub: Hub | None = self.app_state.get("hub")
         raw_path, _, query = event.path.partition("?")

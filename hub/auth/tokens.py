@@ -237,6 +237,8 @@ class TokenVerifier:
     def _expired_message(token: str, now: float | None) -> str:
         try:
             exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+            if isinstance(exp, bool):
+                return "Token has expired"
             ago = int((now if now is not None else time.time()) - float(exp))
         except (jwt.InvalidTokenError, KeyError, TypeError, ValueError):
             return "Token has expired"

@@ -1,0 +1,84 @@
+"""A short headless locust run against a real hub: every scenario of
+``loadtest/locustfile.py`` runs for about 20 s; no request may fail, the
+members must receive broadcasts and durable events, and locust must write its
+CSV and HTML reports."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT
+
+RUN_SECONDS = 20
+
+
+def _stats(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with path.open(newline="") as handle:
+        return {(row["Type"], row["Name"]): row for row in csv.DictReader(handle)}
+
+
+def test_locust_headless_run(make_hub: Any, tmp_path: Path) -> None:
+    hub = make_hub({"HUB_LOG_LEVEL": "warning"})
+    out = tmp_path / "out"
+    locust = Path(sys.executable).with_name("locust")
+    command = [
+        str(locust),
+        "-f",
+        str(ROOT / "loadtest" / "locustfile.py"),
+        "--headless",
+        "-u",
+        "24",
+        "-r",
+        "12",
+        "-t",
+        f"{RUN_SECONDS}s",
+        "--host",
+        hub.http_url,
+        "--csv",
+        str(out),
+        "--html",
+        str(tmp_path / "out.html"),
+        "--only-summary",
+        "--orgs",
+        "3",
+        "--publish-rate",
+        "2",
+        "--rest-rate",
+        "4",
+    ]
+    env = {**os.environ, "HUB_JWT_SECRET": hub.secret, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_SECONDS + 60,
+    )
+    report = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, report
+
+    stats = _stats(Path(f"{out}_stats.csv"))
+    total = stats[("", "Aggregated")]
+    assert int(total["Failure Count"]) == 0, report
+    for name in ("join", "presence track", "publish (ack)", "broadcast latency", "durable latency"):
+        row = stats.get(("WS", name))
+        assert row is not None and int(row["Request Count"]) > 0, (name, report)
+    for name in ("churn join", "join mother"):
+        assert int(stats[("WS", name)]["Request Count"]) > 0, (name, report)
+    assert int(stats[("POST", "POST /api/orgs/[org]/events")]["Request Count"]) > 0
+    # Every member receives the others' broadcasts: far more receipts than publishes.
+    received = int(stats[("WS", "broadcast latency")]["Request Count"])
+    assert received > int(stats[("WS", "publish (ack)")]["Request Count"])
+    assert float(stats[("WS", "broadcast latency")]["99%"]) < 1000, report
+
+    with Path(f"{out}_failures.csv").open() as handle:
+        assert len(handle.read().strip().splitlines()) == 1  # header only
+    html = (tmp_path / "out.html").read_text()
+    assert "broadcast latency" in html
+    assert "Traceback" not in hub.log()
