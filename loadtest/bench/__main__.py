@@ -1,0 +1,233 @@
+"""``python -m loadtest.bench``: run the benchmark scenarios, print a table and JSON.
+
+    python -m loadtest.bench [--scenarios fanout,many_orgs,capacity,multinode]
+                             [--servers hub,hub-inproc,limit,socketio,channels,broadcaster]
+                             [--quick] [--json out.json] [--profile] [--no-docs]
+
+See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import secrets
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+import orjson
+import uvloop
+
+from loadtest.bench import envs, procs, report, scenarios, servers
+
+SCENARIOS = ["fanout", "many_orgs", "capacity", "multinode"]
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+async def _create_db(admin: str) -> str:
+    import asyncpg
+
+    name = f"hub_bench_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    url = admin.rsplit("/", 1)[0] + "/" + name
+    env = {**os.environ, "HUB_DATABASE_URL": url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hub",
+        "migrate",
+        env=env,
+        stdout=subprocess.DEVNULL,
+        cwd=servers.ROOT,
+    )
+    if await proc.wait() != 0:
+        raise RuntimeError("hub migrate failed")
+    return url
+
+
+async def _drop_db(admin: str, url: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def _say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _brief(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return "ERROR " + r["error"][:200]
+    keys = (
+        "deliveries_per_server_cpu_s",
+        "delivered",
+        "expected",
+        "latency_ms",
+        "bound",
+        "kb_per_conn",
+        "connects_joins_per_wall_s",
+        "connects_joins_per_server_cpu_s",
+        "joined",
+    )
+    out = {}
+    for src in (r, r.get("saturated", {})):
+        out.update({k: src[k] for k in keys if k in src})
+    if "fixed_rate" in r:
+        out["fixed_latency_ms"] = r["fixed_rate"]["latency_ms"]
+    return orjson.dumps(out).decode()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    procs.pin_self()
+    cfg = scenarios.Config.make(args.quick, args.capacity)
+    chosen = [s for s in args.scenarios.split(",") if s]
+    names = [s for s in args.servers.split(",") if s]
+    for s in chosen:
+        if s not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
+    for n in names:
+        if n not in servers.ALL:
+            raise SystemExit(f"unknown server {n!r}; choose from {', '.join(servers.ALL)}")
+    for n in names:
+        if n in servers.VENV:
+            envs.ensure(servers.VENV[n])
+    redis_pid = procs.redis_pid()
+    results: dict[str, Any] = {
+        "machine": {
+            "cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "cpu_model": _cpu_model(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+        },
+        "quick": args.quick,
+        "command": "python -m loadtest.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "config": cfg.__dict__,
+        "scenarios": {},
+    }
+    db_url = None
+    try:
+        for scen in chosen:
+            out: dict[str, Any] = {}
+            results["scenarios"][scen] = out
+            if (
+                scen == "many_orgs"
+                and db_url is None
+                and any(n in ("hub", "hub-inproc") for n in names)
+            ):
+                db_url = args.database_url or await _create_db(args.pg_admin)
+            for name in names:
+                if scen == "multinode" and name not in servers.MULTINODE:
+                    out[name] = {"error": "single process only (no broker to share rooms)"}
+                    continue
+                _say(f"{scen} / {name} ...")
+                try:
+                    if scen == "fanout":
+                        r = await scenarios.fanout(
+                            name,
+                            cfg,
+                            profile=args.profile and name in ("hub", "hub-inproc"),
+                            redis_pid=redis_pid,
+                        )
+                        if "profile" in r:
+                            results.setdefault("profiles", {})[f"fanout/{name}"] = r.pop("profile")
+                    elif scen == "multinode":
+                        r = await scenarios.fanout(name, cfg, nodes=2, redis_pid=redis_pid)
+                    elif scen == "many_orgs":
+                        r = await scenarios.many_orgs(
+                            name,
+                            cfg,
+                            database_url=db_url,
+                            redis_pid=redis_pid,
+                            profile=args.profile and name in ("hub", "hub-inproc"),
+                        )
+                        if "profile" in r:
+                            results.setdefault("profiles", {})[f"many_orgs/{name}"] = r.pop(
+                                "profile"
+                            )
+                    else:
+                        r = await scenarios.capacity(name, cfg)
+                except Exception as exc:
+                    traceback.print_exc()
+                    r = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+                out[name] = r
+                _say(f"{scen} / {name}: {_brief(r)}")
+                await asyncio.sleep(1.0)
+    finally:
+        if db_url is not None and args.database_url is None:
+            await _drop_db(args.pg_admin, db_url)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m loadtest.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--servers", default=",".join(servers.ALL))
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="short smoke run: fewer messages, 3 s latency phases, 5,000 idle conns",
+    )
+    ap.add_argument("--capacity", type=int, help="idle connections [19000; quick 5000]")
+    ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy hub and hub-inproc during fan-out saturation and many_orgs",
+    )
+    ap.add_argument(
+        "--no-docs",
+        action="store_true",
+        help="do not rewrite the results section of docs/benchmarks.md",
+    )
+    ap.add_argument("--database-url", help="existing migrated database (default: a fresh one)")
+    ap.add_argument(
+        "--pg-admin", default=PG_ADMIN, help=f"where to create the fresh database [{PG_ADMIN}]"
+    )
+    args = ap.parse_args()
+    results = uvloop.run(run(args))
+    text = report.render(results)
+    print(text)
+    blob = orjson.dumps(results, option=orjson.OPT_INDENT_2)
+    out_dir = envs.CACHE / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}.json").write_bytes(blob)
+    if args.json:
+        with open(args.json, "wb") as f:
+            f.write(blob)
+    if not args.no_docs:
+        report.write_doc(text)
+        _say(f"results table written to {report.DOC}")
+
+
+if __name__ == "__main__":
+    main()

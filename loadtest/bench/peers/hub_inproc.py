@@ -1,0 +1,68 @@
+"""The hub exactly as ``hub serve`` runs it, plus the benchmark control socket.
+
+Used for the ``hub-inproc`` server: publishing goes through
+``hub.channels.publish(Broadcast(...))`` inside the process, as the peers
+publish through their own APIs, so the REST layer's cost can be told apart
+from the fan-out's.  Settings come from the same HUB_* variables.
+
+    python hub_inproc.py CONTROL_PORT   (HUB_PORT etc. in the environment)
+"""
+
+import logging
+import math
+import os
+import sys
+
+import uvicorn
+import uvloop
+
+from hub.app import create_app
+from hub.config import load_settings
+from hub.protocol import Broadcast
+from hub.transport import HubWebSocketProtocol
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _control import serve_control
+
+
+def main() -> None:
+    control_port = int(sys.argv[1])
+    settings = load_settings({}, os.environ)
+    logging.basicConfig(level=settings.log_level.upper())
+    app = create_app(settings)
+    hub = app.state.hub
+    # The same uvicorn configuration as hub.cli.serve.
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws=HubWebSocketProtocol,
+        ws_per_message_deflate=False,
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=None,
+        loop="none",
+        http="httptools",
+        lifespan="on",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
+        server_header=False,
+    )
+
+    def publish(room: str, obj: object, data: bytes) -> None:
+        hub.channels.publish(Broadcast(f"org:{room}", "m", data))
+
+    async def run() -> None:
+        await serve_control(
+            control_port,
+            publish,
+            lambda: sum(hub.channels.subscriber_count(t) for t in hub.channels.topics()),
+        )
+        print("ready", flush=True)
+        await uvicorn.Server(config).serve()
+
+    uvloop.run(run())
+
+
+if __name__ == "__main__":
+    main()

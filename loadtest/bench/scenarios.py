@@ -1,0 +1,454 @@
+"""The four scenarios of issue 6, each run against one server kind.
+
+Each function deploys the server, opens and joins the connections, runs the
+measured phase(s) and returns a flat dict of results.  CPU seconds come from
+/proc (server processes, Redis) and getrusage (client processes, this
+harness); the load generator's CPU is clients + harness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench import envs, procs
+from loadtest.bench.loadgen import ClientPool, paced, percentiles, saturate
+from loadtest.bench.servers import Deployment, deploy
+
+PROFILE_DIR = envs.CACHE / "profiles"
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    fanout_subs: int = 1000
+    fanout_messages: int = 1000  # x 1000 subscribers = 1,000,000 deliveries
+    fanout_window: int = 300  # messages in flight at most
+    fanout_timeout: float = 120.0
+    latency_rate: float = 100.0  # messages/s x 1000 subscribers = 100,000 deliveries/s
+    latency_seconds: float = 20.0
+    orgs: int = 200
+    org_subs: int = 50
+    org_rate: float = 2000.0
+    org_seconds: float = 20.0
+    capacity: int = 19_000
+    capacity_warm: int = 100
+    connect_concurrency: int = 256
+
+    @classmethod
+    def make(cls, quick: bool, capacity: int | None = None) -> Config:
+        if quick:
+            return cls(
+                quick=True,
+                fanout_messages=500,
+                fanout_timeout=30.0,
+                latency_seconds=3.0,
+                org_seconds=3.0,
+                capacity=capacity or 5_000,
+            )
+        return cls(quick=False, capacity=capacity or 19_000)
+
+
+def _rate(n: float, d: float) -> float | None:
+    return round(n / d, 1) if d > 0 else None
+
+
+class Meter:
+    """CPU of the server nodes, Redis (when used), clients and this harness
+    between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, dep: Deployment, redis_pid: int | None) -> None:
+        self.dep = dep
+        self.redis_pid = redis_pid if dep.uses_redis else None
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.cpu0 = self.dep.cpu()
+        self.h0 = procs.self_cpu()
+        self.r0 = procs.cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.t0
+        cpu = [b - a for a, b in zip(self.cpu0, self.dep.cpu(), strict=True)]
+        out: dict[str, Any] = {
+            "wall_s": round(wall, 3),
+            "server_cpu_s": round(sum(cpu), 3),
+            "harness_cpu_s": round(procs.self_cpu() - self.h0, 3),
+        }
+        if len(cpu) > 1:
+            out["node_cpu_s"] = [round(c, 3) for c in cpu]
+        if self.redis_pid:
+            out["redis_cpu_s"] = round(procs.cpu_seconds(self.redis_pid) - self.r0, 3)
+        return out
+
+
+def _bound(m: dict[str, Any]) -> str:
+    """Which side was saturated: a hint for reading the numbers."""
+    wall = m["wall_s"] or 1e-9
+    server = m["server_cpu_s"] / wall
+    loadgen = m["loadgen_cpu_s"] / wall
+    if loadgen > 0.85 and server < 0.85:
+        return "load generator"
+    if server > 0.85:
+        return "server"
+    return "neither (flow-bound or machine busy)"
+
+
+async def _delivery_phase(
+    dep: Deployment, pool: ClientPool, meter: Meter, coro: Any, subscribers: int
+) -> tuple[dict[str, Any], Any]:
+    meter.start()
+    res = await coro
+    m = meter.stop()
+    st = await pool.stats()
+    m["loadgen_cpu_s"] = round(st["client_cpu"] + m["harness_cpu_s"], 3)
+    m["delivered"] = st["count"]
+    m["zero_conns"] = st["zero_conns"]
+    if len(dep.urls) > 1:
+        m["node_delivered"] = [st["per_url"].get(u, 0) for u in dep.urls]
+    m["closed_conns"] = st["closed"]
+    if st["close_codes"]:
+        m["close_codes"] = st["close_codes"]
+    m["bound"] = _bound(m)
+    return m, (res, st)
+
+
+async def _settle(pool: ClientPool, target: int, quiet: float = 3.0, cap: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    t0 = last_move = loop.time()
+    last = pool.count
+    while pool.count < target and loop.time() - t0 < cap:
+        await pool.wait_moved(0.1)
+        if pool.count != last:
+            last, last_move = pool.count, loop.time()
+        elif loop.time() - last_move > quiet:
+            break
+
+
+def _joined_ok(ready: dict[str, Any], want: int) -> None:
+    if ready["joined"] < want:
+        raise RuntimeError(f"only {ready['joined']} of {want} joined: {ready['failed']}")
+
+
+# -- fan-out (and multi-node) -------------------------------------------------------
+
+
+async def fanout(
+    name: str, cfg: Config, *, nodes: int = 1, profile: bool = False, redis_pid: int | None = None
+) -> dict[str, Any]:
+    dep = await deploy(name, nodes=nodes)
+    pool = ClientPool()
+    result: dict[str, Any] = {"server": name, "nodes": nodes, "subscribers": cfg.fanout_subs}
+    try:
+        ready = await pool.start(
+            dep.connections(cfg.fanout_subs, 1), sample=16, concurrency=cfg.connect_concurrency
+        )
+        result["joined"] = ready["joined"]
+        _joined_ok(ready, cfg.fanout_subs)
+        subs = ready["joined"]
+        # Warm-up: code paths, caches, the REST connection.
+        await dep.publisher.publish(10, 0, 1)
+        await _settle(pool, 10 * subs, quiet=1.0, cap=10.0)
+        await pool.reset(sample=16)
+        spy = _start_profile(dep, name, "fanout") if profile else None
+        meter = Meter(dep, redis_pid)
+        batch = 100
+        m, (res, st) = await _delivery_phase(
+            dep,
+            pool,
+            meter,
+            saturate(
+                dep.publisher,
+                pool,
+                subscribers=subs,
+                messages=cfg.fanout_messages,
+                batch=batch,
+                window=cfg.fanout_window,
+                time_limit=cfg.fanout_timeout,
+            ),
+            subs,
+        )
+        if spy is not None:
+            result["profile"] = _stop_profile(*spy)
+        expected = res["published"] * subs
+        sat = {
+            "messages": res["published"],
+            "expected": expected,
+            "target": cfg.fanout_messages * subs,
+            **m,
+            "deliveries_per_server_cpu_s": _rate(m["delivered"], m["server_cpu_s"]),
+            "deliveries_per_wall_s": _rate(m["delivered"], m["wall_s"]),
+            "latency_ms": percentiles(st["lat"]),
+        }
+        if nodes > 1:
+            # Each node's deliveries (to its own subscribers) per its CPU-second.
+            sat["deliveries_per_node_cpu_s"] = [
+                _rate(d, c) for d, c in zip(m["node_delivered"], m["node_cpu_s"], strict=True)
+            ]
+            if "redis_cpu_s" in m:
+                sat["deliveries_per_cpu_s_incl_redis"] = _rate(
+                    m["delivered"], m["server_cpu_s"] + m["redis_cpu_s"]
+                )
+        result["saturated"] = sat
+        # Latency at a fixed, moderate rate.
+        await _settle(pool, expected, quiet=1.0, cap=10.0)
+        await pool.reset(sample=4)
+        meter = Meter(dep, redis_pid)
+
+        t: dict[str, float] = {}
+
+        async def fixed() -> int:
+            t0 = time.perf_counter()
+            n = await paced(dep.publisher, rate=cfg.latency_rate, seconds=cfg.latency_seconds)
+            t["publish_s"] = time.perf_counter() - t0
+            await _settle(pool, n * subs, quiet=2.0, cap=15.0)
+            return n
+
+        m, (n, st) = await _delivery_phase(dep, pool, meter, fixed(), subs)
+        result["fixed_rate"] = {
+            "target_deliveries_per_s": int(cfg.latency_rate * subs),
+            "achieved_messages_per_s": _rate(n, t["publish_s"]),
+            "messages": n,
+            "expected": n * subs,
+            "target": int(cfg.latency_rate * cfg.latency_seconds) * subs,
+            **m,
+            "latency_ms": percentiles(st["lat"]),
+        }
+        result["server_rss_kb"] = dep.rss_kb()
+    finally:
+        await pool.close()
+        await dep.stop()
+    return result
+
+
+# -- many orgs ----------------------------------------------------------------------
+
+
+async def many_orgs(
+    name: str,
+    cfg: Config,
+    *,
+    database_url: str | None,
+    redis_pid: int | None = None,
+    profile: bool = False,
+) -> dict[str, Any]:
+    hub_kind = name in ("hub", "hub-inproc")
+    durable = hub_kind and database_url is not None
+    dep = await deploy(name, database_url=database_url if hub_kind else None, durable=durable)
+    pool = ClientPool()
+    n = cfg.orgs * cfg.org_subs
+    result: dict[str, Any] = {
+        "server": name,
+        "orgs": cfg.orgs,
+        "subscribers_per_org": cfg.org_subs,
+        "source": "postgres insert (hub.append_event)"
+        if durable
+        else "in-process publish (no database)",
+    }
+    try:
+        ready = await pool.start(
+            dep.connections(n, cfg.orgs), sample=4, concurrency=cfg.connect_concurrency
+        )
+        result["joined"] = ready["joined"]
+        result["join_secs"] = round(ready["secs"], 2)
+        _joined_ok(ready, n)
+        await dep.publisher.publish(cfg.orgs, 0, cfg.orgs)  # warm-up: one per org
+        await _settle(pool, n, quiet=1.0, cap=15.0)
+        await pool.reset(sample=4)
+        spy = _start_profile(dep, name, "many_orgs") if profile else None
+        meter = Meter(dep, redis_pid)
+        t = {}
+
+        async def run() -> int:
+            t0 = time.perf_counter()
+            k = await paced(
+                dep.publisher, rate=cfg.org_rate, seconds=cfg.org_seconds, nrooms=cfg.orgs
+            )
+            t["publish_s"] = time.perf_counter() - t0
+            await _settle(pool, k * cfg.org_subs, quiet=2.0, cap=15.0)
+            return k
+
+        m, (k, st) = await _delivery_phase(dep, pool, meter, run(), n)
+        if spy is not None:
+            result["profile"] = _stop_profile(*spy)
+        result.update(
+            {
+                "events": k,
+                "achieved_events_per_s": _rate(k, t["publish_s"]),
+                "expected": k * cfg.org_subs,
+                "target": int(cfg.org_rate * cfg.org_seconds) * cfg.org_subs,
+                **m,
+                "deliveries_per_server_cpu_s": _rate(m["delivered"], m["server_cpu_s"]),
+                "latency_ms": percentiles(st["lat"]),
+            }
+        )
+    finally:
+        await pool.close()
+        await dep.stop()
+    return result
+
+
+# -- capacity -----------------------------------------------------------------------
+
+
+async def capacity(name: str, cfg: Config) -> dict[str, Any]:
+    dep = await deploy(name)
+    warm, rest = ClientPool(), ClientPool()
+    n = cfg.capacity
+    rooms = 100
+    result: dict[str, Any] = {"server": name, "target": n}
+    try:
+        ready = await warm.start(dep.connections(cfg.capacity_warm, rooms), concurrency=64)
+        _joined_ok(ready, cfg.capacity_warm)
+        await asyncio.sleep(1.0)
+        base = sum(dep.rss_kb())
+        conns = dep.connections(n, rooms)[cfg.capacity_warm :]
+        cpu0, h0 = sum(dep.cpu()), procs.self_cpu()
+        ready = await rest.start(conns, concurrency=cfg.connect_concurrency, join_timeout=120.0)
+        server_cpu = sum(dep.cpu()) - cpu0
+        joined = ready["joined"]
+        await asyncio.sleep(2.0)
+        after = sum(dep.rss_kb())
+        result.update(
+            {
+                "joined": joined + cfg.capacity_warm,
+                "failed": ready["failed"],
+                "client_processes": ready["processes"] + 1,
+                "connect_wall_s": round(ready["secs"], 2),
+                "connects_joins_per_wall_s": _rate(joined, ready["secs"]),
+                "server_cpu_s": round(server_cpu, 3),
+                "connects_joins_per_server_cpu_s": _rate(joined, server_cpu),
+                "loadgen_cpu_s": round(ready["client_cpu"] + procs.self_cpu() - h0, 3),
+                "rss_base_kb": base,
+                "rss_after_kb": after,
+                "kb_per_conn": round((after - base) / joined, 2) if joined else None,
+            }
+        )
+        st = await rest.stats()
+        result["open_after"] = st["open"] + cfg.capacity_warm
+    finally:
+        await rest.close()
+        await warm.close()
+        await dep.stop()
+    return result
+
+
+# -- profiling ------------------------------------------------------------------------
+
+
+def _start_profile(
+    dep: Deployment, name: str, scenario: str
+) -> tuple[subprocess.Popen[bytes], Path] | None:
+    try:
+        envs.ensure("tools")
+    except Exception as exc:
+        print(f"[bench] py-spy unavailable: {exc}", flush=True)
+        return None
+    spy = envs.CACHE / "tools" / "bin" / "py-spy"
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    out = PROFILE_DIR / f"{name}-{scenario}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    proc = subprocess.Popen(
+        procs.pinned(
+            [
+                str(spy),
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--nonblocking",
+                "-p",
+                str(dep.nodes[0].pid),
+                "-o",
+                str(out),
+            ],
+            procs.CLIENT_CORES,
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.3)
+    return proc, out
+
+
+def _stop_profile(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    if not out.exists():
+        return {"error": err.decode(errors="replace")[-500:]}
+    return {"file": os.path.relpath(out, envs.ROOT), **summarize_profile(out)}
+
+
+def summarize_profile(path: Path, top: int = 20) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's raw
+    (collapsed stack) output."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        c = int(count)
+        total += c
+        frames = [_short(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        own[frames[-1]] = own.get(frames[-1], 0) + c
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + c
+
+    def rank(d: dict[str, int]) -> list[list[Any]]:
+        return [
+            [f, round(100 * v / total, 1)]
+            for f, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        ]
+
+    # The frames every stack starts with (the interpreter, the CLI, the
+    # event loop's run) say nothing about where the time goes.
+    incl = {f: v for f, v in incl.items() if f.partition(" (")[0] not in _ROOTS}
+    return {
+        "samples": total,
+        "self_pct": rank(own) if total else [],
+        "inclusive_pct": rank(incl) if total else [],
+    }
+
+
+_ROOTS = {
+    "_run_module_as_main",
+    "_run_code",
+    "<module>",
+    "main",
+    "serve",
+    "Server.run",
+    "Runner.run",
+    "asyncio_run",
+    "run",
+    "Server.serve",
+    "Server._serve",
+}
+
+
+def _short(frame: str) -> str:
+    # py-spy: "function (path/to/file.py:LINE)" -> "function (file.py)"
+    name, _, loc = frame.partition(" (")
+    loc = loc.rstrip(")")
+    path = loc.rsplit(":", 1)[0]
+    parts = path.replace("\\", "/").split("/")
+    if "site-packages" in parts:
+        short = "/".join(parts[parts.index("site-packages") + 1 :])
+    elif "hub" in parts:
+        short = "/".join(parts[len(parts) - 1 - parts[::-1].index("hub") :])
+    else:
+        short = parts[-1]
+    return f"{name} ({short})"
