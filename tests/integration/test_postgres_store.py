@@ -31,7 +31,7 @@ from tests.integration.pg import (
     pg_dsn,  # noqa: F401 - fixture
 )
 
-VERSIONS = ["0001_events", "0002_capture_change"]
+VERSIONS = ["0001_events", "0002_capture_change", "0003_event_id_index"]
 
 
 @pytest.fixture
