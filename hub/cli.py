@@ -136,22 +136,15 @@ async def preflight(settings: Settings) -> None:
             )
 
 
-def serve(settings: Settings) -> None:
+def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> Any:
+    """How the hub runs under uvicorn (also used by the benchmark's
+    in-process hub, so both measure the same server)."""
     import uvicorn
 
-    from hub.app import create_app
     from hub.transport import HubWebSocketProtocol
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s node={settings.node_id} %(name)s: %(message)s",
-    )
-    # httpx (the demo's client) would log every request at INFO.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    if settings.dev_mode:
-        print(_dev_banner(settings), flush=True)
-    config = uvicorn.Config(
-        create_app(settings),
+    return uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         ws=HubWebSocketProtocol,
@@ -161,7 +154,7 @@ def serve(settings: Settings) -> None:
         ws_max_size=settings.max_frame_bytes,
         # Liveness is the protocol's heartbeat (HUB_IDLE_TIMEOUT), not pings.
         ws_ping_interval=None,
-        loop="uvloop",
+        loop=loop,
         http="httptools",
         lifespan="on",
         log_level=settings.log_level,
@@ -171,6 +164,22 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
         server_header=False,
     )
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from hub.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s node={settings.node_id} %(name)s: %(message)s",
+    )
+    # httpx (the demo's client) would log every request at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if settings.dev_mode:
+        print(_dev_banner(settings), flush=True)
+    config = uvicorn_config(create_app(settings), settings)
     if settings.demo:
         from hub.aggregator.demo import start_in_thread
 

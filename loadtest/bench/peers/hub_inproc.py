@@ -9,7 +9,6 @@ from the fan-out's.  Settings come from the same HUB_* variables.
 """
 
 import logging
-import math
 import os
 import sys
 
@@ -17,9 +16,9 @@ import uvicorn
 import uvloop
 
 from hub.app import create_app
+from hub.cli import uvicorn_config
 from hub.config import load_settings
 from hub.protocol import Broadcast
-from hub.transport import HubWebSocketProtocol
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _control import serve_control
@@ -32,22 +31,7 @@ def main() -> None:
     app = create_app(settings)
     hub = app.state.hub
     # The same uvicorn configuration as hub.cli.serve.
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ws=HubWebSocketProtocol,
-        ws_per_message_deflate=False,
-        ws_max_size=settings.max_frame_bytes,
-        ws_ping_interval=None,
-        loop="none",
-        http="httptools",
-        lifespan="on",
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
-        server_header=False,
-    )
+    config = uvicorn_config(app, settings, loop="none")
 
     def publish(room: str, obj: object, data: bytes) -> None:
         hub.channels.publish(Broadcast(f"org:{room}", "m", data))
