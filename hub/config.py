@@ -231,8 +231,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", _text, "info", "debug, info, warning or error."),
 )
 
-_BY_NAME = {option.name: option for option in OPTIONS}
-
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -405,10 +403,6 @@ def _validate(settings: Settings) -> Settings:
 
 def _as_dict(settings: Settings) -> dict[str, Any]:
     return {name: getattr(settings, name) for name in Settings.__dataclass_fields__}
-
-
-def option(name: str) -> Option:
-    return _BY_NAME[name]
 
 
 def markdown_table() -> str:

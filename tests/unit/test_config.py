@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from hub.config import OPTIONS, Settings, add_arguments, load_settings, option
+from hub.config import OPTIONS, Settings, add_arguments, load_settings
 from hub.errors import ConfigError
 
 SECRET = "x" * 40
@@ -160,7 +160,6 @@ def test_every_option_has_a_setting_a_variable_and_a_flag() -> None:
         assert opt.name in fields
         assert opt.env == "HUB_" + opt.name.upper()
         assert opt.flag == "--" + opt.name.replace("_", "-")
-        assert option(opt.name) is opt
 
 
 def test_argparse_flags_feed_load_settings() -> None:
