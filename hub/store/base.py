@@ -55,6 +55,14 @@ def check_org(org: str) -> None:
         raise StoreError(f"org is longer than {MAX_ORG_BYTES} bytes")
 
 
+def check_append(org: str, kind: str) -> None:
+    """The checks both stores make before an append: a usable org id and a
+    known event kind; StoreError otherwise."""
+    check_org(org)
+    if kind not in ("event", "change"):
+        raise StoreError(f"unknown event kind {kind!r}")
+
+
 def encode_event(type_: str, payload: Any) -> bytes:
     """Check an event before it is stored and return its payload as JSON.
 

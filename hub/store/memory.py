@@ -23,8 +23,7 @@ from hub.store.base import (
     EventKind,
     EventStore,
     StoredEvent,
-    StoreError,
-    check_org,
+    check_append,
     encode_event,
 )
 
@@ -61,9 +60,7 @@ class MemoryStore(EventStore):
     async def append(
         self, org: str, events: Sequence[tuple[str, Any]], *, kind: EventKind = "event"
     ) -> list[StoredEvent]:
-        check_org(org)
-        if kind not in ("event", "change"):
-            raise StoreError(f"unknown event kind {kind!r}")
+        check_append(org, kind)
         if not events:
             return []
         # Store what a database would give back (JSON values, not the

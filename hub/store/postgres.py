@@ -48,7 +48,7 @@ from hub.store.base import (
     EventStore,
     StoredEvent,
     StoreError,
-    check_org,
+    check_append,
     encode_event,
 )
 
@@ -279,9 +279,7 @@ class PostgresStore(EventStore):
         any I/O, see :func:`~hub.store.base.encode_event`), and the driver's
         exceptions when the database fails.
         """
-        check_org(org)
-        if kind not in ("event", "change"):
-            raise StoreError(f"unknown event kind {kind!r}")
+        check_append(org, kind)
         if not events:
             return []
         args = [
