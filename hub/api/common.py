@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from hub.auth.principal import Principal
@@ -41,15 +41,23 @@ async def authenticate(request: Request, hub: Hub) -> Principal:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or Rejected(413) once it passes ``limit`` bytes."""
+    """The request body, or Rejected(413) once it passes ``limit`` bytes.
+
+    A client that hangs up before its body is complete gets Rejected(400):
+    nothing is appended or published, and the answer goes nowhere (uvicorn
+    drops sends on a closed connection), but the hub logs no traceback for
+    what is a normal event (a publisher cancelled or timed out)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Rejected(413, "Payload size exceeds tenant limit")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Rejected(413, "Payload size exceeds tenant limit")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise Rejected(413, "Payload size exceeds tenant limit")
+    except ClientDisconnect:
+        raise Rejected(400, "client disconnected before the body was complete") from None
     return bytes(body)
 
 

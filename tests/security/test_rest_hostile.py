@@ -245,3 +245,38 @@ async def test_org_in_the_body_does_not_redirect_an_append(hub: HubProcess) -> N
         )
         assert response.status_code == 201, response.text
         # (The arena then checks that the victim's history is unchanged.)
+
+
+async def test_publisher_hanging_up_mid_body_is_not_an_error(make_hub: Any) -> None:
+    """A publisher that sends half a body and disconnects (cancelled,
+    timed out) appends and publishes nothing, and the hub logs no
+    traceback: it is a normal event, not a server error."""
+    hub = make_hub()
+    org = "org-hangup"
+    token = hub.token(orgs=[org])
+    paths = [
+        f"/api/orgs/{org}/events",
+        "/realtime/v1/api/broadcast",
+        f"/realtime/v1/api/broadcast/org:{org}/events/x",
+    ]
+    for path in paths:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+        writer.write(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {token}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                '{"type": "half'
+            ).encode()
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the handler is now waiting for the rest
+        writer.close()
+        await writer.wait_closed()
+    await asyncio.sleep(0.3)
+    async with httpx.AsyncClient(base_url=hub.http_url, timeout=T) as http:
+        history = await http.get(
+            f"/api/orgs/{org}/events", headers={"Authorization": f"Bearer {token}"}
+        )
+    assert history.status_code == 200, history.text
+    assert history.json()["events"] == []
+    assert "Traceback" not in hub.log(), hub.log()
