@@ -98,6 +98,8 @@ class Hub:
     def flusher(self) -> Flusher:
         if self._flusher is None:
             self._flusher = Flusher(asyncio.get_running_loop(), self.stats)
+            # Fan-out then writes each topic's sockets once per iteration.
+            self.channels.schedule = self._flusher.mark
         return self._flusher
 
     def next_conn_id(self) -> str:

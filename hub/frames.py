@@ -9,7 +9,8 @@ No I/O happens here.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from typing import Final, Protocol
 
 OP_TEXT: Final = 0x1
 OP_BINARY: Final = 0x2
@@ -58,21 +59,44 @@ def binary_frame(payload: bytes) -> Frame:
     return Frame(OP_BINARY, payload)
 
 
+#: Appends one frame to an outbox without scheduling a write.
+Sink = Callable[[Frame], None]
+
+
+class Flushable(Protocol):
+    """Something with frames to write at the end of a loop iteration."""
+
+    def flush(self) -> None: ...
+
+
 class Outbox:
     """Where a connection's outbound frames go.  The interface the session
     and the fan-out see; :mod:`hub.transport` holds the socket-backed ones.
 
     ``push`` never blocks and never awaits: a connection that cannot keep up
     is closed, not waited for.
+
+    ``sink`` is the fan-out's way in: for a socket it is the pending list's
+    own ``append`` (a C call, no Python frame per subscriber).  A sink does
+    not schedule a write; whoever uses it must get :meth:`flush` called
+    before the loop sleeps (the registry does this once per topic per loop
+    iteration) or call :meth:`schedule`.
     """
 
-    __slots__ = ("closed",)
+    __slots__ = ("closed", "sink")
 
     def __init__(self) -> None:
         self.closed = False
+        self.sink: Sink = self.push
 
     def push(self, frame: Frame) -> None:
         raise NotImplementedError
+
+    def schedule(self) -> None:
+        """Make sure frames added through ``sink`` are written soon."""
+
+    def flush(self) -> None:
+        """Write what is waiting now (outboxes that write at once: no-op)."""
 
     def close(self, code: int, reason: str = "") -> None:
         raise NotImplementedError

@@ -35,7 +35,7 @@ from websockets.http11 import Request, Response
 
 from hub.auth.tokens import KeyNotCached
 from hub.errors import AuthError, CloseCode
-from hub.frames import Frame, Outbox
+from hub.frames import Flushable, Frame, Outbox
 from hub.protocol import VSN1
 from hub.stats import Stats
 
@@ -48,9 +48,9 @@ if TYPE_CHECKING:
 SOCKET_EXTENSION: Final = "hub.socket"
 REALTIME_PATH: Final = "/realtime/v1/websocket"
 #: Frames waiting in an outbox are written at the end of the loop iteration,
-#: or as soon as this many bytes wait: a burst published in one iteration
-#: then lands in the kernel, and only what the kernel refuses counts
-#: against the slow-consumer bound.
+#: or, for frames pushed to that one connection (a replay), as soon as this
+#: many bytes wait: a long burst then lands in the kernel as it is made, and
+#: only what the kernel refuses counts against the slow-consumer bound.
 EAGER_FLUSH_BYTES: Final = 64 * 1024
 #: Seconds a closing socket may take to echo our close frame before it is
 #: cut.  A slow consumer is not reading, so it gets less.
@@ -232,9 +232,6 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
         transport.writelines(frames)
         return transport.get_write_buffer_size()
 
-    def buffered(self) -> int:
-        return self.transport.get_write_buffer_size()
-
     def close_now(self, code: int, reason: str, grace: float) -> None:
         """Send a close frame without waiting for the write buffer (which may
         never drain), then cut the socket if the peer does not answer within
@@ -253,16 +250,17 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 class Flusher:
-    """Writes every dirty outbox once per event-loop iteration."""
+    """Flushes what was marked (outboxes, and topics the fan-out wrote to)
+    once, at the end of the current event-loop iteration."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stats: Stats) -> None:
         self.loop = loop
         self.stats = stats
-        self._dirty: list[SocketOutbox] = []
+        self._dirty: list[Flushable] = []
         self._scheduled = False
 
-    def mark(self, outbox: SocketOutbox) -> None:
-        self._dirty.append(outbox)
+    def mark(self, item: Flushable) -> None:
+        self._dirty.append(item)
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self.flush)
@@ -270,12 +268,21 @@ class Flusher:
     def flush(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
-        for outbox in dirty:
-            outbox.flush()
+        for item in dirty:
+            item.flush()
 
 
 class SocketOutbox(Outbox):
-    """An outbox written straight to a :class:`HubWebSocketProtocol`."""
+    """An outbox written straight to a :class:`HubWebSocketProtocol`.
+
+    ``pending`` is one list for the outbox's lifetime (cleared in place), so
+    ``sink`` can be its bound ``append``: the fan-out then adds a frame to a
+    thousand outboxes with a thousand C calls, and the bookkeeping (bytes,
+    the slow-consumer bound, statistics) happens once per outbox per loop
+    iteration, in :meth:`flush`.  ``push``, for frames meant for this
+    connection alone (replies, replays), also keeps the byte count, so a
+    long replay is written early and cut as soon as it passes the bound.
+    """
 
     __slots__ = (
         "protocol",
@@ -283,7 +290,7 @@ class SocketOutbox(Outbox):
         "max_bytes",
         "pending",
         "pending_bytes",
-        "backlog",
+        "marked",
         "close_code",
         "stats",
     )
@@ -293,10 +300,12 @@ class SocketOutbox(Outbox):
         self.protocol = protocol
         self.flusher = flusher
         self.max_bytes = max_bytes
-        self.pending: list[bytes] = []
+        self.pending: list[Frame] = []
+        self.sink = self.pending.append
+        #: Bytes pushed (not sunk) since the last flush.
         self.pending_bytes = 0
-        #: Bytes the kernel had not taken at the last look.
-        self.backlog = 0
+        #: True while this outbox is in the flusher's list.
+        self.marked = False
         self.close_code: int | None = None
         self.stats = flusher.stats
         protocol.hub_outbox = self
@@ -304,26 +313,38 @@ class SocketOutbox(Outbox):
     def push(self, frame: Frame) -> None:
         if self.closed:
             return
-        wire = frame.wire
-        pending = self.pending
-        pending.append(wire)
-        self.pending_bytes += len(wire)
-        if len(pending) == 1:
-            self.backlog = self.protocol.buffered()
+        self.pending.append(frame)
+        self.pending_bytes += len(frame.wire)
+        if not self.marked:
+            self.marked = True
             self.flusher.mark(self)
         if self.pending_bytes >= EAGER_FLUSH_BYTES:
             self.flush()
-        if self.pending_bytes + self.backlog > self.max_bytes:
-            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+
+    def schedule(self) -> None:
+        if self.pending and not self.marked:
+            self.marked = True
+            self.flusher.mark(self)
 
     def flush(self) -> None:
-        if self.closed or not self.pending:
+        self.marked = False
+        pending = self.pending
+        if not pending:
             return
-        self.backlog = self.protocol.write_frames(self.pending)
-        self.stats.frames_out += len(self.pending)
-        self.stats.bytes_out += self.pending_bytes
-        self.pending = []
+        if self.closed:
+            # The fan-out's sink reaches a closed outbox until its session
+            # is gone; drop what it added.
+            pending.clear()
+            return
+        wires = [frame.wire for frame in pending]
+        pending.clear()
         self.pending_bytes = 0
+        self.stats.frames_out += len(wires)
+        self.stats.bytes_out += sum(map(len, wires))
+        # What the kernel has not taken stays in the transport's buffer;
+        # past the bound the client is not reading: cut it, do not buffer.
+        if self.protocol.write_frames(wires) > self.max_bytes:
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     def close(self, code: int, reason: str = "") -> None:
         if self.closed:
@@ -335,7 +356,7 @@ class SocketOutbox(Outbox):
         self.closed = True
         self.close_code = code
         self.stats.closes[code] += 1
-        self.pending = []
+        self.pending.clear()
         self.pending_bytes = 0
         self.protocol.close_now(code, reason, SLOW_CLOSE_GRACE if slow else CLOSE_GRACE)
 

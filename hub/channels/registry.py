@@ -5,9 +5,11 @@ Fan-out is the hot path of the hub.  For each message it:
 * encodes the frame at most once per wire format (vsn 1 text, vsn 2
   binary), and only for formats that have subscribers;
 * walks the topic's subscribers and appends the same frame object to each
-  one's outbox, which never blocks;
-* does nothing else per subscriber: no awaits, no JSON, no allocation beyond
-  the outbox append.
+  one's outbox through its ``sink`` (for a socket, the pending list's own
+  ``append``), which never blocks;
+* does nothing else per subscriber: no awaits, no JSON, no Python call; the
+  topic is marked once per loop iteration, and its subscribers' outboxes
+  are written then, each with everything it got in that iteration.
 
 No I/O happens here; sockets are behind :class:`~hub.frames.Outbox`.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +29,7 @@ from hub.channels.observer import Observer
 from hub.channels.presence import PresenceDiff, PresenceMap, PresenceTable
 from hub.channels.topics import Topic
 from hub.engine.base import Engine, Envelope, NodeGone, PresenceSnapshot
-from hub.frames import Frame, Outbox
+from hub.frames import Flushable, Frame, Outbox, Sink
 from hub.protocol import TOPIC_PREFIX, VSN1, VSN2, Broadcast, Vsn, encode
 from hub.stats import Stats
 
@@ -63,18 +66,37 @@ class Subscription:
         return TOPIC_PREFIX + self.topic.text
 
 
+#: Called with a topic's subscribers after the fan-out wrote to their
+#: outboxes; must get ``flush()`` called on it before the loop sleeps.
+Scheduler = Callable[[Flushable], None]
+
+
+def _flush_now(item: Flushable) -> None:
+    item.flush()
+
+
 class _TopicSubscribers:
     """The local subscribers of one topic, split by wire format so the loop
-    over them does not branch on the format."""
+    over them does not branch on the format.  Each maps the subscription to
+    its outbox's sink."""
 
-    __slots__ = ("v1", "v2")
+    __slots__ = ("v1", "v2", "scheduled")
 
     def __init__(self) -> None:
-        self.v1: dict[Subscription, None] = {}
-        self.v2: dict[Subscription, None] = {}
+        self.v1: dict[Subscription, Sink] = {}
+        self.v2: dict[Subscription, Sink] = {}
+        #: True from the first fan-out of a loop iteration to the flush.
+        self.scheduled = False
 
-    def of(self, vsn: Vsn) -> dict[Subscription, None]:
+    def of(self, vsn: Vsn) -> dict[Subscription, Sink]:
         return self.v2 if vsn == VSN2 else self.v1
+
+    def flush(self) -> None:
+        """Write what the fan-out gave each subscriber's outbox."""
+        self.scheduled = False
+        for group in (self.v2, self.v1):
+            for sub in list(group):
+                sub.outbox.flush()
 
     def __len__(self) -> int:
         return len(self.v1) + len(self.v2)
@@ -95,6 +117,10 @@ class Channels:
         self._bindings: dict[str, dict[Subscription, None]] = {}
         self._presence: dict[str, PresenceTable] = {}
         self.delivered = 0
+        #: How a topic's outboxes get flushed after a fan-out; the hub sets
+        #: its write flusher here (once per loop iteration).  The default
+        #: flushes at once, for outboxes that are not sockets.
+        self.schedule: Scheduler = _flush_now
 
     # -- subscriptions -------------------------------------------------------
 
@@ -104,7 +130,7 @@ class Channels:
         if subscribers is None:
             subscribers = self._topics[key] = _TopicSubscribers()
             self.engine.subscribe(key)
-        subscribers.of(sub.vsn)[sub] = None
+        subscribers.of(sub.vsn)[sub] = sub.outbox.sink
         if sub.bindings and sub.topic.kind == "org":
             self._bindings.setdefault(sub.topic.owner, {})[sub] = None
 
@@ -122,6 +148,9 @@ class Channels:
         subscribers = self._topics.get(key)
         if subscribers is not None:
             subscribers.of(sub.vsn).pop(sub, None)
+        # Frames the fan-out gave it this iteration are still owed, and the
+        # topic's flush no longer reaches it.
+        sub.outbox.schedule()
         # Untrack after leaving the topic: the leave diff goes to everyone
         # else (here and on other nodes), not back to the one leaving.
         self.untrack(sub)
@@ -237,31 +266,28 @@ class Channels:
         origin = broadcast.origin
         count = 0
         if subscribers.v2:
-            frame = broadcast.frame_v2()
-            for sub in subscribers.v2:
-                if sub is not origin:
-                    sub.outbox.push(frame)
-                    count += 1
+            count += _fan_out(subscribers.v2, broadcast.frame_v2(), origin)
         if subscribers.v1:
             frame_v1 = broadcast.frame_v1()
             # Opaque binary payloads have no vsn 1 form; Supabase drops them.
             if frame_v1 is not None:
-                for sub in subscribers.v1:
-                    if sub is not origin:
-                        sub.outbox.push(frame_v1)
-                        count += 1
+                count += _fan_out(subscribers.v1, frame_v1, origin)
+        if count and not subscribers.scheduled:
+            subscribers.scheduled = True
+            self.schedule(subscribers)
         self.delivered += count
         if self.observers:
             self.observe("broadcast", broadcast, count)
         self.stats.fanout_latency.observe(max(0.0, time.time() - broadcast.sent_at))
 
     def _deliver_presence(self, diff: PresenceDiff) -> None:
+        # Rare next to broadcasts: plain pushes, each outbox scheduled.
         subscribers = self._topics.get(diff.topic)
         if subscribers is None or not diff:
             return
         wire_topic = TOPIC_PREFIX + diff.topic
         payload = diff.payload()
-        groups: tuple[tuple[Vsn, dict[Subscription, None]], ...] = (
+        groups: tuple[tuple[Vsn, dict[Subscription, Sink]], ...] = (
             (VSN2, subscribers.v2),
             (VSN1, subscribers.v1),
         )
@@ -272,3 +298,15 @@ class Channels:
                     if frame is None:
                         frame = encode(vsn, None, None, wire_topic, "presence_diff", payload)
                     sub.outbox.push(frame)
+
+
+def _fan_out(group: dict[Subscription, Sink], frame: Frame, origin: object) -> int:
+    """Give ``frame`` to every subscriber in ``group`` but ``origin``."""
+    if origin is None or origin not in group:
+        for sink in group.values():
+            sink(frame)
+        return len(group)
+    for sub, sink in group.items():
+        if sub is not origin:
+            sink(frame)
+    return len(group) - 1

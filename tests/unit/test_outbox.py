@@ -1,0 +1,110 @@
+"""The socket outbox and the flusher, fed by the fan-out, with a fake socket.
+
+What the fan-out promises: every frame is built once, each socket is
+written at most once per loop iteration with everything it got in that
+iteration (one ``writelines``), in publish order, and a socket whose
+unread bytes pass the bound is closed with 4001 instead of buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from hub.auth.principal import Principal
+from hub.channels.registry import Channels, Subscription
+from hub.channels.topics import parse_topic
+from hub.engine.memory import MemoryEngine
+from hub.errors import CloseCode
+from hub.protocol import VSN2, Broadcast
+from hub.stats import Stats
+from hub.transport import Flusher, SocketOutbox
+
+MEMBER = Principal(role="authenticated", exp=2e9, sub="u", orgs={"42": "member"})
+
+
+class FakeSocket:
+    """Stands in for HubWebSocketProtocol: records each write call."""
+
+    hub_outbox: SocketOutbox | None = None
+
+    def __init__(self, unread_after_write: int = 0) -> None:
+        self.writes: list[list[bytes]] = []
+        self.unread = unread_after_write
+        self.closed_with: int | None = None
+
+    def write_frames(self, frames: list[bytes]) -> int:
+        self.writes.append(list(frames))
+        return self.unread
+
+    def close_now(self, code: int, reason: str, grace: float) -> None:
+        self.closed_with = code
+
+
+def _setup(
+    loop: asyncio.AbstractEventLoop, sockets: list[FakeSocket], max_bytes: int = 1 << 20
+) -> tuple[Channels, list[Subscription]]:
+    stats = Stats()
+    channels = Channels(MemoryEngine(), stats=stats)
+    flusher = Flusher(loop, stats)
+    channels.schedule = flusher.mark
+    subs = []
+    for i, sock in enumerate(sockets):
+        outbox = SocketOutbox(sock, flusher, max_bytes)  # type: ignore[arg-type]
+        s = Subscription(parse_topic("org:42"), "1", VSN2, outbox, MEMBER, f"c{i}")
+        channels.subscribe(s)
+        subs.append(s)
+    return channels, subs
+
+
+async def test_one_write_per_socket_per_iteration_in_order() -> None:
+    sockets = [FakeSocket() for _ in range(3)]
+    channels, _ = _setup(asyncio.get_running_loop(), sockets)
+    broadcasts = [Broadcast("org:42", "m", b'{"i":%d}' % i) for i in range(5)]
+    for b in broadcasts:
+        channels.publish(b)
+    assert all(s.writes == [] for s in sockets)  # nothing written mid-iteration
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    wires = [b.frame_v2().wire for b in broadcasts]
+    for sock in sockets:
+        assert sock.writes == [wires]
+    # The frame objects are shared: built once, not per socket.
+    assert sockets[0].writes[0][0] is sockets[2].writes[0][0]
+    assert channels.stats.frames_out == 15
+
+
+async def test_the_sender_is_skipped_and_the_rest_get_it() -> None:
+    sockets = [FakeSocket() for _ in range(3)]
+    channels, subs = _setup(asyncio.get_running_loop(), sockets)
+    channels.publish(Broadcast("org:42", "m", b"{}", origin=subs[1]))
+    await asyncio.sleep(0)
+    assert [len(s.writes) for s in sockets] == [1, 0, 1]
+    assert channels.delivered == 2
+
+
+async def test_leaving_in_the_same_iteration_still_gets_what_was_sent_before() -> None:
+    sockets = [FakeSocket() for _ in range(2)]
+    channels, subs = _setup(asyncio.get_running_loop(), sockets)
+    channels.publish(Broadcast("org:42", "m", b'{"before":1}'))
+    channels.unsubscribe(subs[0])
+    channels.publish(Broadcast("org:42", "m", b'{"after":1}'))
+    await asyncio.sleep(0)
+    assert [len(w) for w in sockets[0].writes] == [1]
+    assert [len(w) for w in sockets[1].writes] == [2]
+
+
+async def test_a_socket_that_does_not_read_is_closed_not_buffered() -> None:
+    slow, fast = FakeSocket(unread_after_write=2_000), FakeSocket()
+    channels, subs = _setup(asyncio.get_running_loop(), [slow, fast], max_bytes=1_000)
+    channels.publish(Broadcast("org:42", "m", b"{}"))
+    await asyncio.sleep(0)
+    assert slow.closed_with == CloseCode.SLOW_CONSUMER
+    assert fast.closed_with is None
+    # Until its session is gone the fan-out still reaches the closed
+    # outbox; what it adds is dropped at the next flush, never written.
+    for _ in range(3):
+        channels.publish(Broadcast("org:42", "m", b"{}"))
+        await asyncio.sleep(0)
+    assert len(slow.writes) == 1
+    assert subs[0].outbox.pending == []  # type: ignore[attr-defined]
+    assert len(fast.writes) == 4
