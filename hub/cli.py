@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -11,7 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from hub import __version__
 from hub.auth.principal import SERVICE_ROLE, parse_claim_path
@@ -166,6 +167,31 @@ def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> Any
     )
 
 
+#: Allocations between young collections (CPython's default is 700).
+GC_THRESHOLD: Final = (10_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a server with many
+    long-lived connections.  Call once, after the app is built.
+
+    Every connection adds a few dozen tracked objects that live as long as
+    it does.  With CPython's defaults, a burst of 12,000 connects ran about
+    1,200 young and 8 full collections: 2.3 s of the hub's 11.5 CPU-seconds
+    (measured with ``gc.callbacks`` in ``python -m loadtest.bench
+    --scenarios capacity``).  Freezing what start-up built (modules, the
+    app) takes it out of every later full collection, and a larger young
+    generation lets most per-connection objects settle before a
+    collection looks at them: the same burst then spends 0.6 s in 90
+    collections, none of them full, and connects+joins per CPU-second went
+    from about 1,040 to 1,440.  Young collections then pause for up to
+    about 50 ms at 12,000 connections, during connect storms only (fan-out
+    allocates little: frames are shared).
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -194,6 +220,7 @@ def serve(settings: Settings) -> None:
     # uvicorn configured its loggers when Config was built; filter them now.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(RedactTokens())
+    tune_gc()
     uvicorn.Server(config).run()
 
 

@@ -16,7 +16,7 @@ import uvicorn
 import uvloop
 
 from hub.app import create_app
-from hub.cli import uvicorn_config
+from hub.cli import tune_gc, uvicorn_config
 from hub.config import load_settings
 from hub.protocol import Broadcast
 
@@ -32,6 +32,7 @@ def main() -> None:
     hub = app.state.hub
     # The same uvicorn configuration as hub.cli.serve.
     config = uvicorn_config(app, settings, loop="none")
+    tune_gc()
 
     def publish(room: str, obj: object, data: bytes) -> None:
         hub.channels.publish(Broadcast(f"org:{room}", "m", data))
