@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: The NOTIFY channel ``hub.append_event()`` announces on.
 CHANNEL: Final = "hub_events"
+#: Seconds ``stop()`` waits for each step (tasks, pool) before forcing it.
+STOP_TIMEOUT: Final = 5.0
 
 _COLUMNS: Final = "org, seq, id, kind, type, payload, created_at"
 _APPEND_SIGNATURE: Final = "hub.append_event(text, text, text, jsonb)"
@@ -238,16 +240,27 @@ class PostgresStore(EventStore):
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        stuck: set[asyncio.Task[None]] = set()
+        if tasks:
+            # Bounded: a task cancelled inside a pooled query waits for
+            # asyncpg to release the connection, which waits for the
+            # server to confirm the cancel and can take forever on a sick
+            # server.  Terminating the pool below unblocks it.
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            if stuck:
+                log.warning("store tasks still stopping after %.0f s; terminating", STOP_TIMEOUT)
         await self._close_listener()
         pool, self._pool = self._pool, None
         if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), 5)
-            except TimeoutError:
+            if stuck:
                 pool.terminate()
+            else:
+                try:
+                    await asyncio.wait_for(pool.close(), STOP_TIMEOUT)
+                except TimeoutError:
+                    pool.terminate()
+        if stuck:
+            await asyncio.wait(stuck, timeout=STOP_TIMEOUT)
 
     @property
     def ready(self) -> bool:
