@@ -41,7 +41,7 @@ from hub.quotas import Quotas
 from hub.session import Session
 from hub.stats import CONTENT_TYPE, HubCollector, Stats, render
 from hub.store.base import EventStore
-from hub.transport import SOCKET_EXTENSION, AsgiOutbox, Flusher, SocketOutbox
+from hub.transport import AsgiOutbox, Flusher
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _deny(status: int, message: str) -> JSONResponse:
 
 async def realtime_socket(websocket: WebSocket) -> None:
     """The WebSocket endpoint as an ASGI app: the path taken when the server
-    does not run :class:`~hub.transport.HubWebSocketProtocol`'s fast path
+    does not run :class:`~hub.transport.HubHttpProtocol`'s fast path
     (another ASGI server, Starlette's TestClient, or a token whose JWKS key
     must be fetched before the handshake can be answered)."""
     hub: Hub = websocket.app.state.hub
@@ -262,28 +262,18 @@ async def realtime_socket(websocket: WebSocket) -> None:
         await websocket.send_denial_response(_deny(*refusal))
         return
     await websocket.accept()
-    settings = hub.settings
-    extension = websocket.scope.get("extensions", {}).get(SOCKET_EXTENSION)
-    outbox: Outbox
-    writer: AsgiOutbox | None = None
-    if extension is not None:
-        outbox = SocketOutbox(extension["protocol"], hub.flusher, settings.max_outbox_bytes)
-    else:
-        outbox = writer = AsgiOutbox(websocket.send, settings.max_outbox_bytes, hub.stats)
-    session = hub.open_session(principal, vsn, outbox)  # type: ignore[arg-type]
+    writer = AsgiOutbox(websocket.send, hub.settings.max_outbox_bytes, hub.stats)
+    session = hub.open_session(principal, vsn, writer)  # type: ignore[arg-type]
     try:
-        if writer is None:
+        async with anyio.create_task_group() as tg:
+
+            async def write_then_stop() -> None:
+                await writer.run()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(write_then_stop)
             await _read_loop(hub, session, websocket)
-        else:
-            async with anyio.create_task_group() as tg:
-
-                async def write_then_stop() -> None:
-                    await writer.run()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(write_then_stop)
-                await _read_loop(hub, session, websocket)
-                writer.close(1000)
+            writer.close(1000)
     finally:
         hub.close_session(session)
 
@@ -334,7 +324,7 @@ def create_app(
                 tg.start_soon(hub.tick_forever)
                 tg.start_soon(hub.mother.run)
                 # Lifespan state reaches uvicorn's protocols as app_state:
-                # that is how HubWebSocketProtocol finds the hub.
+                # that is how HubHttpProtocol finds the hub.
                 yield {"hub": hub}
                 tg.cancel_scope.cancel()
         finally:

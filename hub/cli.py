@@ -142,13 +142,16 @@ def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> Any
     in-process hub, so both measure the same server)."""
     import uvicorn
 
-    from hub.transport import HubWebSocketProtocol
+    from hub.transport import HubHttpProtocol
 
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        ws=HubWebSocketProtocol,
+        # /realtime/v1/websocket is served by HubHttpProtocol itself; other
+        # upgrades (and a token whose JWKS key must be fetched first) take
+        # uvicorn's sans-I/O websockets protocol and the ASGI app.
+        ws="websockets-sansio",
         # Frames are built once and written to many sockets unchanged, which
         # compression per socket would undo.
         ws_per_message_deflate=False,
@@ -156,7 +159,7 @@ def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> Any
         # Liveness is the protocol's heartbeat (HUB_IDLE_TIMEOUT), not pings.
         ws_ping_interval=None,
         loop=loop,
-        http="httptools",
+        http=HubHttpProtocol,
         lifespan="on",
         log_level=settings.log_level,
         access_log=False,

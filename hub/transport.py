@@ -1,4 +1,5 @@
-"""Socket I/O: the bounded outbound buffer and coalesced writes.
+"""Socket I/O: the hub's own WebSocket connections, the bounded outbound
+buffer and coalesced writes.
 
 Every frame for a connection is appended to its outbox; once per event-loop
 iteration the :class:`Flusher` hands each outbox's frames to the socket in
@@ -6,15 +7,19 @@ one ``writelines`` call (one ``writev`` under uvloop).  Measured on this kind
 of machine (../shared/PERFORMANCE.md), coalescing like this is worth about
 20x over one ``await send()`` per frame per socket.
 
-To write pre-built frames straight to the socket, the hub runs uvicorn with
-:class:`HubWebSocketProtocol`, a thin subclass of uvicorn's sans-I/O
-websockets protocol that exposes itself to the app as the ASGI extension
-``hub.socket``.  Under any other ASGI server (or Starlette's TestClient) the
-app falls back to :class:`AsgiOutbox`, which sends frames one by one through
-ASGI from a writer task; same bounds, less speed.
+``/realtime/v1/websocket`` is served without ASGI: uvicorn runs
+:class:`HubHttpProtocol` (its httptools protocol plus this one path), which
+answers the handshake from the headers httptools already parsed and hands
+the socket to a :class:`HubSocket`, a small slotted protocol object that
+parses frames with :class:`hub.websocket.FrameReader` and feeds complete
+messages to the connection's :class:`~hub.session.Session`.  No task, queue,
+event or second HTTP parse exists per connection.  Every other path, and a
+token whose JWKS key must be fetched first, goes to uvicorn's own WebSocket
+protocol and the ASGI app, which falls back to :class:`AsgiOutbox` (frames
+sent one by one through ASGI from a writer task; same bounds, less speed).
 
-Every outbox is bounded by ``max_bytes`` (frames waiting here plus bytes the
-kernel has not taken yet).  Crossing it closes the connection with
+Every outbox is bounded by ``max_bytes`` (bytes the kernel has not taken
+yet, looked at after each write).  Crossing it closes the connection with
 :attr:`~hub.errors.CloseCode.SLOW_CONSUMER`: one client that stops reading
 must not make the hub buffer without limit or slow anyone else down.
 """
@@ -26,18 +31,28 @@ import logging
 from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 import orjson
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from hub.auth.tokens import KeyNotCached
 from hub.errors import AuthError, CloseCode
 from hub.frames import Flushable, Frame, Outbox
 from hub.protocol import VSN1
 from hub.stats import Stats
+from hub.websocket import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameReader,
+    WebSocketError,
+    accept_response,
+    check_upgrade,
+    close_frame,
+    parse_close,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +60,6 @@ if TYPE_CHECKING:
     from hub.app import Hub
     from hub.session import Session
 
-SOCKET_EXTENSION: Final = "hub.socket"
 REALTIME_PATH: Final = "/realtime/v1/websocket"
 #: Frames waiting in an outbox are written at the end of the loop iteration,
 #: or, for frames pushed to that one connection (a replay), as soon as this
@@ -56,71 +70,43 @@ EAGER_FLUSH_BYTES: Final = 64 * 1024
 #: cut.  A slow consumer is not reading, so it gets less.
 CLOSE_GRACE: Final = 5.0
 SLOW_CLOSE_GRACE: Final = 1.0
+#: The longest request line or header line, and the most header lines, of
+#: an upgrade request (the limits of the websockets parser behind uvicorn's
+#: WebSocket route).
+MAX_HEAD_LINE: Final = 8192
+MAX_HEADERS: Final = 128
+#: uvicorn's 1012 close on SIGTERM ("service restart": clients reconnect).
+SERVICE_RESTART: Final = 1012
 
 
-class HubWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol, plus the hub's fast path.
+class HubHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus the hub's WebSocket fast path.
 
-    Select it with ``uvicorn.Config(ws=HubWebSocketProtocol)``.
-
-    For ``/realtime/v1/websocket`` the protocol serves the connection itself,
-    without an ASGI task: it checks the token during the handshake, answers
-    a refusal with HTTP and ``{"error": ...}`` as Supabase does, and feeds
-    each complete client message straight to the connection's
-    :class:`~hub.session.Session`.  No task, queue or ASGI scope exists per
-    connection, which roughly halves the memory of an idle connection and
-    the CPU time of a connect.  Work that must await (a JWKS refresh, a
-    replay read from the store) runs as a task while reading pauses, so a
-    connection's frames are still handled in order.
-
-    Every other path, and a token whose JWKS key is not cached yet, takes
-    uvicorn's ASGI route; the ``hub.socket`` extension then still lets the
-    app write pre-built frames directly.
+    Select it with ``uvicorn.Config(http=HubHttpProtocol)``.  An upgrade to
+    ``/realtime/v1/websocket`` is answered here: the token is checked during
+    the handshake (a refusal is HTTP with ``{"error": ...}``, as Supabase
+    answers) and the socket goes to a :class:`HubSocket`.
     """
 
-    #: The outbox writing to this socket, flushed before a shutdown close.
-    hub_outbox: SocketOutbox | None = None
-    _hub: Hub | None = None
-    _session: Session | None = None
-    #: Messages that arrived while an awaited step ran; None when idle.
-    _backlog: deque[str | bytes] | None = None
-
-    def shutdown(self) -> None:
-        # uvicorn calls this on SIGTERM to close with 1012; frames already
-        # queued this iteration must go out before the close frame.
-        if self.hub_outbox is not None:
-            self.hub_outbox.flush()
-            self.hub_outbox.stats.closes[1012] += 1
-        super().shutdown()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+    def handle_websocket_upgrade(self) -> None:
         if (
-            not self.handshake_initiated
-            and self.conn.handshake_exc is not None
-            and not self.transport.is_closing()
+            len(self.url) > MAX_HEAD_LINE
+            or len(self.headers) > MAX_HEADERS
+            or any(len(name) + len(value) + 2 > MAX_HEAD_LINE for name, value in self.headers)
         ):
-            # The request was refused by the parser (a request line or
-            # headers over websockets' 8 KiB limit, e.g. a huge apikey);
-            # uvicorn would leave the socket open and unanswered.
-            response = self.conn.reject(431, "Request line or header fields too large\n")
-            self.transport.write(response.serialize())
-            self.transport.close()
-
-    def handle_connect(self, event: Request) -> None:
-        hub: Hub | None = self.app_state.get("hub")
-        raw_path, _, query = event.path.partition("?")
-        fast = hub is not None and unquote(raw_path) == REALTIME_PATH
-        if fast and self._serve_fast(hub, event, query):  # type: ignore[arg-type]
+            # websockets' parser (behind uvicorn's route) refuses these
+            # without answering or closing; answer for every path.
+            self.connections.discard(self)
+            self._refuse(431, "Request line or header fields too large")
             return
-        super().handle_connect(event)
-        scope = getattr(self, "scope", None)
-        if scope is not None:
-            scope["extensions"][SOCKET_EXTENSION] = {"protocol": self}
+        hub: Hub | None = self.app_state.get("hub")
+        raw_path, _, query = self.url.partition(b"?")
+        if hub is None or raw_path != REALTIME_PATH.encode() or not self._serve_fast(hub, query):
+            super().handle_websocket_upgrade()
 
-    def _serve_fast(self, hub: Hub, event: Request, query: str) -> bool:
-        """Handle the handshake here; False hands it to the ASGI route."""
-        params = parse_qs(query)
+    def _serve_fast(self, hub: Hub, query: bytes) -> bool:
+        """Handle the handshake here; False hands it to uvicorn's route."""
+        params = parse_qs(query.decode("latin-1"))
         vsn = params.get("vsn", [VSN1])[0]
         token = params.get("apikey", [""])[0]
         refusal = hub.check_handshake(vsn, token)
@@ -132,72 +118,167 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
                 return False  # the ASGI route awaits the JWKS refresh
             except AuthError as exc:
                 refusal = hub.refuse_handshake(401, exc.message)
-        self.handshake_initiated = True
-        self.handshake_complete = True
+        upgrade = check_upgrade(self.scope["method"], self.headers)
+        if refusal is None and not isinstance(upgrade, bytes):
+            refusal = upgrade
+        self.connections.discard(self)
         if refusal is not None or principal is None:
             assert refusal is not None
-            status, message = refusal
-            self._respond(status, orjson.dumps({"error": message}))
+            self._refuse(*refusal)
             return True
-        response = self.conn.accept(event)
-        if response.status_code != 101:
-            # Not a valid upgrade request: websockets built the answer.
-            self.close_sent = True
-            self.conn.send_response(response)
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            self.transport.close()
-            return True
-        self.conn.send_response(response)
-        self.transport.write(b"".join(self.conn.data_to_send()))
-        outbox = SocketOutbox(self, hub.flusher, hub.settings.max_outbox_bytes)
-        self._hub = hub
-        self._session = hub.open_session(principal, vsn, outbox)  # type: ignore[arg-type]
+        assert isinstance(upgrade, bytes)
+        socket = HubSocket(hub, self.connections, self.loop)
+        self.transport.set_protocol(socket)
+        socket.connection_made(self.transport)
+        self.transport.write(accept_response(upgrade))
+        socket.start(principal, vsn)
         return True
 
-    def _respond(self, status: int, body: bytes) -> None:
-        headers = Headers(
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("Connection", "close"),
-            ]
+    def _refuse(self, status: int, message: str) -> None:
+        body = orjson.dumps({"error": message})
+        self.transport.write(
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
         )
-        phrase = HTTPStatus(status).phrase
-        self.close_sent = True
-        self.conn.send_response(Response(status, phrase, headers, body))
-        self.transport.write(b"".join(self.conn.data_to_send()))
         self.transport.close()
 
-    def send_receive_event_to_app(self) -> None:
-        session = self._session
-        if session is None:
-            super().send_receive_event_to_app()
+
+class HubSocket(asyncio.Protocol):
+    """One client WebSocket on the fast path: frames in, session, frames out.
+
+    Each complete client message is fed straight to the connection's
+    :class:`~hub.session.Session`.  Work that must await (a JWKS refresh, a
+    replay read from the store) runs as a task while reading pauses, so a
+    connection's messages are still handled in order.
+    """
+
+    __slots__ = (
+        "hub",
+        "connections",
+        "loop",
+        "transport",
+        "reader",
+        "session",
+        "hub_outbox",
+        "backlog",
+        "close_sent",
+        "close_received",
+        "close_timer",
+    )
+
+    def __init__(self, hub: Hub, connections: set[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.hub = hub
+        self.connections = connections
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader(hub.settings.max_frame_bytes)
+        self.session: Session | None = None
+        #: The outbox writing to this socket, flushed before a shutdown close.
+        self.hub_outbox: SocketOutbox | None = None
+        #: Messages that arrived while an awaited step ran; None when idle.
+        self.backlog: deque[str | bytes] | None = None
+        self.close_sent = False
+        self.close_received = False
+        self.close_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        # uvicorn's graceful shutdown calls shutdown() on each and waits
+        # for the set to empty.
+        self.connections.add(self)
+
+    def start(self, principal: Any, vsn: Any) -> None:
+        outbox = SocketOutbox(self, self.hub.flusher, self.hub.settings.max_outbox_bytes)
+        self.session = self.hub.open_session(principal, vsn, outbox)
+
+    def data_received(self, data: bytes) -> None:
+        if self.close_received:
             return
-        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
-        self.frames = []
-        if self.close_sent:
+        try:
+            messages = self.reader.feed(data)
+        except WebSocketError as exc:
+            self._fail(exc.code, exc.reason)
+            return
+        for opcode, payload in messages:
+            if opcode <= OP_TEXT + 1:  # text or binary: a message
+                self._message(opcode, payload)
+            elif opcode == OP_PING:
+                if not self.close_sent:
+                    self._write(Frame(OP_PONG, payload).wire)
+            elif opcode == OP_CLOSE:
+                self._peer_closed(payload)
+                return
+            # Pongs need no answer.
+            if self.close_received or self.transport is None or self.transport.is_closing():
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+        self.connections.discard(self)
+        session, self.session = self.session, None
+        if session is not None:
+            self.hub.close_session(session)
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself
+
+    def pause_writing(self) -> None:
+        # Nothing waits for the socket to drain: the outbox bound cuts a
+        # client that does not read (see SocketOutbox).
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- uvicorn's server ----------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """SIGTERM: send what is queued, then close with 1012 so clients
+        reconnect elsewhere."""
+        if self.hub_outbox is not None:
+            self.hub_outbox.flush()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self.close_sent:
+            self.close_sent = True
+            self.hub.stats.closes[SERVICE_RESTART] += 1
+            self._write(close_frame(SERVICE_RESTART).wire)
+        transport.close()
+
+    # -- messages --------------------------------------------------------------------
+
+    def _message(self, opcode: int, payload: bytes) -> None:
+        session = self.session
+        if session is None or self.close_sent:
             return
         message: str | bytes
-        if self.curr_msg_data_type == "text":
+        if opcode == OP_TEXT:
             try:
-                message = bytes(data).decode()
+                message = payload.decode()
             except UnicodeDecodeError:
                 session.outbox.close(CloseCode.INVALID_FRAME, "text frame is not UTF-8")
                 return
         else:
-            message = bytes(data)
-        if self._backlog is not None:
-            self._backlog.append(message)
+            message = payload
+        if self.backlog is not None:
+            self.backlog.append(message)
             return
         self._feed(session, message)
 
     def _feed(self, session: Session, message: str | bytes) -> None:
-        assert self._hub is not None
-        pending = self._hub.feed(session, message)
+        pending = self.hub.feed(session, message)
         if pending is None:
             return
-        # Hold further frames until this step is done.
-        self._backlog = deque()
+        # Hold further messages until this step is done.
+        self.backlog = deque()
+        assert self.transport is not None
         self.transport.pause_reading()
         task = self.loop.create_task(pending)
         task.add_done_callback(self._resume)
@@ -205,29 +286,57 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
     def _resume(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("connection step failed", exc_info=task.exception())
-        session, backlog = self._session, self._backlog
-        self._backlog = None
+        session, backlog = self.session, self.backlog
+        self.backlog = None
         if session is None or backlog is None:
             return
         while backlog:
             self._feed(session, backlog.popleft())
-            if self._backlog is not None:
+            if self.backlog is not None:
                 # Another awaited step started: it takes over the rest.
-                self._backlog.extend(backlog)
+                self.backlog.extend(backlog)
                 return
-        if not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        session, self._session = self._session, None
-        if session is not None and self._hub is not None:
-            self._hub.close_session(session)
-        super().connection_lost(exc)
+    # -- closing ---------------------------------------------------------------------
+
+    def _peer_closed(self, payload: bytes) -> None:
+        self.close_received = True
+        try:
+            code, _ = parse_close(payload)
+        except WebSocketError as exc:
+            self._fail(exc.code, exc.reason)
+            return
+        if not self.close_sent:
+            # Echo the peer's code, as RFC 6455 asks; what is queued goes
+            # first.
+            if self.hub_outbox is not None:
+                self.hub_outbox.flush()
+            self.close_sent = True
+            self._write(close_frame(code).wire)
+        assert self.transport is not None
+        self.transport.close()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: close with ``code``, drop the rest."""
+        self.close_received = True
+        if self.hub_outbox is not None:
+            self.hub_outbox.close(code, reason)
+        else:
+            self.close_now(code, reason, CLOSE_GRACE)
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    # -- what SocketOutbox uses ----------------------------------------------------
 
     def write_frames(self, frames: list[bytes]) -> int:
         """Write complete frames; returns the bytes the kernel has not taken."""
         transport = self.transport
-        if self.close_sent or transport.is_closing():
+        if self.close_sent or transport is None or transport.is_closing():
             return 0
         transport.writelines(frames)
         return transport.get_write_buffer_size()
@@ -236,17 +345,17 @@ class HubWebSocketProtocol(WebSocketsSansIOProtocol):
         """Send a close frame without waiting for the write buffer (which may
         never drain), then cut the socket if the peer does not answer within
         ``grace`` seconds."""
-        if self.close_sent or self.transport.is_closing():
+        transport = self.transport
+        if self.close_sent or transport is None or transport.is_closing():
             return
-        self.conn.send_close(code, reason)
-        self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
-        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
-        if self.read_paused:
-            # Keep reading so the peer's close reply is seen.
-            self.read_paused = False
-            self.transport.resume_reading()
-        self.close_timer = self.loop.call_later(grace, self.transport.abort)
+        transport.write(close_frame(code, reason).wire)
+        if self.close_received:
+            transport.close()
+            return
+        # Keep reading (a paused connection too) so the reply is seen.
+        transport.resume_reading()
+        self.close_timer = self.loop.call_later(grace, transport.abort)
 
 
 class Flusher:
@@ -273,7 +382,7 @@ class Flusher:
 
 
 class SocketOutbox(Outbox):
-    """An outbox written straight to a :class:`HubWebSocketProtocol`.
+    """An outbox written straight to a :class:`HubSocket`.
 
     ``pending`` is one list for the outbox's lifetime (cleared in place), so
     ``sink`` can be its bound ``append``: the fan-out then adds a frame to a
@@ -295,7 +404,7 @@ class SocketOutbox(Outbox):
         "stats",
     )
 
-    def __init__(self, protocol: HubWebSocketProtocol, flusher: Flusher, max_bytes: int) -> None:
+    def __init__(self, protocol: HubSocket, flusher: Flusher, max_bytes: int) -> None:
         super().__init__()
         self.protocol = protocol
         self.flusher = flusher
@@ -364,7 +473,8 @@ class SocketOutbox(Outbox):
 class AsgiOutbox(Outbox):
     """The fallback: frames go out through ASGI ``send`` from a writer task.
 
-    Used when the server is not running :class:`HubWebSocketProtocol`.
+    Used when the connection did not take :class:`HubHttpProtocol`'s fast
+    path.
     """
 
     def __init__(self, send: Any, max_bytes: int, stats: Stats) -> None:

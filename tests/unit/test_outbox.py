@@ -23,7 +23,7 @@ MEMBER = Principal(role="authenticated", exp=2e9, sub="u", orgs={"42": "member"}
 
 
 class FakeSocket:
-    """Stands in for HubWebSocketProtocol: records each write call."""
+    """Stands in for HubSocket: records each write call."""
 
     hub_outbox: SocketOutbox | None = None
 
