@@ -801,6 +801,27 @@ def test_expired_channel_token_is_caught_between_ticks(hub: Hub) -> None:
     assert close.event == "phx_close"
 
 
+def test_a_shorter_lived_token_after_a_tick_is_still_enforced(hub: Hub) -> None:
+    """tick skips sessions whose channels' tokens all expire later than
+    the last check found; a join or an access_token with an earlier
+    expiry must pull that check forward."""
+    a = hub.client(VSN2, limits=SessionLimits(idle_timeout=1000))
+    a.join(T42, access_token=hub.token(orgs=["42"], ttl=3600))
+    a.take()
+    hub.clock.now += 10
+    a.session.tick(hub.clock.now)  # nothing due before +3600 now
+    a.send("1", "2", T42, "access_token", {"access_token": hub.token(orgs=["42"], ttl=20)})
+    room = "realtime:org:42:room"
+    a.join(room, access_token=hub.token(orgs=["42"], ttl=40))
+    a.take()
+    hub.clock.now += 25
+    a.session.tick(hub.clock.now)
+    assert [(m.topic, m.event) for m in a.take()] == [(T42, "system"), (T42, "phx_close")]
+    hub.clock.now += 20
+    a.session.tick(hub.clock.now)
+    assert [(m.topic, m.event) for m in a.take()] == [(room, "system"), (room, "phx_close")]
+
+
 def test_idle_timeout_closes_with_4000(hub: Hub) -> None:
     client = hub.client(VSN2, limits=SessionLimits(idle_timeout=60))
     hub.clock.now += 50
