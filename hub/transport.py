@@ -42,6 +42,7 @@ from hub.frames import Flushable, Frame, Outbox
 from hub.protocol import VSN1
 from hub.stats import Stats
 from hub.websocket import (
+    OP_BINARY,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
@@ -204,7 +205,7 @@ class HubSocket(asyncio.Protocol):
             self._fail(exc.code, exc.reason)
             return
         for opcode, payload in messages:
-            if opcode <= OP_TEXT + 1:  # text or binary: a message
+            if opcode in (OP_TEXT, OP_BINARY):  # a (reassembled) message
                 self._message(opcode, payload)
             elif opcode == OP_PING:
                 if not self.close_sent:
