@@ -272,9 +272,14 @@ class RestPublisher(Publisher):
     Requests go over a few connections at once: a publish call returns as
     soon as its requests are sent, and waits only when every connection has
     one in flight, so a busy hub queues them (open loop).
+
+    uvicorn closes a keep-alive connection idle for 5 s (its
+    ``timeout_keep_alive``); a connection idle for ``STALE`` seconds is
+    replaced before use rather than raced against that close.
     """
 
     MAX = 100
+    STALE = 4.0
 
     def __init__(
         self, port: int, token: str, topic_prefix: str = "org:", connections: int = 4
@@ -283,7 +288,8 @@ class RestPublisher(Publisher):
         self.token = token
         self.prefix = topic_prefix
         self.size = connections
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        #: (reader, writer, when it was last answered)
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self.all: list[asyncio.StreamWriter] = []
         self.inflight: set[asyncio.Task[None]] = set()
         self.error: BaseException | None = None
@@ -292,9 +298,12 @@ class RestPublisher(Publisher):
 
     async def connect(self) -> None:
         for _ in range(self.size):
-            r, w = await asyncio.open_connection("127.0.0.1", self.port)
-            self.idle.append((r, w))
-            self.all.append(w)
+            self.idle.append(await self._open())
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, float]:
+        r, w = await asyncio.open_connection("127.0.0.1", self.port)
+        self.all.append(w)
+        return r, w, time.monotonic()
 
     async def publish(self, count: int, start: int, nrooms: int) -> None:
         done = 0
@@ -315,6 +324,9 @@ class RestPublisher(Publisher):
             if self.error is not None:
                 raise RuntimeError(f"REST broadcast failed: {self.error!r}")
             conn = self.idle.pop()
+            if time.monotonic() - conn[2] > self.STALE:
+                conn[1].close()
+                conn = await self._open()
             task = asyncio.create_task(self._post(conn, body))
             self.inflight.add(task)
             task.add_done_callback(self._done)
@@ -326,9 +338,9 @@ class RestPublisher(Publisher):
             self.error = task.exception()
 
     async def _post(
-        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], body: bytes
+        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter, float], body: bytes
     ) -> None:
-        r, w = conn
+        r, w, _ = conn
         w.write(
             b"POST /realtime/v1/api/broadcast HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nAuthorization: Bearer "
@@ -347,7 +359,7 @@ class RestPublisher(Publisher):
         if length:
             await r.readexactly(length)
         self.requests += 1
-        self.idle.append(conn)
+        self.idle.append((r, w, time.monotonic()))
         if status != b"202":
             raise RuntimeError(f"REST broadcast answered {head[:12]!r}")
 
