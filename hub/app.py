@@ -244,8 +244,7 @@ def _deny(status: int, message: str) -> JSONResponse:
 async def realtime_socket(websocket: WebSocket) -> None:
     """The WebSocket endpoint as an ASGI app: the path taken when the server
     does not run :class:`~hub.transport.HubHttpProtocol`'s fast path
-    (another ASGI server, Starlette's TestClient, or a token whose JWKS key
-    must be fetched before the handshake can be answered)."""
+    (another ASGI server, or Starlette's TestClient)."""
     hub: Hub = websocket.app.state.hub
     params = websocket.query_params
     vsn = params.get("vsn", VSN1)

@@ -149,8 +149,8 @@ def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> Any
         host=settings.host,
         port=settings.port,
         # /realtime/v1/websocket is served by HubHttpProtocol itself; other
-        # upgrades (and a token whose JWKS key must be fetched first) take
-        # uvicorn's sans-I/O websockets protocol and the ASGI app.
+        # upgrade paths take uvicorn's sans-I/O websockets protocol and the
+        # ASGI app.
         ws="websockets-sansio",
         # Frames are built once and written to many sockets unchanged, which
         # compression per socket would undo.

@@ -13,10 +13,11 @@ answers the handshake from the headers httptools already parsed and hands
 the socket to a :class:`HubSocket`, a small slotted protocol object that
 parses frames with :class:`hub.websocket.FrameReader` and feeds complete
 messages to the connection's :class:`~hub.session.Session`.  No task, queue,
-event or second HTTP parse exists per connection.  Every other path, and a
-token whose JWKS key must be fetched first, goes to uvicorn's own WebSocket
-protocol and the ASGI app, which falls back to :class:`AsgiOutbox` (frames
-sent one by one through ASGI from a writer task; same bounds, less speed).
+event or second HTTP parse exists per connection.  Every other path goes to
+uvicorn's own WebSocket protocol and the ASGI app, whose realtime endpoint
+(there for other ASGI servers and Starlette's TestClient) uses
+:class:`AsgiOutbox`: frames sent one by one through ASGI from a writer
+task; same bounds, less speed.
 
 Every outbox is bounded by ``max_bytes`` (bytes the kernel has not taken
 yet, looked at after each write).  Crossing it closes the connection with
@@ -27,19 +28,21 @@ must not make the hub buffer without limit or slow anyone else down.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import parse_qs
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached
 from hub.errors import AuthError, CloseCode
 from hub.frames import Flushable, Frame, Outbox
-from hub.protocol import VSN1
+from hub.protocol import VERSIONS, VSN1, Vsn
 from hub.stats import Stats
 from hub.websocket import (
     OP_BINARY,
@@ -86,8 +89,13 @@ class HubHttpProtocol(HttpToolsProtocol):
     Select it with ``uvicorn.Config(http=HubHttpProtocol)``.  An upgrade to
     ``/realtime/v1/websocket`` is answered here: the token is checked during
     the handshake (a refusal is HTTP with ``{"error": ...}``, as Supabase
-    answers) and the socket goes to a :class:`HubSocket`.
+    answers; a token naming a JWKS key not fetched yet waits for the
+    refresh) and the socket goes to a :class:`HubSocket`.
     """
+
+    #: A handshake's token check waiting for a JWKS refresh (a reference,
+    #: so the task is not collected).
+    _token_check: asyncio.Task[Principal] | None = None
 
     def handle_websocket_upgrade(self) -> None:
         if (
@@ -102,38 +110,61 @@ class HubHttpProtocol(HttpToolsProtocol):
             return
         hub: Hub | None = self.app_state.get("hub")
         raw_path, _, query = self.url.partition(b"?")
-        if hub is None or raw_path != REALTIME_PATH.encode() or not self._serve_fast(hub, query):
+        if hub is None or raw_path != REALTIME_PATH.encode():
             super().handle_websocket_upgrade()
-
-    def _serve_fast(self, hub: Hub, query: bytes) -> bool:
-        """Handle the handshake here; False hands it to uvicorn's route."""
+            return
+        self.connections.discard(self)
         params = parse_qs(query.decode("latin-1"))
         vsn = params.get("vsn", [VSN1])[0]
         token = params.get("apikey", [""])[0]
         refusal = hub.check_handshake(vsn, token)
-        principal = None
-        if refusal is None:
-            try:
-                principal = hub.verifier.verify(token)
-            except KeyNotCached:
-                return False  # the ASGI route awaits the JWKS refresh
-            except AuthError as exc:
-                refusal = hub.refuse_handshake(401, exc.message)
+        if refusal is not None:
+            self._answer(hub, vsn, refusal)
+            return
+        try:
+            principal = hub.verifier.verify(token)
+        except KeyNotCached:
+            # A JWKS key not fetched yet (a rotation): refresh it (at the
+            # bounded rate) without blocking the loop, then answer.  The
+            # client sends nothing before our answer; reading waits anyway.
+            self.transport.pause_reading()
+            self._token_check = self.loop.create_task(hub.verifier.verify_async(token))
+            self._token_check.add_done_callback(functools.partial(self._verified, hub, vsn))
+            return
+        except AuthError as exc:
+            self._answer(hub, vsn, hub.refuse_handshake(401, exc.message))
+            return
+        self._answer(hub, vsn, principal)
+
+    def _verified(self, hub: Hub, vsn: str, task: asyncio.Task[Principal]) -> None:
+        self._token_check = None
+        if task.cancelled() or self.transport.is_closing():
+            return  # shutting down, or the client left
+        exc = task.exception()
+        if exc is None:
+            self._answer(hub, vsn, task.result())
+        elif isinstance(exc, AuthError):
+            self._answer(hub, vsn, hub.refuse_handshake(401, exc.message))
+        else:
+            log.error("token check failed", exc_info=exc)
+            self._refuse(500, "Internal Server Error")
+
+    def _answer(self, hub: Hub, vsn: str, outcome: Principal | tuple[int, str]) -> None:
+        """Refuse with (status, message), or accept for ``outcome``'s principal."""
+        if isinstance(outcome, tuple):
+            self._refuse(*outcome)
+            return
         upgrade = check_upgrade(self.scope["method"], self.headers)
-        if refusal is None and not isinstance(upgrade, bytes):
-            refusal = upgrade
-        self.connections.discard(self)
-        if refusal is not None or principal is None:
-            assert refusal is not None
-            self._refuse(*refusal)
-            return True
-        assert isinstance(upgrade, bytes)
+        if not isinstance(upgrade, bytes):
+            self._refuse(*upgrade)
+            return
         socket = HubSocket(hub, self.connections, self.loop)
         self.transport.set_protocol(socket)
         socket.connection_made(self.transport)
         self.transport.write(accept_response(upgrade))
-        socket.start(principal, vsn)
-        return True
+        assert vsn in VERSIONS  # check_handshake refused any other
+        socket.start(outcome, cast(Vsn, vsn))
+        self.transport.resume_reading()  # paused while a JWKS refresh ran
 
     def _refuse(self, status: int, message: str) -> None:
         body = orjson.dumps({"error": message})
@@ -192,7 +223,7 @@ class HubSocket(asyncio.Protocol):
         # for the set to empty.
         self.connections.add(self)
 
-    def start(self, principal: Any, vsn: Any) -> None:
+    def start(self, principal: Principal, vsn: Vsn) -> None:
         outbox = SocketOutbox(self, self.hub.flusher, self.hub.settings.max_outbox_bytes)
         self.session = self.hub.open_session(principal, vsn, outbox)
 

@@ -14,6 +14,7 @@ the test does not have to sleep and hope.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -518,6 +519,16 @@ async def test_set_auth_swaps_the_token_in_place(hub_server: HubProcess, node: S
 class _JwksHandler(BaseHTTPRequestHandler):
     document: bytes = b"{}"
 
+    @classmethod
+    def publish(cls, keys: dict[str, ec.EllipticCurvePrivateKey]) -> None:
+        """Serve these public keys (kid -> key) from now on."""
+        jwks = []
+        for kid, key in keys.items():
+            jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+            jwk.update({"kid": kid, "alg": "ES256", "use": "sig"})
+            jwks.append(jwk)
+        cls.document = json.dumps({"keys": jwks}).encode()
+
     def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -529,25 +540,35 @@ class _JwksHandler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def jwks_server() -> Iterator[tuple[str, ec.EllipticCurvePrivateKey]]:
-    """A JWKS with one ES256 key, kid k1, served over HTTP on a free port."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    jwk.update({"kid": "k1", "alg": "ES256", "use": "sig"})
-    handler = type("Handler", (_JwksHandler,), {"document": json.dumps({"keys": [jwk]}).encode()})
+@contextlib.contextmanager
+def jwks_on_http(
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+) -> Iterator[tuple[str, type[_JwksHandler]]]:
+    """An auth server's JWKS endpoint on a free port; ``publish`` rotates."""
+    handler = type("Handler", (_JwksHandler,), {})
+    handler.publish(keys)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", key
+        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json", handler
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
 
 
-def es256_token(key: ec.EllipticCurvePrivateKey, org: str, sub: str, ttl: int = 600) -> str:
+@pytest.fixture
+def jwks_server() -> Iterator[tuple[str, ec.EllipticCurvePrivateKey]]:
+    """A JWKS with one ES256 key, kid k1, served over HTTP on a free port."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    with jwks_on_http({"k1": key}) as (url, _):
+        yield url, key
+
+
+def es256_token(
+    key: ec.EllipticCurvePrivateKey, org: str, sub: str, ttl: int = 600, kid: str = "k1"
+) -> str:
     now = int(time.time())
     claims = {
         "sub": sub,
@@ -557,7 +578,7 @@ def es256_token(key: ec.EllipticCurvePrivateKey, org: str, sub: str, ttl: int = 
         "exp": now + ttl,
         "app_metadata": {"orgs": [org]},
     }
-    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})
+    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
 
 
 async def test_es256_tokens_from_jwks(
@@ -595,3 +616,39 @@ async def test_es256_tokens_from_jwks(
     assert socket_opens(js, "f") == 0
     assert js.select(ev="status", client="f", status="SUBSCRIBED") == []
     assert broadcasts(js, "a", "forged") == []
+
+
+async def test_a_key_rotated_in_after_start_is_fetched_during_the_handshake(
+    make_hub: Callable[..., HubProcess], node: StartDriver
+) -> None:
+    """The auth server publishes a new key after the hub started: the first
+    handshake naming it waits for the JWKS refresh and is accepted.  A key
+    nobody published is refused with 401, and neither case logs an error
+    (the ASGI route used to log "returned without completing handshake"
+    after its refusal)."""
+    old, new = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    with jwks_on_http({"k1": old}) as (url, jwks):
+        hub = make_hub({"HUB_JWKS_URL": url, "HUB_JWKS_MIN_REFRESH": "0.1"})
+        jwks.publish({"k1": old, "k2": new})
+        org = new_org()
+        topic = f"org:{org}"
+        js = await node()
+        await js.client("a", hub.http_url, es256_token(new, org, "rotated", kid="k2"))
+        await js.subscribe("a", "c", topic, {"broadcast": {"self": True, "ack": True}})
+        assert await js.command("send", client="a", chan="c", event="r", payload={"k": 1}) == "ok"
+        got = await js.wait_event(ev="broadcast", client="a", event="r")
+        assert got["payload"] == {"k": 1}
+
+        await asyncio.sleep(0.2)  # past the refresh bound: the next one may fetch
+        unknown = es256_token(ec.generate_private_key(ec.SECP256R1()), org, "nobody", kid="k9")
+        await js.client("u", hub.http_url, unknown, timeout=CLIENT_TIMEOUT_MS)
+        await js.command("channel", client="u", chan="c", topic=topic, config={})
+        await js.wait_for(
+            lambda e: e["ev"] == "socket_error" and e["client"] == "u" and "401" in e["message"],
+            10,
+            "the unknown key to be refused with 401",
+        )
+        assert socket_opens(js, "u") == 0
+    log = hub.log()
+    assert "without completing handshake" not in log, log
+    assert "Traceback" not in log, log
