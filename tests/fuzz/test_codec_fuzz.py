@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from hub.errors import ProtocolError
 from hub.protocol import VSN1, VSN2, Broadcast, Message, decode, encode
 from tests.conftest import HubProcess
+from tests.rawframes import split_kind4
 
 VSNS = st.sampled_from([VSN1, VSN2])
 #: Planted in fuzzed frames: no error message may repeat it.
@@ -218,17 +219,6 @@ def test_encode_then_decode_round_trips(
 SEQS = st.integers(0, 2**40)
 
 
-def parse_kind4(data: bytes) -> tuple[str, str, bytes, int, bytes]:
-    topic_len, event_len, meta_len, enc = data[1:5]
-    pos = 5
-    topic = data[pos : pos + topic_len].decode()
-    pos += topic_len
-    event = data[pos : pos + event_len].decode()
-    pos += event_len
-    meta = data[pos : pos + meta_len]
-    return topic, event, meta, enc, data[pos + meta_len :]
-
-
 @settings(max_examples=150, deadline=None)
 @given(
     st.text(min_size=1, max_size=40),
@@ -245,7 +235,7 @@ def test_kind4_broadcasts_carry_what_was_published(
     broadcast = Broadcast.from_value(topic, event, payload, meta=meta)
     data = broadcast.frame_v2().payload
     assert data[0] == 4
-    got_topic, got_event, got_meta, enc, body = parse_kind4(data)
+    got_topic, got_event, got_meta, enc, body = split_kind4(data)
     assert (got_topic, got_event, enc) == ("realtime:" + topic, event, 1)
     assert json.loads(body) == json.loads(json.dumps(payload))
     assert (json.loads(got_meta) if got_meta else None) == meta

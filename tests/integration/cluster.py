@@ -50,6 +50,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import ROOT, HubProcess, free_port
+from tests.rawframes import kind3, kind4_broadcast
 
 REDIS_URL: Final = os.environ.get("HUB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_ADMIN_DSN: Final = os.environ.get(
@@ -166,27 +167,13 @@ class Msg:
         return (self.payload.get("meta") or {}) if self.event == "broadcast" else {}
 
 
-def kind3(join_ref: str, ref: str, topic: str, event: str, payload: Any) -> bytes:
-    """A binary client broadcast, exactly as realtime-js sends it."""
-    parts = [join_ref.encode(), ref.encode(), topic.encode(), event.encode(), b""]
-    head = bytes([3, *(len(p) for p in parts), 1])
-    return head + b"".join(parts) + json.dumps(payload).encode()
+def kind3_json(join_ref: str, ref: str, topic: str, event: str, payload: Any) -> bytes:
+    """A binary client broadcast with a JSON payload, as realtime-js sends it."""
+    return kind3(join_ref, ref, topic, event, json.dumps(payload).encode())
 
 
 def parse_kind4(data: bytes) -> Msg:
-    assert data[0] == 4, f"unexpected binary kind {data[0]}"
-    t_len, e_len, m_len, enc = data[1], data[2], data[3], data[4]
-    at = 5
-    topic = data[at : at + t_len].decode()
-    at += t_len
-    event = data[at : at + e_len].decode()
-    at += e_len
-    meta = json.loads(data[at : at + m_len]) if m_len else None
-    at += m_len
-    body: Any = json.loads(data[at:]) if enc == 1 else data[at:]
-    payload: dict[str, Any] = {"type": "broadcast", "event": event, "payload": body}
-    if meta is not None:
-        payload["meta"] = meta
+    topic, payload = kind4_broadcast(data)
     return Msg(topic, "broadcast", payload, binary=True)
 
 
@@ -404,7 +391,7 @@ class Conn:
             body = {"type": "broadcast", "event": event, "payload": payload}
             await self.push(wire, "broadcast", body, ref=self.next_ref(), join_ref=join_ref)
         else:
-            frame = kind3(join_ref, self.next_ref(), wire, event, payload)
+            frame = kind3_json(join_ref, self.next_ref(), wire, event, payload)
             await asyncio.wait_for(self.ws.send(frame), T)
 
     async def track(self, topic: str, fields: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import HubProcess
+from tests.rawframes import client_frame, kind3, split_kind4
 
 #: Default timeout for every single wait in this file.
 T = 5.0
@@ -195,36 +196,6 @@ async def check_alive(hub: HubProcess, *others: Wire) -> None:
     fresh = await open_wire(hub, hub.token(sub="fresh", orgs=[new_org()]))
     await fresh.heartbeat("fresh")
     await fresh.close()
-
-
-def kind3(
-    join_ref: str,
-    ref: str,
-    topic: str,
-    event: str,
-    payload: bytes,
-    enc: int = 1,
-    meta: bytes = b"",
-) -> bytes:
-    """A client->server user broadcast in the vsn 2 binary format."""
-    fields = [join_ref.encode(), ref.encode(), topic.encode(), event.encode(), meta]
-    header = bytes([3, *(len(f) for f in fields), enc])
-    return header + b"".join(fields) + payload
-
-
-def parse_kind4(data: bytes) -> tuple[str, str, bytes, int, bytes]:
-    """Decode a server->client kind 4 frame: topic, event, meta, enc, payload."""
-    assert isinstance(data, bytes), f"expected a binary frame, got {data!r}"
-    assert data[0] == 4, f"binary kind {data[0]}"
-    topic_len, event_len, meta_len, enc = data[1:5]
-    pos = 5
-    topic = data[pos : pos + topic_len].decode()
-    pos += topic_len
-    event = data[pos : pos + event_len].decode()
-    pos += event_len
-    meta = data[pos : pos + meta_len]
-    pos += meta_len
-    return topic, event, meta, enc, data[pos:]
 
 
 @pytest.fixture
@@ -493,7 +464,7 @@ async def test_vsn1_broadcast_reaches_vsn2_as_kind4(hub: HubProcess) -> None:
     data = await v2.recv()
     assert isinstance(data, bytes)
     assert data[:5] == bytes([4, len(topic), 2, 0, 1])
-    got_topic, event, meta, enc, payload = parse_kind4(data)
+    got_topic, event, meta, enc, payload = split_kind4(data)
     assert (got_topic, event, meta, enc) == (topic, "ev", b"", 1)
     assert json.loads(payload) == {"n": 1, "s": "é"}
     # self: true echoes to the sender, as JSON; ack: false means no reply.
@@ -521,14 +492,14 @@ async def test_raw_binary_payload_reaches_vsn2_only(hub: HubProcess) -> None:
     raw = bytes(range(256)) + b"\x00\xff"
     await sender.send(kind3("1", "2", topic, "blob", raw, enc=0))
     assert await sender.recv() == sender.reply(topic, "2", "1")
-    got_topic, event, meta, enc, payload = parse_kind4(await v2.recv())
+    got_topic, event, meta, enc, payload = split_kind4(await v2.recv())
     assert (got_topic, event, meta, enc, payload) == (topic, "blob", b"", 0, raw)
     # vsn 1 has no form for it: the next frame v1 sees is the JSON one after.
     await sender.send(kind3("1", "3", topic, "after", b'{"k":1}'))
     assert await sender.recv() == sender.reply(topic, "3", "1")
     frame = await v1.recv()
     assert frame["payload"] == {"type": "broadcast", "event": "after", "payload": {"k": 1}}
-    assert parse_kind4(await v2.recv())[1] == "after"
+    assert split_kind4(await v2.recv())[1] == "after"
     for wire in (v1, v2, sender):
         await wire.close()
 
@@ -825,21 +796,6 @@ async def test_too_many_channels(make_hub: Any) -> None:
 # -- slow consumers and idle sockets ------------------------------------------------
 
 
-def _mask(payload: bytes, opcode: int = 1) -> bytes:
-    """A masked (client->server) WebSocket frame."""
-    mask = os.urandom(4)
-    n = len(payload)
-    header = bytes([0x80 | opcode])
-    if n < 126:
-        header += bytes([0x80 | n])
-    elif n < 65536:
-        header += bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        header += bytes([0x80 | 127]) + n.to_bytes(8, "big")
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return header + mask + body
-
-
 def _split_frame(buf: bytes) -> tuple[int, bytes, bytes] | None:
     """Split one unmasked server frame off ``buf``: (opcode, payload, rest)."""
     if len(buf) < 2:
@@ -887,7 +843,7 @@ class RawSocket:
         return raw
 
     async def send_json(self, value: Any) -> None:
-        await self.loop.sock_sendall(self.sock, _mask(json.dumps(value).encode()))
+        await self.loop.sock_sendall(self.sock, client_frame(1, json.dumps(value).encode()))
 
     async def recv_json(self) -> Any:
         while (split := _split_frame(self.buf)) is None:
@@ -947,7 +903,7 @@ async def test_slow_consumer_is_cut_and_others_get_everything(make_hub: Any) -> 
 
     async def consume() -> None:
         while len(received) < count:
-            _, event, _, _, payload = parse_kind4(await fast.recv(within=20))
+            _, event, _, _, payload = split_kind4(await fast.recv(within=20))
             assert event == "big"
             received.append(json.loads(payload)["i"])
 
@@ -1002,7 +958,7 @@ async def test_one_rest_request_within_limits_does_not_cut_a_reader(hub: HubProc
         received = []
         try:
             while len(received) < count:
-                _, _, _, _, payload = parse_kind4(await reader.recv())
+                _, _, _, _, payload = split_kind4(await reader.recv())
                 received.append(json.loads(payload)["i"])
         except ConnectionClosed:
             close = reader.conn.protocol.close_rcvd

@@ -35,6 +35,7 @@ import psutil
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import HubProcess
+from tests.rawframes import client_frame
 
 SUBSCRIBERS = 10
 RATE = 100  # broadcasts per second
@@ -47,15 +48,6 @@ RSS_SLACK = 48 << 20
 def p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-
-
-def _mask(payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    n = len(payload)
-    header = bytes([0x81]) + (
-        bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    )
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def slow_client(hub: HubProcess, token: str, topic: str) -> socket.socket:
@@ -80,7 +72,7 @@ async def slow_client(hub: HubProcess, token: str, topic: str) -> socket.socket:
         head += chunk
     assert head.startswith(b"HTTP/1.1 101"), head
     join = {"topic": topic, "event": "phx_join", "payload": {}, "ref": "1", "join_ref": "1"}
-    await loop.sock_sendall(sock, _mask(json.dumps(join).encode()))
+    await loop.sock_sendall(sock, client_frame(1, json.dumps(join).encode()))
     return sock
 
 

@@ -35,6 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import HubProcess
+from tests.rawframes import kind4_broadcast
 
 #: Every single wait in the suite.
 T = 5.0
@@ -99,22 +100,9 @@ class Msg:
 
 
 def parse_kind4(data: bytes) -> Msg:
-    topic_len, event_len, meta_len, enc = data[1:5]
-    pos = 5
-    topic = data[pos : pos + topic_len].decode()
-    pos += topic_len
-    event = data[pos : pos + event_len].decode()
-    pos += event_len
-    meta = json.loads(data[pos : pos + meta_len]) if meta_len else None
-    pos += meta_len
-    body = data[pos:]
-    payload: dict[str, Any] = {
-        "type": "broadcast",
-        "event": event,
-        "payload": json.loads(body) if enc == 1 else body.hex(),
-    }
-    if meta is not None:
-        payload["meta"] = meta
+    topic, payload = kind4_broadcast(data)
+    if isinstance(payload["payload"], bytes):
+        payload["payload"] = payload["payload"].hex()
     return Msg(None, None, topic, "broadcast", payload)
 
 

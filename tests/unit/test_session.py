@@ -22,6 +22,7 @@ from hub.errors import CloseCode
 from hub.frames import Frame, ListOutbox
 from hub.protocol import VSN1, VSN2, Broadcast, Vsn, decode
 from hub.session import Session, SessionLimits
+from tests.rawframes import kind3
 from tests.unit import captures
 
 SECRET = b"session-test-secret-long-enough-for-hs256-and-more-0123456789abc"
@@ -154,9 +155,7 @@ class Client:
     def send_binary(
         self, join_ref: str, ref: str, topic: str, event: str, payload: bytes, is_json: bool = True
     ) -> None:
-        fields = [join_ref.encode(), ref.encode(), topic.encode(), event.encode(), b""]
-        header = bytes([3, *(len(f) for f in fields), 1 if is_json else 0])
-        self.session.receive(header + b"".join(fields) + payload)
+        self.session.receive(kind3(join_ref, ref, topic, event, payload, 1 if is_json else 0))
 
     def take(self) -> list[Pushed]:
         """Frames pushed since the last take."""

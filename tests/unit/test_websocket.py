@@ -9,7 +9,6 @@ share code with.
 from __future__ import annotations
 
 import base64
-import os
 
 import pytest
 from hypothesis import given
@@ -29,21 +28,7 @@ from hub.websocket import (
     close_frame,
     parse_close,
 )
-
-
-def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0) -> bytes:
-    """A masked client frame, as a browser sends it."""
-    first = (0x80 if fin else 0) | rsv | opcode
-    n = len(payload)
-    if n < 126:
-        head = bytes((first, 0x80 | n))
-    elif n < 65536:
-        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
-    mask = os.urandom(4)
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + body
+from tests.rawframes import client_frame
 
 
 def websockets_frame(opcode: Opcode, payload: bytes, fin: bool = True) -> bytes:
