@@ -86,6 +86,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from hub.auth.tokens import issue_token
 from hub.store.migrate import migrate
+from loadtest.supabase_ws import parse_kind4
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("HUB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -233,17 +234,6 @@ async def metrics(http: httpx.AsyncClient, node: Node) -> dict[str, float]:
 # -- subscribers -----------------------------------------------------------------
 
 
-def _parse_kind4(data: bytes) -> tuple[str, str, dict[str, Any] | None]:
-    topic_len, event_len, meta_len = data[1], data[2], data[3]
-    pos = 5
-    topic = data[pos : pos + topic_len].decode()
-    pos += topic_len
-    event = data[pos : pos + event_len].decode()
-    pos += event_len
-    meta = json.loads(data[pos : pos + meta_len]) if meta_len else None
-    return topic, event, meta
-
-
 class Subscriber:
     """A client that must see every durable event of its org exactly once."""
 
@@ -353,8 +343,8 @@ class Subscriber:
             except TimeoutError:
                 continue
             if isinstance(data, bytes):
-                topic, event, meta = _parse_kind4(data)
-                self._durable(topic, event, meta)
+                msg = parse_kind4(data)
+                self._durable(msg.topic, msg.payload["event"], msg.payload.get("meta"))
                 continue
             value = json.loads(data)
             if isinstance(value, list):
