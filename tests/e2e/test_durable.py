@@ -5,8 +5,7 @@ PostgreSQL database (``HUB_DATABASE_URL``, see ``tests/integration/pg.py``);
 the embedded default (no database, in-memory store) is checked too.  The
 clients are the real ones: raw WebSocket frames (vsn 1.0.0), the Python
 ``realtime`` client (vsn 1.0.0) and supabase-js (vsn 2.0.0, driven under
-node by ``js/durable.mjs``, which adds postgres_changes bindings to the
-usual driver protocol).
+node by ``js/driver.mjs``, with postgres_changes bindings).
 
 What is checked: publishing over REST, ``HubClient`` and ``hub publish``;
 live delivery of durable events and of captured table changes
@@ -24,7 +23,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import uuid
@@ -345,20 +343,9 @@ def js_scripts() -> Path:
 
 @pytest.fixture
 async def js(js_scripts: Path) -> AsyncIterator[JsDriver]:
-    """One node process running ``durable.mjs``."""
-    process = await asyncio.create_subprocess_exec(
-        shutil.which("node") or "node",
-        str(js_scripts / "durable.mjs"),
-        json.dumps({"maxSeconds": 90}),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=js_scripts,
-        env={**os.environ, "NODE_NO_WARNINGS": "1"},
-    )
-    driver = JsDriver(process, "durable.mjs")
+    """One node process running supabase-js (``js/driver.mjs``)."""
+    driver = await JsDriver.start(js_scripts, "supabase-js", max_seconds=90)
     try:
-        await driver.wait_for(lambda e: e["ev"] == "ready", 15, "durable.mjs to start")
         yield driver
     finally:
         await driver.close()

@@ -7,13 +7,18 @@
 // stdin: one JSON command per line, e.g.
 //   {"id": 1, "op": "client", "client": "a", "url": "http://...", "key": "JWT"}
 //   {"id": 2, "op": "channel", "client": "a", "chan": "c", "topic": "org:42",
-//    "config": {"broadcast": {"self": true}}, "presence": true}
+//    "config": {"broadcast": {"self": true}}, "presence": true,
+//    "changes": [{"label": "gt", "event": "*", "schema": "public",
+//                 "table": "items", "filter": "n=gt.5"}]}
 //   {"id": 3, "op": "send", "client": "a", "chan": "c", "event": "e", "payload": {...}}
 // stdout: one JSON event per line.  Every command with an "id" is answered by
 // {"ev": "done", "id", "result"} or {"ev": "failed", "id", "error"}; the rest
 // is what the client observed: subscribe statuses, broadcasts, presence
 // events, system messages, and every WebSocket frame ("wire") and socket
 // event, recorded by a thin subclass of ws's WebSocket used as transport.
+// Each binding in a channel's "changes" becomes .on('postgres_changes',
+// {event, schema, table, filter}, cb), whose callback prints {"ev": "change",
+// client, chan, label, payload}, payload being what supabase-js hands the app.
 //
 // argv[2]: optional JSON {"maxSeconds": n}: the driver exits by itself after
 // that long, so a forgotten driver can never hang a test run.
@@ -145,6 +150,12 @@ const ops = {
       )
       channel.on('presence', { event: 'leave' }, ({ key, leftPresences }) =>
         emit({ ev: 'presence_leave', ...tag, key, presences: leftPresences })
+      )
+    }
+    for (const binding of cmd.changes ?? []) {
+      const { label, ...filter } = binding
+      channel.on('postgres_changes', filter, (payload) =>
+        emit({ ev: 'change', ...tag, label, payload })
       )
     }
     channels.set(`${cmd.client}/${cmd.chan}`, channel)
