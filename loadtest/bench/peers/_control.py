@@ -13,7 +13,8 @@ command, one line per answer):
   call returned for all of them; the harness does not wait for it.
 * ``C``: answers ``{"joined": N}``, the subscriptions the server holds.
 
-Only the standard library and orjson: it runs in every peer's venv.
+Only the standard library and orjson at import time: it runs in every
+peer's venv (``uvicorn_config`` imports uvicorn when called).
 """
 
 from __future__ import annotations
@@ -25,6 +26,24 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+
+
+def uvicorn_config(app: Any, port: int, *, lifespan: str = "off") -> Any:
+    """How every uvicorn-based peer runs: the same WebSocket implementation,
+    uvloop (the caller's loop), no compression, a deep accept backlog."""
+    import uvicorn  # not in the limit probe's venv
+
+    return uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws="websockets-sansio",
+        loop="none",
+        ws_per_message_deflate=False,
+        backlog=4096,
+        lifespan=lifespan,
+    )
 
 
 def payload(i: int, body: str, t: int | None = None) -> dict[str, Any]:

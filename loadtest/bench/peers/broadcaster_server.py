@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 import uvloop
-from _control import serve_control
+from _control import serve_control, uvicorn_config
 from broadcaster import Broadcast
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
@@ -67,17 +67,7 @@ app = Starlette(routes=[WebSocketRoute("/ws/{room}", ws_endpoint)], lifespan=lif
 
 
 async def main():
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=args.port,
-        log_level="warning",
-        ws="websockets-sansio",
-        loop="none",
-        ws_per_message_deflate=False,
-        backlog=4096,
-        lifespan="on",
-    )
+    config = uvicorn_config(app, args.port, lifespan="on")
     await uvicorn.Server(config).serve()
 
 

@@ -40,7 +40,7 @@ settings.configure(
 )
 django.setup()
 
-from _control import serve_control  # noqa: E402
+from _control import serve_control, uvicorn_config  # noqa: E402
 from channels.generic.websocket import AsyncWebsocketConsumer  # noqa: E402
 from channels.layers import get_channel_layer  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
@@ -76,17 +76,7 @@ async def main():
     async def publish(room, obj, data):
         await layer.group_send(room, {"type": "bench.m", "text": data.decode()})
 
-    config = uvicorn.Config(
-        application,
-        host="127.0.0.1",
-        port=args.port,
-        log_level="warning",
-        ws="websockets-sansio",
-        loop="none",
-        ws_per_message_deflate=False,
-        backlog=4096,
-        lifespan="off",
-    )
+    config = uvicorn_config(application, args.port)
     await serve_control(args.control_port, publish, lambda: joined)
     print("ready", flush=True)
     await uvicorn.Server(config).serve()

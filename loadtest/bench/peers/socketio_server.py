@@ -12,7 +12,7 @@ import argparse
 import socketio
 import uvicorn
 import uvloop
-from _control import serve_control
+from _control import serve_control, uvicorn_config
 
 ap = argparse.ArgumentParser()
 ap.add_argument("port", type=int)
@@ -45,17 +45,7 @@ async def publish(room, obj, data):
 
 
 async def main():
-    config = uvicorn.Config(
-        socketio.ASGIApp(sio),
-        host="127.0.0.1",
-        port=args.port,
-        log_level="warning",
-        ws="websockets-sansio",
-        loop="none",
-        ws_per_message_deflate=False,
-        backlog=4096,
-        lifespan="off",
-    )
+    config = uvicorn_config(socketio.ASGIApp(sio), args.port)
     await serve_control(args.control_port, publish, lambda: joined)
     print("ready", flush=True)
     await uvicorn.Server(config).serve()
