@@ -14,21 +14,19 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
+from tests.conftest import HubProcess
 from tests.integration.cluster import (
     POSTGRES_ADMIN_DSN,
     V1,
     V2,
     Cluster,
     Conn,
-    MakeHub,
     T,
     kill_pubsub,
     new_org,
@@ -39,15 +37,6 @@ from tests.integration.cluster import (
     scrape,
     wait_until,
 )
-
-
-@pytest.fixture
-async def cluster(make_hub: MakeHub, tmp_path: Path) -> AsyncIterator[Cluster]:
-    made = Cluster(make_hub, tmp_path)
-    try:
-        yield made
-    finally:
-        await made.aclose()
 
 
 def is_event(event: str) -> Any:
@@ -150,20 +139,30 @@ def presence_config(key: str) -> dict[str, Any]:
     return {"broadcast": {"self": False}, "presence": {"key": key, "enabled": True}}
 
 
-async def test_presence_across_nodes_and_a_killed_node(cluster: Cluster) -> None:
-    timeout = 3.0
-    a, b = await cluster.start(2, HUB_NODE_TIMEOUT=str(timeout))
+async def alice_and_bob_present(
+    cluster: Cluster, a: HubProcess, b: HubProcess, alice_vsn: str, bob_vsn: str
+) -> tuple[str, str, str, Conn, Conn]:
+    """alice on node ``a`` and bob on node ``b`` join a new org's topic and
+    track themselves; returns (org, topic, wire topic, alice, bob) once each
+    sees both."""
     org = new_org()
     topic = f"org:{org}"
     wire = f"realtime:{topic}"
-    alice = await cluster.conn(a, cluster.token("alice", [org]), V1, "alice@A")
-    bob = await cluster.conn(b, cluster.token("bob", [org]), V2, "bob@B")
+    alice = await cluster.conn(a, cluster.token("alice", [org]), alice_vsn, "alice@A")
+    bob = await cluster.conn(b, cluster.token("bob", [org]), bob_vsn, "bob@B")
     await alice.join(topic, presence_config("alice"))
     await bob.join(topic, presence_config("bob"))
     await alice.track(topic, {"name": "Alice"})
     await bob.track(topic, {"name": "Bob"})
     await alice.wait_presence(wire, {"alice", "bob"}, T, "(alice on A sees bob on B)")
     await bob.wait_presence(wire, {"alice", "bob"}, T, "(bob on B sees alice on A)")
+    return org, topic, wire, alice, bob
+
+
+async def test_presence_across_nodes_and_a_killed_node(cluster: Cluster) -> None:
+    timeout = 3.0
+    a, b = await cluster.start(2, HUB_NODE_TIMEOUT=str(timeout))
+    org, topic, wire, alice, bob = await alice_and_bob_present(cluster, a, b, V1, V2)
     # bob learnt about alice from a presence_diff that crossed the nodes.
     diffs = bob.select(lambda m: m.event == "presence_diff" and "alice" in m.payload["joins"])
     assert diffs and diffs[0].payload["joins"]["alice"]["metas"][0]["name"] == "Alice"
@@ -247,17 +246,7 @@ async def test_presence_heals_after_a_node_stalls(cluster: Cluster) -> None:
     other nodes, and the other nodes' members on it."""
     timeout = 3.0
     a, b = await cluster.start(2, HUB_NODE_TIMEOUT=str(timeout))
-    org = new_org()
-    topic = f"org:{org}"
-    wire = f"realtime:{topic}"
-    alice = await cluster.conn(a, cluster.token("alice", [org]), V2, "alice@A")
-    bob = await cluster.conn(b, cluster.token("bob", [org]), V2, "bob@B")
-    await alice.join(topic, presence_config("alice"))
-    await bob.join(topic, presence_config("bob"))
-    await alice.track(topic, {"name": "Alice"})
-    await bob.track(topic, {"name": "Bob"})
-    await alice.wait_presence(wire, {"alice", "bob"}, T)
-    await bob.wait_presence(wire, {"alice", "bob"}, T)
+    _, _, wire, alice, bob = await alice_and_bob_present(cluster, a, b, V2, V2)
     # A has heard B's heartbeat, so it knows B (see the test above otherwise).
     watch = await cluster.watch_nodes()
     await watch.wait_heartbeat(cluster.node_id(b), after=time.monotonic(), within=3)
@@ -280,17 +269,7 @@ async def test_redis_faults_reconnect_and_resubscribe(cluster: Cluster) -> None:
     proxy = await cluster.proxy()
     (a,) = await cluster.start(1, HUB_REDIS_URL=proxy.url, HUB_NODE_TIMEOUT="3")
     (b,) = await cluster.start(1, HUB_NODE_TIMEOUT="3")
-    org = new_org()
-    topic = f"org:{org}"
-    wire = f"realtime:{topic}"
-    alice = await cluster.conn(a, cluster.token("alice", [org]), V2, "alice@A")
-    bob = await cluster.conn(b, cluster.token("bob", [org]), V1, "bob@B")
-    await alice.join(topic, presence_config("alice"))
-    await bob.join(topic, presence_config("bob"))
-    await alice.track(topic, {"name": "Alice"})
-    await bob.track(topic, {"name": "Bob"})
-    await alice.wait_presence(wire, {"alice", "bob"}, T)
-    await bob.wait_presence(wire, {"alice", "bob"}, T)
+    _, topic, wire, alice, bob = await alice_and_bob_present(cluster, a, b, V2, V1)
     assert (await scrape(a.http_url)).value("hub_engine_reconnects_total") == 0
 
     async def crosses(label: str, within: float = 10) -> None:

@@ -8,8 +8,7 @@ import asyncio
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -21,7 +20,6 @@ from tests.integration.cluster import (
     V1,
     V2,
     Cluster,
-    MakeHub,
     Msg,
     T,
     new_org,
@@ -33,15 +31,6 @@ from tests.integration.cluster import (
 )
 
 C = TypeVar("C")
-
-
-@pytest.fixture
-async def cluster(make_hub: MakeHub, tmp_path: Path) -> AsyncIterator[Cluster]:
-    made = Cluster(make_hub, tmp_path)
-    try:
-        yield made
-    finally:
-        await made.aclose()
 
 
 def is_event(event: str) -> Callable[[Msg], bool]:
