@@ -146,16 +146,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     out[name] = {"error": "single process only (no broker to share rooms)"}
                     continue
                 _say(f"{scen} / {name} ...")
+                profile = args.profile and name in ("hub", "hub-inproc")
                 try:
                     if scen == "fanout":
                         r = await scenarios.fanout(
                             name,
                             cfg,
-                            profile=args.profile and name in ("hub", "hub-inproc"),
+                            profile=profile,
                             redis_pid=redis_pid,
                         )
-                        if "profile" in r:
-                            results.setdefault("profiles", {})[f"fanout/{name}"] = r.pop("profile")
                     elif scen == "multinode":
                         r = await scenarios.fanout(name, cfg, nodes=2, redis_pid=redis_pid)
                     elif scen == "many_orgs":
@@ -164,14 +163,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             cfg,
                             database_url=db_url,
                             redis_pid=redis_pid,
-                            profile=args.profile and name in ("hub", "hub-inproc"),
+                            profile=profile,
                         )
-                        if "profile" in r:
-                            results.setdefault("profiles", {})[f"many_orgs/{name}"] = r.pop(
-                                "profile"
-                            )
                     else:
-                        r = await scenarios.capacity(name, cfg)
+                        r = await scenarios.capacity(name, cfg, profile=profile)
+                    if "profile" in r:
+                        results.setdefault("profiles", {})[f"{scen}/{name}"] = r.pop("profile")
                 except Exception as exc:
                     traceback.print_exc()
                     r = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
@@ -202,7 +199,7 @@ def main() -> None:
     ap.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy hub and hub-inproc during fan-out saturation and many_orgs",
+        help="py-spy hub and hub-inproc during fan-out saturation, many_orgs and connects",
     )
     ap.add_argument(
         "--no-docs",

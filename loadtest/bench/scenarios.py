@@ -297,7 +297,7 @@ async def many_orgs(
 # -- capacity -----------------------------------------------------------------------
 
 
-async def capacity(name: str, cfg: Config) -> dict[str, Any]:
+async def capacity(name: str, cfg: Config, *, profile: bool = False) -> dict[str, Any]:
     dep = await deploy(name)
     warm, rest = ClientPool(), ClientPool()
     n = cfg.capacity
@@ -309,9 +309,12 @@ async def capacity(name: str, cfg: Config) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         base = sum(dep.rss_kb())
         conns = dep.connections(n, rooms)[cfg.capacity_warm :]
+        spy = _start_profile(dep, name, "capacity") if profile else None
         cpu0, h0 = sum(dep.cpu()), procs.self_cpu()
         ready = await rest.start(conns, concurrency=cfg.connect_concurrency, join_timeout=120.0)
         server_cpu = sum(dep.cpu()) - cpu0
+        if spy is not None:
+            result["profile"] = _stop_profile(*spy)
         joined = ready["joined"]
         await asyncio.sleep(2.0)
         after = sum(dep.rss_kb())
