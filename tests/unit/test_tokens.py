@@ -343,10 +343,70 @@ def test_non_utf8_encodable_string_is_refused() -> None:
 
 
 def test_signed_payload_that_is_not_an_object_is_refused() -> None:
+    refused(verifier(), signed(b"[1,2,3]"))
+
+
+def signed(body: bytes) -> str:
+    """An HS256 token over the raw payload bytes ``body``, signed with SECRET."""
     header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(b"[1,2,3]")
-    signature = hmac.new(SECRET, f"{header}.{body}".encode(), hashlib.sha256).digest()
-    refused(verifier(), f"{header}.{body}.{b64(signature)}")
+    payload = b64(body)
+    signature = hmac.new(SECRET, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{b64(signature)}"
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        b"",
+        b"e30",
+        b"e30=",
+        b"e30==",
+        b"eyJ9",
+        b"eyJ9=",
+        b"eyJ9===",
+        b"e3=0",
+        b"e",
+        b"e===",
+        b"!!!!",
+        b"e30!",
+        b"e3+/",
+        b"e3 0",
+        b"e31",  # stray bits in the last character
+        b"YQ",
+        b"YR",  # stray bits
+        b"YQ==",
+        b"YWI",
+        b"YWJ",  # stray bits
+        b"\xff\xfe",
+        b"e30\n",
+    ],
+)
+def test_segment_check_matches_pyjwts(segment: bytes) -> None:
+    """The hub's regex-based segment check (tokens._HubJWS) accepts and
+    decodes exactly what PyJWT's own per-character check does."""
+    from hub.auth.tokens import _HubJWS
+
+    def outcome(check: Any) -> object:
+        try:
+            return check(segment, "payload")
+        except jwt.DecodeError as exc:
+            return str(exc)
+
+    theirs = outcome(jwt.PyJWS._decode_base64url_segment)
+    assert outcome(_HubJWS._decode_base64url_segment) == theirs
+    assert type(theirs) in (bytes, str)
+
+
+def test_payload_json_errors_are_refused_not_raised() -> None:
+    # The claims are parsed with orjson: what it refuses (NaN, integers past
+    # 64 bits, nesting past its depth limit, invalid UTF-8) is a refused
+    # token, never an exception escaping the verifier.
+    for body in (b'{"exp": NaN}', b'{"exp": 1' + b"0" * 30 + b"}", b"[" * 2000, b'{"a": "\xff"}'):
+        refused(verifier(), signed(body))
+    # A well-formed payload still goes through the orjson path.
+    now = int(time.time())
+    ok = json.dumps({"role": "authenticated", "exp": now + 60, "app_metadata": {"orgs": ["42"]}})
+    assert verifier().verify(signed(ok.encode())).orgs == {"42": "member"}
 
 
 @pytest.mark.parametrize("token", [None, 123, 1.5, True, b"bytes.token.here", ["x"], {"a": 1}])
