@@ -119,8 +119,7 @@ class DurableFeed:
                 orjson.dumps(event.payload),
                 meta=event.meta(),
             )
-            for sub in self.channels.subscribers(broadcast.topic):
-                self._offer(sub, event, broadcast)
+            self.delivered += self.channels.deliver_durable(broadcast, event.seq, event)
         elif isinstance(event.payload, dict):
             frames: dict[tuple[str, str, tuple[int, ...]], Frame] = {}
             data = _change_data(event.payload)

@@ -280,6 +280,38 @@ class Channels:
             self.observe("broadcast", broadcast, count)
         self.stats.fanout_latency.observe(max(0.0, time.time() - broadcast.sent_at))
 
+    def deliver_durable(self, broadcast: Broadcast, seq: int, event: object) -> int:
+        """Fan out the broadcast of durable event ``seq`` (``event`` is what
+        a replay buffer holds).  As a broadcast, through the sinks, but each
+        subscription takes it at most once (``seq`` above its
+        ``durable_seq``), keeps it in its ``replay_buffer`` while a replay
+        reads the store, and takes none while paused.  The checks are
+        inline: this runs once per subscriber per durable event.  Returns
+        how many subscriptions got the frame now."""
+        subscribers = self._topics.get(broadcast.topic)
+        if subscribers is None:
+            return 0
+        count = 0
+        for group in (subscribers.v2, subscribers.v1):
+            if not group:
+                continue
+            frame = broadcast.frame_v2() if group is subscribers.v2 else broadcast.frame_v1()
+            if frame is None:
+                continue
+            for sub, sink in group.items():
+                if sub.durable_paused or seq <= sub.durable_seq:
+                    continue
+                if sub.replay_buffer is not None:
+                    sub.replay_buffer.append(event)
+                    continue
+                sub.durable_seq = seq
+                sink(frame)
+                count += 1
+        if count and not subscribers.scheduled:
+            subscribers.scheduled = True
+            self.schedule(subscribers)
+        return count
+
     def _deliver_presence(self, diff: PresenceDiff) -> None:
         # Rare next to broadcasts: plain pushes, each outbox scheduled.
         subscribers = self._topics.get(diff.topic)
