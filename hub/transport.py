@@ -373,6 +373,14 @@ class HubSocket(asyncio.Protocol):
         transport.writelines(frames)
         return transport.get_write_buffer_size()
 
+    def write_frame(self, frame: bytes) -> int:
+        """:meth:`write_frames` for one frame."""
+        transport = self.transport
+        if self.close_sent or transport is None or transport.is_closing():
+            return 0
+        transport.write(frame)
+        return transport.get_write_buffer_size()
+
     def close_now(self, code: int, reason: str, grace: float) -> None:
         """Send a close frame without waiting for the write buffer (which may
         never drain), then cut the socket if the peer does not answer within
@@ -477,14 +485,25 @@ class SocketOutbox(Outbox):
             # is gone; drop what it added.
             pending.clear()
             return
-        wires = [frame.wire for frame in pending]
-        pending.clear()
+        stats = self.stats
+        if len(pending) == 1:
+            # The common case when not saturated (one event for this
+            # socket in this iteration): no list to build.
+            wire = pending[0].wire
+            pending.clear()
+            stats.frames_out += 1
+            stats.bytes_out += len(wire)
+            unsent = self.protocol.write_frame(wire)
+        else:
+            wires = [frame.wire for frame in pending]
+            pending.clear()
+            stats.frames_out += len(wires)
+            stats.bytes_out += sum(map(len, wires))
+            unsent = self.protocol.write_frames(wires)
         self.pending_bytes = 0
-        self.stats.frames_out += len(wires)
-        self.stats.bytes_out += sum(map(len, wires))
         # What the kernel has not taken stays in the transport's buffer;
         # past the bound the client is not reading: cut it, do not buffer.
-        if self.protocol.write_frames(wires) > self.max_bytes:
+        if unsent > self.max_bytes:
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     def close(self, code: int, reason: str = "") -> None:

@@ -36,6 +36,9 @@ class FakeSocket:
         self.writes.append(list(frames))
         return self.unread
 
+    def write_frame(self, frame: bytes) -> int:
+        return self.write_frames([frame])
+
     def close_now(self, code: int, reason: str, grace: float) -> None:
         self.closed_with = code
 
