@@ -146,6 +146,7 @@ def capacity_table(runs: dict[str, Any]) -> list[str]:
                 f"{_n(r['joined'])} / {_n(r['target'])}",
                 _n(r.get("kb_per_conn"), 2),
                 _ratio(r.get("kb_per_conn"), hub.get("kb_per_conn")),
+                _n(r.get("idle_cpu_pct"), 1),
                 _n(r.get("connects_joins_per_wall_s")),
                 _n(r.get("connects_joins_per_server_cpu_s")),
                 _ratio(
@@ -161,6 +162,7 @@ def capacity_table(runs: dict[str, Any]) -> list[str]:
         "joined / target",
         "RSS KB per connection",
         "vs hub",
+        "server CPU % while idle",
         "connects+joins / wall s",
         "connects+joins / server CPU-s",
         "vs hub",

@@ -39,6 +39,8 @@ class Config:
     org_seconds: float = 20.0
     capacity: int = 19_000
     capacity_warm: int = 100
+    #: Longer than the clients' 25 s heartbeat, so every socket sends one.
+    capacity_idle_s: float = 30.0
     connect_concurrency: int = 256
 
     @classmethod
@@ -51,6 +53,7 @@ class Config:
                 latency_seconds=3.0,
                 org_seconds=3.0,
                 capacity=capacity or 5_000,
+                capacity_idle_s=3.0,
             )
         return cls(quick=False, capacity=capacity or 19_000)
 
@@ -318,6 +321,11 @@ async def capacity(name: str, cfg: Config, *, profile: bool = False) -> dict[str
         joined = ready["joined"]
         await asyncio.sleep(2.0)
         after = sum(dep.rss_kb())
+        # What holding them costs: server CPU while nothing happens but the
+        # clients' heartbeats (every 25 s each) and the server's timers.
+        idle0, t0 = sum(dep.cpu()), time.monotonic()
+        await asyncio.sleep(cfg.capacity_idle_s)
+        idle_pct = 100 * (sum(dep.cpu()) - idle0) / (time.monotonic() - t0)
         result.update(
             {
                 "joined": joined + cfg.capacity_warm,
@@ -331,6 +339,7 @@ async def capacity(name: str, cfg: Config, *, profile: bool = False) -> dict[str
                 "rss_base_kb": base,
                 "rss_after_kb": after,
                 "kb_per_conn": round((after - base) / joined, 2) if joined else None,
+                "idle_cpu_pct": round(idle_pct, 2),
             }
         )
         st = await rest.stats()
