@@ -408,12 +408,22 @@ class PgPublisher(Publisher):
     async def publish(self, count: int, start: int, nrooms: int) -> None:
         if self.error is not None:
             raise RuntimeError(f"insert failed: {self.error!r}")
-        orgs = [f"o{(start + j) % nrooms}" for j in range(count)]
         now = time.time_ns
-        payloads = [
-            orjson.dumps({"t": now(), "i": start + j, "body": self.body}).decode()
+        rows = [
+            (
+                f"o{(start + j) % nrooms}",
+                orjson.dumps({"t": now(), "i": start + j, "body": self.body}),
+            )
             for j in range(count)
         ]
+        # Each org's seq row stays locked until commit, so transactions in
+        # flight together must take them in one global order: the round
+        # robin wraps around, and three calls each covering the wrap in a
+        # different place deadlock (seen when PostgreSQL fell behind).
+        # A stable sort keeps each org's own events in order.
+        rows.sort(key=lambda row: row[0])
+        orgs = [org for org, _ in rows]
+        payloads = [payload.decode() for _, payload in rows]
         # Wait only when every pooled connection is busy.
         while len(self.inflight) >= self.pool_size:
             await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
