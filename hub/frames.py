@@ -39,6 +39,18 @@ class Frame:
         self.payload = payload
         self.wire = _header(opcode, len(payload)) + payload
 
+    @classmethod
+    def from_wire(cls, wire: bytes) -> Frame:
+        """The Frame whose ``wire`` is ``wire`` (a frame this module built:
+        FIN set, unmasked, length in the shortest form)."""
+        length = wire[1] & 0x7F
+        start = 2 if length < 126 else 4 if length == 126 else 10
+        frame = cls.__new__(cls)
+        frame.opcode = wire[0] & 0x0F
+        frame.payload = wire[start:]
+        frame.wire = wire
+        return frame
+
     @property
     def is_text(self) -> bool:
         return self.opcode == OP_TEXT
@@ -59,8 +71,9 @@ def binary_frame(payload: bytes) -> Frame:
     return Frame(OP_BINARY, payload)
 
 
-#: Appends one frame to an outbox without scheduling a write.
-Sink = Callable[[Frame], None]
+#: Appends one frame, given as its ``wire`` bytes, to an outbox without
+#: scheduling a write.
+Sink = Callable[[bytes], None]
 
 
 class Flushable(Protocol):
@@ -76,18 +89,23 @@ class Outbox:
     ``push`` never blocks and never awaits: a connection that cannot keep up
     is closed, not waited for.
 
-    ``sink`` is the fan-out's way in: for a socket it is the pending list's
-    own ``append`` (a C call, no Python frame per subscriber).  A sink does
-    not schedule a write; whoever uses it must get :meth:`flush` called
-    before the loop sleeps (the registry does this once per topic per loop
-    iteration) or call :meth:`schedule`.
+    ``sink`` is the fan-out's way in, and takes a frame's ``wire`` bytes:
+    for a socket it is the pending list's own ``append`` (a C call, no
+    Python frame per subscriber), and the list goes to ``writelines`` as it
+    is.  A sink does not schedule a write; whoever uses it must get
+    :meth:`flush` called before the loop sleeps (the registry does this
+    once per topic per loop iteration) or call :meth:`schedule`.  Outboxes
+    that are not sockets take the slow way: the frame is rebuilt and pushed.
     """
 
     __slots__ = ("closed", "sink")
 
     def __init__(self) -> None:
         self.closed = False
-        self.sink: Sink = self.push
+        self.sink: Sink = self._push_wire
+
+    def _push_wire(self, wire: bytes) -> None:
+        self.push(Frame.from_wire(wire))
 
     def push(self, frame: Frame) -> None:
         raise NotImplementedError

@@ -449,7 +449,8 @@ class SocketOutbox(Outbox):
         self.protocol = protocol
         self.flusher = flusher
         self.max_bytes = max_bytes
-        self.pending: list[Frame] = []
+        #: Wire bytes, in order, for one writelines.
+        self.pending: list[bytes] = []
         self.sink = self.pending.append
         #: Bytes pushed (not sunk) since the last flush.
         self.pending_bytes = 0
@@ -462,7 +463,7 @@ class SocketOutbox(Outbox):
     def push(self, frame: Frame) -> None:
         if self.closed:
             return
-        self.pending.append(frame)
+        self.pending.append(frame.wire)
         self.pending_bytes += len(frame.wire)
         if not self.marked:
             self.marked = True
@@ -488,18 +489,16 @@ class SocketOutbox(Outbox):
         stats = self.stats
         if len(pending) == 1:
             # The common case when not saturated (one event for this
-            # socket in this iteration): no list to build.
-            wire = pending[0].wire
-            pending.clear()
-            stats.frames_out += 1
+            # socket in this iteration).
+            wire = pending[0]
             stats.bytes_out += len(wire)
             unsent = self.protocol.write_frame(wire)
         else:
-            wires = [frame.wire for frame in pending]
-            pending.clear()
-            stats.frames_out += len(wires)
-            stats.bytes_out += sum(map(len, wires))
-            unsent = self.protocol.write_frames(wires)
+            stats.bytes_out += sum(map(len, pending))
+            # writelines copies the references out; the list is ours again.
+            unsent = self.protocol.write_frames(pending)
+        stats.frames_out += len(pending)
+        pending.clear()
         self.pending_bytes = 0
         # What the kernel has not taken stays in the transport's buffer;
         # past the bound the client is not reading: cut it, do not buffer.

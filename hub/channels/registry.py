@@ -4,7 +4,7 @@ Fan-out is the hot path of the hub.  For each message it:
 
 * encodes the frame at most once per wire format (vsn 1 text, vsn 2
   binary), and only for formats that have subscribers;
-* walks the topic's subscribers and appends the same frame object to each
+* walks the topic's subscribers and appends the same frame bytes to each
   one's outbox through its ``sink`` (for a socket, the pending list's own
   ``append``), which never blocks;
 * does nothing else per subscriber: no awaits, no JSON, no Python call; the
@@ -266,12 +266,12 @@ class Channels:
         origin = broadcast.origin
         count = 0
         if subscribers.v2:
-            count += _fan_out(subscribers.v2, broadcast.frame_v2(), origin)
+            count += _fan_out(subscribers.v2, broadcast.frame_v2().wire, origin)
         if subscribers.v1:
             frame_v1 = broadcast.frame_v1()
             # Opaque binary payloads have no vsn 1 form; Supabase drops them.
             if frame_v1 is not None:
-                count += _fan_out(subscribers.v1, frame_v1, origin)
+                count += _fan_out(subscribers.v1, frame_v1.wire, origin)
         if count and not subscribers.scheduled:
             subscribers.scheduled = True
             self.schedule(subscribers)
@@ -298,6 +298,7 @@ class Channels:
             frame = broadcast.frame_v2() if group is subscribers.v2 else broadcast.frame_v1()
             if frame is None:
                 continue
+            wire = frame.wire
             for sub, sink in group.items():
                 if sub.durable_paused or seq <= sub.durable_seq:
                     continue
@@ -305,7 +306,7 @@ class Channels:
                     sub.replay_buffer.append(event)
                     continue
                 sub.durable_seq = seq
-                sink(frame)
+                sink(wire)
                 count += 1
         if count and not subscribers.scheduled:
             subscribers.scheduled = True
@@ -332,13 +333,13 @@ class Channels:
                     sub.outbox.push(frame)
 
 
-def _fan_out(group: dict[Subscription, Sink], frame: Frame, origin: object) -> int:
-    """Give ``frame`` to every subscriber in ``group`` but ``origin``."""
+def _fan_out(group: dict[Subscription, Sink], wire: bytes, origin: object) -> int:
+    """Give the frame ``wire`` to every subscriber in ``group`` but ``origin``."""
     if origin is None or origin not in group:
         for sink in group.values():
-            sink(frame)
+            sink(wire)
         return len(group)
     for sub, sink in group.items():
         if sub is not origin:
-            sink(frame)
+            sink(wire)
     return len(group) - 1

@@ -15,6 +15,7 @@ from hub.channels.registry import Channels, Subscription
 from hub.channels.topics import parse_topic
 from hub.engine.memory import MemoryEngine
 from hub.errors import CloseCode
+from hub.frames import OP_BINARY, OP_TEXT, Frame, ListOutbox
 from hub.protocol import VSN2, Broadcast
 from hub.stats import Stats
 from hub.transport import Flusher, SocketOutbox
@@ -111,3 +112,31 @@ async def test_a_socket_that_does_not_read_is_closed_not_buffered() -> None:
     assert len(slow.writes) == 1
     assert subs[0].outbox.pending == []  # type: ignore[attr-defined]
     assert len(fast.writes) == 4
+
+
+def test_frame_from_wire_rebuilds_every_header_length() -> None:
+    # Outboxes that are not sockets get the fan-out's wire bytes back as
+    # a Frame: the 2-, 4- and 10-byte headers all give the same frame.
+    for opcode, size in ((OP_TEXT, 0), (OP_TEXT, 125), (OP_BINARY, 126), (OP_BINARY, 70_000)):
+        frame = Frame(opcode, bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+        again = Frame.from_wire(frame.wire)
+        assert (again.opcode, again.payload, again.wire) == (opcode, frame.payload, frame.wire)
+
+
+def test_a_fanned_out_frame_reaches_a_list_outbox_whole() -> None:
+    outbox = ListOutbox()
+    channels = Channels(MemoryEngine())
+    channels.subscribe(
+        Subscription(
+            topic=parse_topic("org:42"),
+            join_ref="1",
+            vsn=VSN2,
+            outbox=outbox,
+            principal=MEMBER,
+            conn_id="c",
+        )
+    )
+    broadcast = Broadcast("org:42", "m", b'{"a":1}')
+    channels.publish(broadcast)
+    assert [f.wire for f in outbox.frames] == [broadcast.frame_v2().wire]
+    assert outbox.frames[0].opcode == OP_BINARY

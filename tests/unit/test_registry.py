@@ -96,8 +96,9 @@ def test_fanout_encodes_once_per_format_and_shares_the_frame() -> None:
     assert broadcast.v1_calls == 1
     v2_frames = [frames(s)[0] for s in v2]
     v1_frames = [frames(s)[0] for s in v1]
-    assert all(frame is v2_frames[0] for frame in v2_frames)
-    assert all(frame is v1_frames[0] for frame in v1_frames)
+    # One encoding per format: every subscriber got the same bytes object.
+    assert all(frame.wire is v2_frames[0].wire for frame in v2_frames)
+    assert all(frame.wire is v1_frames[0].wire for frame in v1_frames)
     assert not v2_frames[0].is_text
     assert v1_frames[0].is_text
     assert v2_frames[0].payload == Broadcast("org:42", "e", b'{"n":1}').frame_v2().payload
