@@ -28,7 +28,7 @@ PROFILE_DIR = envs.CACHE / "profiles"
 class Config:
     quick: bool
     fanout_subs: int = 1000
-    fanout_messages: int = 1000  # x 1000 subscribers = 1,000,000 deliveries
+    fanout_messages: int = 5000  # x 1000 subscribers = 5,000,000 deliveries
     fanout_window: int = 300  # messages in flight at most
     fanout_timeout: float = 120.0
     latency_rate: float = 100.0  # messages/s x 1000 subscribers = 100,000 deliveries/s
