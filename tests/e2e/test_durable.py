@@ -1449,10 +1449,11 @@ async def test_realtime_py_resumes_after_the_last_event_id(
         await publish_range(client, org, 1, 5)
         last_id = (await client.history(org, after=3, limit=1))[0]["id"]  # seq 4
         got: list[dict[str, Any]] = []
-        three = asyncio.Event()
+        one, three = asyncio.Event(), asyncio.Event()
 
         def on_tick(message: dict[str, Any]) -> None:
             got.append(message)
+            one.set()
             if len(got) >= 3:
                 three.set()
 
@@ -1462,6 +1463,10 @@ async def test_realtime_py_resumes_after_the_last_event_id(
         )
         channel.on_broadcast("tick", on_tick)
         await py_subscribe(channel)
+        # The replay reads the store after the join reply: events appended
+        # before that read are replayed too, rightly.  Publish once the
+        # replay has delivered, so 6 and 7 can only come live.
+        await asyncio.wait_for(one.wait(), 10)
         await publish_range(client, org, 6, 7)
         await asyncio.wait_for(three.wait(), 10)
     assert [m["payload"]["i"] for m in got] == [5, 6, 7]
