@@ -37,7 +37,7 @@ import websocket  # websocket-client
 
 from hub.auth.tokens import issue_token
 
-__all__ = ["HubSocket", "Incoming", "Refused", "parse_kind4", "sign"]
+__all__ = ["HubSocket", "Incoming", "Refused", "parse_kind4", "sign", "split_kind4"]
 
 
 class Refused(Exception):
@@ -68,9 +68,12 @@ class Incoming:
     size: int = 0
 
 
-def parse_kind4(data: bytes) -> Incoming:
-    """Decode a server->client binary broadcast (kind 4) into the message
-    realtime-js would hand to its callback."""
+def split_kind4(data: bytes) -> tuple[str, str, bytes, int, bytes]:
+    """A server->client binary broadcast (kind 4): topic, event, meta (raw
+    JSON bytes, empty when absent), payload encoding (1 JSON, 0 binary),
+    payload."""
+    if not isinstance(data, bytes):
+        raise ValueError(f"expected a binary frame, got {data!r}")
     if not data or data[0] != 4:
         raise ValueError(f"not a kind 4 frame: {data[:1]!r}")
     topic_len, event_len, meta_len, enc = data[1:5]
@@ -79,12 +82,19 @@ def parse_kind4(data: bytes) -> Incoming:
     pos += topic_len
     event = data[pos : pos + event_len].decode()
     pos += event_len
-    meta = json.loads(data[pos : pos + meta_len]) if meta_len else None
+    meta = data[pos : pos + meta_len]
     pos += meta_len
-    body: Any = json.loads(data[pos:]) if enc == 1 else data[pos:]
+    return topic, event, meta, enc, data[pos:]
+
+
+def parse_kind4(data: bytes) -> Incoming:
+    """Decode a server->client binary broadcast (kind 4) into the message
+    realtime-js would hand to its callback."""
+    topic, event, meta, enc, payload = split_kind4(data)
+    body: Any = json.loads(payload) if enc == 1 else payload
     inner: dict[str, Any] = {"type": "broadcast", "event": event, "payload": body}
-    if meta is not None:
-        inner["meta"] = meta
+    if meta:
+        inner["meta"] = json.loads(meta)
     return Incoming(topic, "broadcast", inner, size=len(data))
 
 

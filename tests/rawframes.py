@@ -2,14 +2,18 @@
 wire directly.
 
 Written here rather than taken from ``hub/``, so that a test never checks
-the hub's codec against the hub's own code.
+the hub's codec against the hub's own code.  The kind 4 decoder is the load
+generator's (``loadtest/supabase_ws.py``), which is not the hub's either.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+from loadtest.supabase_ws import parse_kind4, split_kind4
+
+__all__ = ["client_frame", "kind3", "kind4_broadcast", "split_kind4"]
 
 
 def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0) -> bytes:
@@ -43,33 +47,9 @@ def kind3(
     return header + b"".join(fields) + payload
 
 
-def split_kind4(data: bytes) -> tuple[str, str, bytes, int, bytes]:
-    """A server->client binary broadcast (kind 4): topic, event, meta (raw
-    JSON bytes, empty when absent), payload encoding (1 JSON, 0 binary),
-    payload."""
-    assert isinstance(data, bytes), f"expected a binary frame, got {data!r}"
-    assert data[0] == 4, f"binary kind {data[0]}"
-    topic_len, event_len, meta_len, enc = data[1:5]
-    pos = 5
-    topic = data[pos : pos + topic_len].decode()
-    pos += topic_len
-    event = data[pos : pos + event_len].decode()
-    pos += event_len
-    meta = data[pos : pos + meta_len]
-    pos += meta_len
-    return topic, event, meta, enc, data[pos:]
-
-
 def kind4_broadcast(data: bytes) -> tuple[str, dict[str, Any]]:
     """A kind 4 frame as the broadcast message realtime-js hands its
     callback: the topic, and ``{"type", "event", "payload"[, "meta"]}`` with
     a JSON payload decoded (a binary one stays bytes)."""
-    topic, event, meta, enc, body = split_kind4(data)
-    inner: dict[str, Any] = {
-        "type": "broadcast",
-        "event": event,
-        "payload": json.loads(body) if enc == 1 else body,
-    }
-    if meta:
-        inner["meta"] = json.loads(meta)
-    return topic, inner
+    message = parse_kind4(data)
+    return message.topic, message.payload
