@@ -123,6 +123,21 @@ def socket_opens(js: JsDriver, client: str) -> int:
     return len(js.select(ev="socket_open", client=client))
 
 
+async def refused_at_handshake(
+    js: JsDriver, hub: HubProcess, client: str, token: str, topic: str, what: str
+) -> None:
+    """supabase-js client ``client`` with ``token`` opens a channel: the
+    hub answers its handshake with 401 and no socket opens."""
+    await js.client(client, hub.http_url, token, timeout=CLIENT_TIMEOUT_MS)
+    await js.command("channel", client=client, chan="c", topic=topic, config={})
+    await js.wait_for(
+        lambda e: e["ev"] == "socket_error" and e["client"] == client and "401" in e["message"],
+        10,
+        what,
+    )
+    assert socket_opens(js, client) == 0
+
+
 # -- 1. broadcast between two supabase-js clients -------------------------------
 
 
@@ -448,14 +463,9 @@ async def test_expired_token_is_refused_at_handshake(
     assert b"expired" in refused.value.response.body
 
     js = await node()
-    await js.client("x", hub_server.http_url, expired, timeout=CLIENT_TIMEOUT_MS)
-    await js.command("channel", client="x", chan="c", topic=f"org:{org}", config={})
-    error = await js.wait_for(
-        lambda e: e["ev"] == "socket_error" and "401" in e["message"],
-        10,
-        "the handshake to be refused with 401",
+    await refused_at_handshake(
+        js, hub_server, "x", expired, f"org:{org}", "the handshake to be refused with 401"
     )
-    assert error["client"] == "x"
     # supabase-js retries after 1 s; it must not get in then either.
     await asyncio.sleep(2)
     assert socket_opens(js, "x") == 0
@@ -606,14 +616,9 @@ async def test_es256_tokens_from_jwks(
 
     # Same kid, another key: refused at the handshake and over REST.
     assert (await rest_broadcast(hub, forged, topic, "forged", {})).status_code == 401
-    await js.client("f", hub.http_url, forged, timeout=CLIENT_TIMEOUT_MS)
-    await js.command("channel", client="f", chan="c", topic=topic, config={})
-    await js.wait_for(
-        lambda e: e["ev"] == "socket_error" and e["client"] == "f" and "401" in e["message"],
-        10,
-        "the forged token to be refused with 401",
+    await refused_at_handshake(
+        js, hub, "f", forged, topic, "the forged token to be refused with 401"
     )
-    assert socket_opens(js, "f") == 0
     assert js.select(ev="status", client="f", status="SUBSCRIBED") == []
     assert broadcasts(js, "a", "forged") == []
 
@@ -641,14 +646,9 @@ async def test_a_key_rotated_in_after_start_is_fetched_during_the_handshake(
 
         await asyncio.sleep(0.2)  # past the refresh bound: the next one may fetch
         unknown = es256_token(ec.generate_private_key(ec.SECP256R1()), org, "nobody", kid="k9")
-        await js.client("u", hub.http_url, unknown, timeout=CLIENT_TIMEOUT_MS)
-        await js.command("channel", client="u", chan="c", topic=topic, config={})
-        await js.wait_for(
-            lambda e: e["ev"] == "socket_error" and e["client"] == "u" and "401" in e["message"],
-            10,
-            "the unknown key to be refused with 401",
+        await refused_at_handshake(
+            js, hub, "u", unknown, topic, "the unknown key to be refused with 401"
         )
-        assert socket_opens(js, "u") == 0
     log = hub.log()
     assert "without completing handshake" not in log, log
     assert "Traceback" not in log, log
