@@ -1,3 +1,14 @@
 """The event store: an append-only log per org, the source of truth for
-durable events.  :mod:`hub.store.memory` for the embedded default,
-:mod:`hub.store.postgres` for production."""
+durable events.
+
+* :mod:`hub.store.base`: the store interface, the stored event, the checks
+  both stores apply, and :class:`~hub.store.base.StoreError`.
+* :mod:`hub.store.memory`: the embedded default, in process and bounded.
+* :mod:`hub.store.postgres`: the production store on PostgreSQL (pool,
+  appends and reads).
+* :mod:`hub.store.listener`: the PostgreSQL store's LISTEN supervisor, which
+  turns NOTIFYs into ordered, gap-free announcements.
+* :mod:`hub.store.pgjson`: JSON as PostgreSQL sends and takes it.
+* :mod:`hub.store.migrate`: the schema migrations.
+* :mod:`hub.store.tracking`: change capture from app tables.
+"""

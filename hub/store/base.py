@@ -121,7 +121,13 @@ class EventStore(abc.ABC):
 
     @property
     def ready(self) -> bool:
+        """Whether appended events are being announced right now."""
         return True
+
+    @property
+    def listener_reconnects(self) -> int:
+        """How many times the store's listener link was re-established."""
+        return 0
 
     @abc.abstractmethod
     async def append(

@@ -1,46 +1,23 @@
-"""The PostgreSQL event store: durable events, gap-free per-org seqs, and
-live announcements through LISTEN/NOTIFY.
+"""The PostgreSQL event store: durable events in the ``hub`` schema,
+gap-free per-org seqs, reads and writes through a connection pool.
 
-Writes and reads go through a connection pool; ``hub.append_event()`` (see
-``migrations/0001_events.sql``) takes each org's next seq under a row lock
-held until commit, so seqs are gap-free and commit in seq order, and sends a
-NOTIFY on channel ``hub_events`` with the whole event, or with only
-``{"org", "seq", "ref": true}`` when the event would not fit.
-
-One dedicated connection (never from the pool) LISTENs.  The driver's
-callbacks only hand off to a queue; one task (the *announcer*) turns
-notifications into announcements and another (the *supervisor*) keeps the
-connection alive.  Per org, the callback sees every event once, in seq
-order, without gaps:
-
-* a notification whose seq is not the next one first reads the missing
-  events from the table (they committed before it, thanks to the row lock);
-* a seq already announced is dropped;
-* when the connection dies (terminated backend, restart, or a silent death
-  that only the supervisor's liveness query notices), the supervisor
-  reconnects with bounded exponential backoff and re-LISTENs, and the
-  announcer then *catches up*: every org whose ``hub.org_seq`` is ahead of
-  the last seq announced is read from the table.  A catch-up is also how an
-  overflow of the notification queue or a failed read is repaired.
-
-What counts as "already announced" at start: ``start()`` reads every org's
-current seq before it LISTENs, and announces only what commits afterwards;
-history is never replayed.
+``hub.append_event()`` (see ``migrations/0001_events.sql``) takes each org's
+next seq under a row lock held until commit, so seqs are gap-free and commit
+in seq order, and sends a NOTIFY for every event.  The store owns a
+:class:`~hub.store.listener.Listener`, which LISTENs on its own connection
+and turns those NOTIFYs into announcements (see :mod:`hub.store.listener`
+for the ordering guarantees, gap fills and catch-ups).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import random
 import uuid
 from collections.abc import Sequence
 from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
-import orjson
 
 from hub.store.base import (
     MAX_READ,
@@ -51,11 +28,11 @@ from hub.store.base import (
     check_append,
     encode_event,
 )
+from hub.store.listener import Listener
+from hub.store.pgjson import dumps, loads
 
 log = logging.getLogger(__name__)
 
-#: The NOTIFY channel ``hub.append_event()`` announces on.
-CHANNEL: Final = "hub_events"
 #: Seconds ``stop()`` waits for each step (tasks, pool) before forcing it.
 STOP_TIMEOUT: Final = 5.0
 
@@ -71,32 +48,13 @@ _READ_SINCE: Final = (
     f"SELECT {_COLUMNS} FROM hub.events WHERE org = $1 AND created_at >= to_timestamp($2) "
     "ORDER BY seq LIMIT $3"
 )
-
-
-class _Wake:
-    """Queue item that only wakes the announcer (a catch-up is pending)."""
-
-
-_WAKE: Final = _Wake()
-
-
-def _loads(text: str | bytes) -> Any:
-    """Decode JSON from PostgreSQL.  orjson is fast but refuses numbers out
-    of double range, which ``numeric`` columns of a tracked table can hold."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+_ORG_SEQS: Final = "SELECT org, seq FROM hub.org_seq"
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
-            name, schema="pg_catalog", encoder=_dumps, decoder=_loads, format="text"
+            name, schema="pg_catalog", encoder=dumps, decoder=loads, format="text"
         )
 
 
@@ -109,28 +67,6 @@ def _event_from_row(row: asyncpg.Record) -> StoredEvent:
         payload=row["payload"],
         created_at=row["created_at"].timestamp(),
         kind=row["kind"],
-    )
-
-
-def _parse_notification(text: str) -> StoredEvent | tuple[str, int]:
-    """The event a notification carries, or ``(org, seq)`` for a reference.
-    Raises ValueError, KeyError or TypeError for anything else."""
-    data = _loads(text)
-    org, seq = data["org"], data["seq"]
-    if not isinstance(org, str) or not isinstance(seq, int):
-        raise TypeError("org and seq must be a string and an integer")
-    if data.get("ref"):
-        return org, seq
-    if data["kind"] not in ("event", "change"):
-        raise ValueError(f"unknown kind {data['kind']!r}")
-    return StoredEvent(
-        org=org,
-        seq=seq,
-        id=str(data["id"]),
-        type=str(data["type"]),
-        payload=data["payload"],
-        created_at=float(data["created_at"]),
-        kind=data["kind"],
     )
 
 
@@ -165,37 +101,22 @@ class PostgresStore(EventStore):
     ) -> None:
         super().__init__()
         self._dsn = dsn
-        self._listen_dsn = listen_dsn or dsn
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._app_name = application_name
-        self._liveness_interval = liveness_interval
-        self._liveness_timeout = liveness_timeout
-        self._reconnect_min = reconnect_min
-        self._reconnect_max = reconnect_max
-
         self._pool: asyncpg.Pool | None = None
-        self._listener: asyncpg.Connection | None = None
-        self._listening = False
-        self._lost = asyncio.Event()
-        self._queue: asyncio.Queue[str | _Wake] = asyncio.Queue(queue_size)
-        self._tasks: list[asyncio.Task[None]] = []
-        #: The last seq announced per org (or known at start, see module doc).
-        self._last: dict[str, int] = {}
-        # A catch-up is pending while requested > done.  Counters rather than
-        # a flag, so a request made during a catch-up is not lost.
-        self._catch_up_requested = 0
-        self._catch_up_done = 0
-
-        #: Successful reconnects of the LISTEN connection (not the first connect).
-        self.listener_reconnects = 0
-        #: Notifications received on the LISTEN connection.
-        self.notifications = 0
-        #: Notifications that carried only a reference, resolved by a read.
-        self.fetched_by_key = 0
-        #: Events announced from the table rather than from their notification
-        #: (gaps filled, catch-ups after reconnects or overflows).
-        self.recovered = 0
+        self._listener = Listener(
+            listen_dsn or dsn,
+            application_name=f"{application_name} listen",
+            liveness_interval=liveness_interval,
+            liveness_timeout=liveness_timeout,
+            reconnect_min=reconnect_min,
+            reconnect_max=reconnect_max,
+            queue_size=queue_size,
+            read=self.read,
+            org_seqs=self._org_seqs,
+            deliver=self._deliver,
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -221,35 +142,21 @@ class PostgresStore(EventStore):
                 # Everything committed so far counts as announced: only what
                 # commits after this read is announced (catch-up covers the
                 # moment between this read and LISTEN).
-                rows = await conn.fetch("SELECT org, seq FROM hub.org_seq")
-            self._last = {row["org"]: row["seq"] for row in rows}
+                rows = await conn.fetch(_ORG_SEQS)
             self._pool = pool
-            await self._connect_listener()
+            await self._listener.start({row["org"]: row["seq"] for row in rows})
         except BaseException:
             self._pool = None
             await pool.close()
             raise
-        self._request_catch_up()
-        self._tasks = [
-            asyncio.create_task(self._announce_forever(), name="hub-store-announcer"),
-            asyncio.create_task(self._supervise_forever(), name="hub-store-listener"),
-        ]
 
     async def stop(self) -> None:
         """Stop announcing, close the listener and the pool."""
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        stuck: set[asyncio.Task[None]] = set()
-        if tasks:
-            # Bounded: a task cancelled inside a pooled query waits for
-            # asyncpg to release the connection, which waits for the
-            # server to confirm the cancel and can take forever on a sick
-            # server.  Terminating the pool below unblocks it.
-            _, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
-            if stuck:
-                log.warning("store tasks still stopping after %.0f s; terminating", STOP_TIMEOUT)
-        await self._close_listener()
+        # Bounded: a listener task cancelled inside a pooled query waits for
+        # asyncpg to release the connection, which waits for the server to
+        # confirm the cancel and can take forever on a sick server.
+        # Terminating the pool below unblocks it.
+        stuck = await self._listener.stop(STOP_TIMEOUT)
         pool, self._pool = self._pool, None
         if pool is not None:
             if stuck:
@@ -265,15 +172,33 @@ class PostgresStore(EventStore):
     @property
     def ready(self) -> bool:
         """True while the listener is connected and no catch-up is pending."""
-        return self._listening and self._catch_up_done >= self._catch_up_requested
+        return self._listener.ready
 
     @property
     def listener_pid(self) -> int | None:
         """The server process id of the LISTEN connection, if connected."""
-        conn = self._listener
-        if conn is None or conn.is_closed():
-            return None
-        return int(conn.get_server_pid())
+        return self._listener.pid
+
+    @property
+    def listener_reconnects(self) -> int:
+        """Successful reconnects of the LISTEN connection (not the first connect)."""
+        return self._listener.reconnects
+
+    @property
+    def notifications(self) -> int:
+        """Notifications received on the LISTEN connection."""
+        return self._listener.notifications
+
+    @property
+    def fetched_by_key(self) -> int:
+        """Notifications that carried only a reference, resolved by a read."""
+        return self._listener.fetched_by_key
+
+    @property
+    def recovered(self) -> int:
+        """Events announced from the table rather than from their notification
+        (gaps filled, catch-ups after reconnects or overflows)."""
+        return self._listener.recovered
 
     # -- reads and writes --------------------------------------------------
 
@@ -344,175 +269,14 @@ class PostgresStore(EventStore):
         )
         return int(seq) if seq is not None else 0
 
-    # -- the LISTEN connection ---------------------------------------------
+    # -- what the listener needs --------------------------------------------
 
-    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        # Driver callback: hand off only.
-        self.notifications += 1
-        try:
-            self._queue.put_nowait(payload)
-        except asyncio.QueueFull:
-            # The announcer is far behind: drop the notification, the
-            # catch-up will read the event from the table.
-            self._request_catch_up()
+    async def _org_seqs(self) -> dict[str, int]:
+        """Every org's current seq."""
+        rows = await self._require_pool().fetch(_ORG_SEQS)
+        return {row["org"]: row["seq"] for row in rows}
 
-    def _on_terminate(self, conn: Any) -> None:
-        # Driver callback: hand off only.
-        if conn is self._listener:
-            self._listening = False
-            self._lost.set()
-
-    def _request_catch_up(self) -> None:
-        self._catch_up_requested += 1
-        with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(_WAKE)
-
-    async def _connect_listener(self) -> None:
-        conn = await asyncpg.connect(
-            self._listen_dsn,
-            server_settings={"application_name": f"{self._app_name} listen"},
-            timeout=max(self._liveness_timeout, 5.0),
-        )
-        try:
-            self._lost.clear()
-            self._listener = conn
-            conn.add_termination_listener(self._on_terminate)
-            await asyncio.wait_for(
-                conn.add_listener(CHANNEL, self._on_notify), max(self._liveness_timeout, 5.0)
-            )
-        except BaseException:
-            self._listener = None
-            conn.terminate()
-            raise
-        self._listening = True
-
-    async def _close_listener(self) -> None:
-        conn, self._listener = self._listener, None
-        self._listening = False
-        if conn is None or conn.is_closed():
-            return
-        try:
-            await asyncio.wait_for(conn.close(), 2)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            conn.terminate()
-
-    def _drop_listener(self) -> None:
-        # A dead connection is not closed politely: that could hang.
-        conn, self._listener = self._listener, None
-        self._listening = False
-        if conn is not None and not conn.is_closed():
-            conn.terminate()
-
-    async def _supervise_forever(self) -> None:
-        while True:
-            await self._watch_listener()
-            log.warning("LISTEN connection lost; reconnecting")
-            self._drop_listener()
-            await self._reconnect()
-            self.listener_reconnects += 1
-            # Whatever committed while nobody listened is read from the table.
-            self._request_catch_up()
-            log.info("LISTEN connection restored")
-
-    async def _watch_listener(self) -> None:
-        """Return when the LISTEN connection is dead or does not answer."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._liveness_interval)
-                return
-            conn = self._listener
-            if conn is None or conn.is_closed():
-                return
-            try:
-                await asyncio.wait_for(conn.fetchval("SELECT 1"), self._liveness_timeout)
-            except Exception as exc:
-                log.warning("LISTEN connection failed its liveness check: %r", exc)
-                self._listening = False
-                return
-
-    async def _reconnect(self) -> None:
-        delay = self._reconnect_min
-        while True:
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            try:
-                await self._connect_listener()
-                return
-            except Exception as exc:
-                log.warning("cannot reconnect the LISTEN connection: %r", exc)
-            delay = min(delay * 2, self._reconnect_max)
-
-    # -- turning notifications into announcements ---------------------------
-
-    async def _announce_forever(self) -> None:
-        delay = self._reconnect_min
-        while True:
-            if self._catch_up_done < self._catch_up_requested:
-                requested = self._catch_up_requested
-                try:
-                    await self._catch_up()
-                except Exception:
-                    log.exception("catch-up failed; retrying in %.2fs", delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._reconnect_max)
-                    continue
-                delay = self._reconnect_min
-                self._catch_up_done = requested
-            item = await self._queue.get()
-            if isinstance(item, _Wake):
-                continue
-            try:
-                event = _parse_notification(item)
-            except (ValueError, KeyError, TypeError):
-                log.error("ignoring a malformed notification: %.200s", item)
-                continue
-            try:
-                await self._handle(event)
-            except Exception:
-                # A catch-up repairs whatever this left undone.
-                log.exception("cannot resolve a notification; catching up instead")
-                self._request_catch_up()
-
-    async def _handle(self, event: StoredEvent | tuple[str, int]) -> None:
-        """Announce a notified event (or a reference to one) after any
-        missing predecessors; drop it if it was announced already."""
-        org, seq = (event.org, event.seq) if isinstance(event, StoredEvent) else event
-        last = self._last.get(org, 0)
-        if seq <= last:
-            return
-        if not isinstance(event, StoredEvent):
-            self.fetched_by_key += 1
-            await self._fill(org, seq, notified=seq)
-            return
-        if seq > last + 1:
-            await self._fill(org, seq - 1)
-        self._announce(event)
-
-    async def _fill(self, org: str, upto: int, *, notified: int = 0) -> None:
-        """Announce the events of ``org`` after the last announced, up to
-        ``upto``, from the table.  ``notified`` is the seq whose notification
-        asked for this read (it does not count as recovered)."""
-        while (last := self._last.get(org, 0)) < upto:
-            events = await self.read(org, after=last, limit=min(upto - last, MAX_READ))
-            events = [event for event in events if event.seq <= upto]
-            if not events:
-                # Only a deleted event can cause this; do not spin on it.
-                log.error("events %s %d..%d are missing from hub.events", org, last + 1, upto)
-                self._last[org] = upto
-                return
-            for event in events:
-                if event.seq != notified:
-                    self.recovered += 1
-                self._announce(event)
-
-    async def _catch_up(self) -> None:
-        rows = await self._require_pool().fetch("SELECT org, seq FROM hub.org_seq")
-        for row in rows:
-            org, seq = row["org"], row["seq"]
-            if seq > self._last.get(org, 0):
-                await self._fill(org, seq)
-
-    def _announce(self, event: StoredEvent) -> None:
-        self._last[event.org] = event.seq
+    def _deliver(self, event: StoredEvent) -> None:
         if self._on_event is None:
             return
         try:

@@ -19,8 +19,9 @@ import asyncpg
 import pytest
 
 from hub.store.base import StoredEvent, StoreError
+from hub.store.listener import CHANNEL
 from hub.store.migrate import applied_versions, migrate
-from hub.store.postgres import CHANNEL, PostgresStore
+from hub.store.postgres import PostgresStore
 from hub.store.tracking import TrackingError, track, tracked, untrack
 from tests.integration.pg import (
     Announced,
