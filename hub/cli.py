@@ -142,7 +142,7 @@ def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> Any
     in-process hub, so both measure the same server)."""
     import uvicorn
 
-    from hub.transport import HubHttpProtocol
+    from hub.transport.http import HubHttpProtocol
 
     return uvicorn.Config(
         app,
@@ -199,6 +199,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from hub.app import create_app
+    from hub.node import Node
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -208,7 +209,7 @@ def serve(settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if settings.dev_mode:
         print(_dev_banner(settings), flush=True)
-    config = uvicorn_config(create_app(settings), settings)
+    config = uvicorn_config(create_app(Node(settings)), settings)
     if settings.demo:
         from hub.aggregator.demo import start_in_thread
 
@@ -251,7 +252,7 @@ async def _database_command(args: argparse.Namespace) -> None:
 
 
 async def _publish(args: argparse.Namespace) -> dict[str, Any]:
-    from hub.client import HubClient
+    from hub.client.rest import HubClient
 
     try:
         payload = json.loads(args.payload)

@@ -19,7 +19,21 @@ from typing import Any
 from hub.auth.principal import parse_claim_path
 from hub.errors import ConfigError
 from hub.quotas import OrgQuota, parse_overrides
-from hub.session import SessionLimits
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Per-connection limits.  Each is a ``HUB_*`` setting (see config)."""
+
+    #: Channels one socket may have joined at once (Supabase: 100).
+    max_channels: int = 100
+    #: Sustained joins per second per socket, and the burst allowed above it.
+    joins_per_second: float = 10.0
+    join_burst: int = 20
+    #: Largest broadcast payload or presence meta, in bytes of JSON.
+    max_payload_bytes: int = 256 * 1024
+    #: Seconds without any frame from the client before the socket is closed.
+    idle_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,13 @@
 """One root exception for the hub, and the WebSocket close codes it uses.
 
+Every exception the hub raises on purpose is a :class:`HubError`.  Each edge
+translates it once: the session into a ``phx_reply`` error or a close code,
+the REST routes into an HTTP status, the CLI into an exit code (2 for a
+:class:`ConfigError`, 1 for any other).  Modules that own a failure define
+its class next to the code that raises it (``InvalidTopic`` in
+``channels/topics.py``, ``StoreError`` in ``store/base.py``), always under
+this root.
+
 Close codes follow centrifuge's habit of grouping codes by what the client
 should do next.  The Supabase clients reconnect after any close they did not
 ask for, so the grouping is for operators and for other clients:
@@ -29,6 +37,15 @@ class ProtocolError(HubError):
     """
 
 
+class WebSocketError(ProtocolError):
+    """A peer broke RFC 6455; answer with a close frame ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
 class AuthError(HubError):
     """A token was refused.  ``reason`` is the Supabase-style ``Code: text``."""
 
@@ -51,12 +68,18 @@ class CloseCode(enum.IntEnum):
 
     #: The client or the hub ended the session normally.
     NORMAL = 1000
+    #: A WebSocket protocol violation: an unmasked frame, reserved bits or
+    #: opcodes, a broken fragment sequence, a bad control frame.  Sent by
+    #: the WebSocket layer.
+    PROTOCOL_ERROR = 1002
     #: A frame could not be decoded (bad JSON, bad envelope, lying binary
     #: lengths, refs that are not strings).  Sent by the hub's codec.
     INVALID_FRAME = 1007
     #: A frame was larger than ``HUB_MAX_FRAME_BYTES`` (sent by the
     #: WebSocket layer itself).
     MESSAGE_TOO_BIG = 1009
+    #: Never sent: what a close frame without a code stands for (RFC 6455).
+    NO_STATUS = 1005
     #: An unexpected error inside the hub; the connection is dropped rather
     #: than left in an unknown state.
     INTERNAL_ERROR = 1011

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeGuard
 
 import orjson
 
@@ -41,6 +41,13 @@ ENC_JSON: Final = 1
 _KIND3_HEADER: Final = 7  # kind + 5 lengths + encoding byte
 #: Every length in the binary format is one byte.
 MAX_BINARY_FIELD: Final = 255
+
+
+def is_event_name(value: object) -> TypeGuard[str]:
+    """The one rule for an event name (a broadcast's event, a durable
+    event's type), wherever it comes from: a string of 1 to
+    :data:`MAX_BINARY_FIELD` UTF-8 bytes, so it fits a binary frame."""
+    return isinstance(value, str) and 0 < len(value.encode()) <= MAX_BINARY_FIELD
 
 
 @dataclass(slots=True)

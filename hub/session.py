@@ -1,7 +1,7 @@
 """One socket's state machine: joins, refs, heartbeats, tokens and limits.
 
 A :class:`Session` is fed decoded frames and the time; it answers by pushing
-frames to its :class:`~hub.frames.Outbox` and by calling the channels
+frames to its :class:`~hub.outbox.Outbox` and by calling the channels
 registry.  It does no I/O and never awaits, so it is tested by feeding it
 frames (see ``tests/unit/test_session.py``).
 
@@ -17,7 +17,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -27,10 +26,13 @@ from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached, TokenVerifier
 from hub.channels.changes import InvalidBinding, parse_bindings
 from hub.channels.durable import ReplayRequest, parse_replay
-from hub.channels.registry import Channels, Subscription
+from hub.channels.registry import Channels
+from hub.channels.subscription import Subscription
 from hub.channels.topics import InvalidTopic, parse_topic
-from hub.errors import AuthError, CloseCode, ProtocolError
-from hub.frames import Outbox
+from hub.config import SessionLimits
+from hub.counters import Counters
+from hub.errors import AuthError, CloseCode, HubError, ProtocolError
+from hub.outbox import Outbox
 from hub.protocol import (
     MAX_BINARY_FIELD,
     TOPIC_PREFIX,
@@ -41,28 +43,13 @@ from hub.protocol import (
     decode,
     encode,
     encode_reply,
+    is_event_name,
 )
 from hub.quotas import Quotas
-from hub.stats import Stats
 
 PHOENIX: Final = "phoenix"
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLimits:
-    """Per-connection limits.  Each is a ``HUB_*`` setting (see config)."""
-
-    #: Channels one socket may have joined at once (Supabase: 100).
-    max_channels: int = 100
-    #: Sustained joins per second per socket, and the burst allowed above it.
-    joins_per_second: float = 10.0
-    join_burst: int = 20
-    #: Largest broadcast payload or presence meta, in bytes of JSON.
-    max_payload_bytes: int = 256 * 1024
-    #: Seconds without any frame from the client before the socket is closed.
-    idle_timeout: float = 60.0
 
 
 class _JoinRate:
@@ -83,8 +70,9 @@ class _JoinRate:
         return True
 
 
-class _Refusal(Exception):
-    """A request is refused: reply with ``reason`` (``Code: message``)."""
+class Refused(HubError):
+    """A request is refused: the session replies ``phx_reply`` error with
+    ``reason`` (``Code: message``) and the socket stays open."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -124,9 +112,9 @@ class Session:
         verifier: TokenVerifier,
         channels: Channels,
         outbox: Outbox,
-        limits: SessionLimits = SessionLimits(),
+        limits: SessionLimits | None = None,
         clock: Callable[[], float] = time.time,
-        stats: Stats | None = None,
+        stats: Counters | None = None,
         quotas: Quotas | None = None,
     ) -> None:
         self.conn_id = conn_id
@@ -135,9 +123,9 @@ class Session:
         self.verifier = verifier
         self.channels = channels
         self.outbox = outbox
-        self.limits = limits
+        self.limits = limits = limits or SessionLimits()
         self.clock = clock
-        self.stats = stats or Stats()
+        self.stats = stats or Counters()
         self.quotas = quotas or Quotas()
         now = clock()
         self.last_seen = now
@@ -187,7 +175,7 @@ class Session:
         if msg.event == "phx_join":
             try:
                 self._join(msg)
-            except _Refusal as refusal:
+            except Refused as refusal:
                 self.channels.refused(msg.topic.removeprefix(TOPIC_PREFIX), refusal.reason)
                 self._reply(msg, "error", {"reason": refusal.reason})
             return
@@ -203,7 +191,7 @@ class Session:
             return
         try:
             handler(self, sub, msg)
-        except _Refusal as refusal:
+        except Refused as refusal:
             self._reply(msg, "error", {"reason": refusal.reason})
         except KeyNotCached:
             raise
@@ -295,14 +283,14 @@ class Session:
             principal = self.principal
             now = self.clock()
             if now >= principal.exp:
-                raise _Refusal(
+                raise Refused(
                     f"InvalidJWTToken: Token has expired {int(now - principal.exp)} seconds ago"
                 )
             return principal
         try:
             return self._verify(token)
         except AuthError as exc:
-            raise _Refusal(exc.reason) from None
+            raise Refused(exc.reason) from None
 
     def _verify(self, token: object) -> Principal:
         try:
@@ -317,47 +305,47 @@ class Session:
     def _join(self, msg: Message) -> None:
         wire_topic = msg.topic
         if not wire_topic.startswith(TOPIC_PREFIX):
-            raise _Refusal("Unauthorized: channel topics start with realtime:")
+            raise Refused("Unauthorized: channel topics start with realtime:")
         try:
             topic = parse_topic(wire_topic[len(TOPIC_PREFIX) :])
         except InvalidTopic as exc:
-            raise _Refusal(f"Unauthorized: {exc}: {wire_topic[:80]!r}") from None
+            raise Refused(f"Unauthorized: {exc}: {wire_topic[:80]!r}") from None
         # Every attempt counts, refused ones too: each may cost a signature
         # check, so a flood of bad joins must hit the limit as well.
         if not self._join_rate.take(self.clock()):
-            raise _Refusal("ClientJoinRateLimitReached: Too many joins per second")
+            raise Refused("ClientJoinRateLimitReached: Too many joins per second")
         payload = msg.payload if isinstance(msg.payload, dict) else {}
         config = payload.get("config", {})
         if not isinstance(config, dict):
-            raise _Refusal("InvalidJoinPayload: config must be an object")
+            raise Refused("InvalidJoinPayload: config must be an object")
         principal = self._principal_for(payload.get("access_token"))
         try:
             authorize_read(principal, topic)
         except AuthError as exc:
-            raise _Refusal(exc.reason) from None
+            raise Refused(exc.reason) from None
         previous = self.subs.get(wire_topic)
         if previous is None and len(self.subs) >= self.limits.max_channels:
-            raise _Refusal("ChannelRateLimitReached: Too many channels")
+            raise Refused("ChannelRateLimitReached: Too many channels")
         broadcast = _section(config, "broadcast")
         presence = _section(config, "presence")
         try:
             bindings = parse_bindings(config.get("postgres_changes"))
         except InvalidBinding as exc:
-            raise _Refusal(f"InvalidJoinPayload: {exc}") from None
+            raise Refused(f"InvalidJoinPayload: {exc}") from None
         replay: ReplayRequest | None = None
         if broadcast.get("replay") is not None:
             if topic.kind != "org" or topic.name is not None:
-                raise _Refusal("InvalidJoinPayload: replay is only available on org:<id> topics")
+                raise Refused("InvalidJoinPayload: replay is only available on org:<id> topics")
             try:
                 replay = parse_replay(broadcast["replay"])
             except ValueError as exc:
-                raise _Refusal(f"InvalidJoinPayload: {exc}") from None
+                raise Refused(f"InvalidJoinPayload: {exc}") from None
         org = topic.org if not principal.is_service else None
         if org is not None:
             if not self.quotas.take_join(org):
-                raise _Refusal("ClientJoinRateLimitReached: Too many joins per second")
+                raise Refused("ClientJoinRateLimitReached: Too many joins per second")
             if not self.quotas.admit(self.conn_id, org):
-                raise _Refusal("ConnectionRateLimitReached: Too many connected users")
+                raise Refused("ConnectionRateLimitReached: Too many connected users")
         key = presence.get("key")
         if previous is not None:
             # A second join of one topic replaces the first (Phoenix).
@@ -409,7 +397,7 @@ class Session:
         try:
             authorize_write(sub.principal, sub.topic)
         except AuthError as exc:
-            raise _Refusal(exc.reason) from None
+            raise Refused(exc.reason) from None
         body = msg.payload
         event: Any
         if isinstance(body, BinaryBroadcast):
@@ -417,17 +405,17 @@ class Session:
         elif isinstance(body, dict):
             event = body.get("event")
             if not isinstance(event, str):
-                raise _Refusal("InvalidPayload: broadcast needs a string event")
+                raise Refused("InvalidPayload: broadcast needs a string event")
             data, is_json = orjson.dumps(body.get("payload", {})), True
         else:
-            raise _Refusal("InvalidPayload: broadcast payload must be an object")
-        if not event or len(event.encode()) > MAX_BINARY_FIELD:
-            raise _Refusal(f"InvalidPayload: event must be 1 to {MAX_BINARY_FIELD} bytes")
+            raise Refused("InvalidPayload: broadcast payload must be an object")
+        if not is_event_name(event):
+            raise Refused(f"InvalidPayload: event must be 1 to {MAX_BINARY_FIELD} bytes")
         if len(data) > self.limits.max_payload_bytes:
-            raise _Refusal("PayloadTooLarge: Payload size exceeds tenant limit")
+            raise Refused("PayloadTooLarge: Payload size exceeds tenant limit")
         org = sub.topic.org
         if org is not None and not sub.principal.is_service and not self.quotas.take_message(org):
-            raise _Refusal("RateLimitReached: Too many messages per second")
+            raise Refused("RateLimitReached: Too many messages per second")
         if sub.ack:
             self._reply(msg, "ok", {})
         origin = None if sub.echo_self else sub
@@ -443,9 +431,9 @@ class Session:
         if event == "track":
             fields = body.get("payload", {})
             if not isinstance(fields, dict):
-                raise _Refusal("InvalidPayload: presence payload must be an object")
+                raise Refused("InvalidPayload: presence payload must be an object")
             if len(orjson.dumps(fields)) > self.limits.max_payload_bytes:
-                raise _Refusal("PayloadTooLarge: Payload size exceeds tenant limit")
+                raise Refused("PayloadTooLarge: Payload size exceeds tenant limit")
             self._reply(msg, "ok", {})
             if not sub.presence_enabled:
                 # Supabase turns presence on at the first track, even when
@@ -457,7 +445,7 @@ class Session:
             self._reply(msg, "ok", {})
             self.channels.untrack(sub)
         else:
-            raise _Refusal("InvalidPayload: presence event must be track or untrack")
+            raise Refused("InvalidPayload: presence event must be track or untrack")
 
     def _access_token(self, sub: Subscription, msg: Message) -> None:
         body = msg.payload if isinstance(msg.payload, dict) else {}
@@ -486,7 +474,7 @@ def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _Refusal(f"InvalidJoinPayload: config.{name} must be an object")
+        raise Refused(f"InvalidJoinPayload: config.{name} must be an object")
     return value
 
 

@@ -1,7 +1,7 @@
 """The WebSocket protocol (RFC 6455), server side, without I/O.
 
 The hub serves ``/realtime/v1/websocket`` with its own small protocol object
-(:class:`hub.transport.HubSocket`) rather than a general WebSocket library:
+(:class:`hub.transport.socket.HubSocket`) rather than a general WebSocket library:
 an idle connection is then a handful of slotted objects, and a connect is
 one HTTP parse (uvicorn's httptools) instead of two.  This module holds what
 that needs and nothing else:
@@ -33,6 +33,7 @@ try:  # websockets' C extension; its pure-Python twin where it is not built.
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
+from hub.errors import CloseCode, WebSocketError
 from hub.frames import Frame
 
 OP_CONT: Final = 0x0
@@ -42,22 +43,8 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 
-CLOSE_NORMAL: Final = 1000
-CLOSE_PROTOCOL_ERROR: Final = 1002
-CLOSE_NO_STATUS: Final = 1005
-CLOSE_INVALID_DATA: Final = 1007
-CLOSE_TOO_BIG: Final = 1009
 
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-class WebSocketError(Exception):
-    """A peer broke the protocol; answer with a close frame ``code``."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 # -- the opening handshake -----------------------------------------------------------
@@ -104,7 +91,7 @@ def accept_response(key: bytes) -> bytes:
 
 def close_frame(code: int, reason: str = "") -> Frame:
     """A close frame; the reason is cut to fit the 125-byte control limit."""
-    if code == CLOSE_NO_STATUS:
+    if code == CloseCode.NO_STATUS:
         return Frame(OP_CLOSE, b"")
     body = reason.encode()[:123]
     while True:
@@ -127,16 +114,16 @@ def _valid_close_code(code: int) -> bool:
 def parse_close(payload: bytes) -> tuple[int, str]:
     """The code and reason of a received close frame."""
     if not payload:
-        return CLOSE_NO_STATUS, ""
+        return CloseCode.NO_STATUS, ""
     if len(payload) == 1:
-        raise WebSocketError(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload")
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte payload")
     code = int.from_bytes(payload[:2], "big")
     if not _valid_close_code(code):
-        raise WebSocketError(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
+        raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
     try:
         reason = payload[2:].decode()
     except UnicodeDecodeError:
-        raise WebSocketError(CLOSE_INVALID_DATA, "close reason is not UTF-8") from None
+        raise WebSocketError(CloseCode.INVALID_FRAME, "close reason is not UTF-8") from None
     return code, reason
 
 
@@ -182,9 +169,9 @@ class FrameReader:
             b0 = buf[pos]
             b1 = buf[pos + 1]
             if b0 & 0x70:
-                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "reserved bits must be 0")
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "reserved bits must be 0")
             if not b1 & 0x80:
-                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
             opcode = b0 & 0x0F
             fin = b0 & 0x80
             length = b1 & 0x7F
@@ -201,10 +188,11 @@ class FrameReader:
                 head = 10
             if opcode >= OP_CLOSE:
                 if opcode > OP_PONG:
-                    raise WebSocketError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+                    raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode}")
                 if not fin or length > 125:
                     raise WebSocketError(
-                        CLOSE_PROTOCOL_ERROR, "control frames must be whole and at most 125 bytes"
+                        CloseCode.PROTOCOL_ERROR,
+                        "control frames must be whole and at most 125 bytes",
                     )
             else:
                 self._check_data_frame(opcode, length)
@@ -230,14 +218,16 @@ class FrameReader:
     def _check_data_frame(self, opcode: int, length: int) -> None:
         if opcode == OP_CONT:
             if self._parts is None:
-                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "continuation without a message")
+                raise WebSocketError(CloseCode.PROTOCOL_ERROR, "continuation without a message")
         elif opcode in (OP_TEXT, OP_BINARY):
             if self._parts is not None:
-                raise WebSocketError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
+                raise WebSocketError(
+                    CloseCode.PROTOCOL_ERROR, "new message inside a fragmented one"
+                )
         else:
-            raise WebSocketError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            raise WebSocketError(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode}")
         if self._part_size + length > self.max_size:
-            raise WebSocketError(CLOSE_TOO_BIG, f"message over {self.max_size} bytes")
+            raise WebSocketError(CloseCode.MESSAGE_TOO_BIG, f"message over {self.max_size} bytes")
 
     def _fragment(
         self, opcode: int, payload: bytes, fin: int, out: list[tuple[int, bytes]]

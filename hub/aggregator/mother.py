@@ -63,7 +63,7 @@ from hub.store.base import MAX_READ, EventStore, StoredEvent
 
 if TYPE_CHECKING:
     from hub.auth.principal import Principal
-    from hub.channels.registry import Subscription
+    from hub.channels.subscription import Subscription
 
 log = logging.getLogger(__name__)
 

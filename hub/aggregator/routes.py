@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import orjson
 from starlette.requests import Request
@@ -19,10 +19,9 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from hub.aggregator.mother import Mother
 from hub.api.common import Rejected, authenticate, error_response
-
-if TYPE_CHECKING:
-    from hub.app import Hub
+from hub.auth.tokens import TokenVerifier
 
 #: Where index.html, style.css and app.js live (package data).
 DASHBOARD_DIR: Final = Path(__file__).resolve().parent.parent / "dashboard"
@@ -39,29 +38,34 @@ _PAGE_HEADERS: Final = {
 }
 
 
-async def mother_stats(request: Request) -> Response:
-    hub: Hub = request.app.state.hub
-    try:
-        principal = await authenticate(request, hub)
-        if not principal.is_admin:
-            raise Rejected(403, "Forbidden: the network stats are for admins")
-    except Rejected as rejected:
-        return error_response(rejected.status, rejected.message)
-    return Response(
-        orjson.dumps(hub.mother.snapshot()),
-        media_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
+class MotherApi:
+    """The command center's routes, with what they use: the token check and
+    the mother aggregator."""
+
+    def __init__(self, *, verifier: TokenVerifier, mother: Mother) -> None:
+        self.verifier = verifier
+        self.mother = mother
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/api/mother/stats", self.stats, methods=["GET"]),
+            Route("/dashboard", dashboard, methods=["GET"]),
+            Mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR), name="dashboard"),
+        ]
+
+    async def stats(self, request: Request) -> Response:
+        try:
+            principal = await authenticate(request, self.verifier)
+            if not principal.is_admin:
+                raise Rejected(403, "Forbidden: the network stats are for admins")
+        except Rejected as rejected:
+            return error_response(rejected.status, rejected.message)
+        return Response(
+            orjson.dumps(self.mother.snapshot()),
+            media_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
 
 
 async def dashboard(request: Request) -> Response:
     return FileResponse(DASHBOARD_DIR / "index.html", headers=_PAGE_HEADERS)
-
-
-def routes() -> list[BaseRoute]:
-    """The routes to add to the hub's app."""
-    return [
-        Route("/api/mother/stats", mother_stats, methods=["GET"]),
-        Route("/dashboard", dashboard, methods=["GET"]),
-        Mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR), name="dashboard"),
-    ]

@@ -15,32 +15,33 @@ checked before the first is published.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from hub.api.common import Rejected, authenticate, error_response, read_body, read_json
 from hub.auth.policy import authorize_write
 from hub.auth.principal import Principal
+from hub.auth.tokens import TokenVerifier
+from hub.channels.registry import Channels
 from hub.channels.topics import InvalidTopic, parse_topic
 from hub.errors import AuthError
-from hub.protocol import MAX_BINARY_FIELD, Broadcast
-
-if TYPE_CHECKING:
-    from hub.app import Hub
+from hub.protocol import MAX_BINARY_FIELD, Broadcast, is_event_name
+from hub.quotas import Quotas
 
 #: Messages one request may carry.
 MAX_MESSAGES: Final = 100
 
 
 def _check(
-    hub: Hub, principal: Principal, topic_text: Any, event: Any, payload: bytes
+    principal: Principal, topic_text: Any, event: Any, payload: bytes, max_payload_bytes: int
 ) -> tuple[str, str]:
     if not isinstance(topic_text, str):
         raise Rejected(422, "topic must be a string")
-    if not isinstance(event, str) or not event or len(event.encode()) > MAX_BINARY_FIELD:
+    if not is_event_name(event):
         raise Rejected(422, f"event must be a string of 1 to {MAX_BINARY_FIELD} bytes")
     try:
         topic = parse_topic(topic_text)
@@ -50,66 +51,101 @@ def _check(
         authorize_write(principal, topic)
     except AuthError as exc:
         raise Rejected(403, exc.reason) from None
-    if len(payload) > hub.settings.max_payload_bytes:
+    if len(payload) > max_payload_bytes:
         raise Rejected(422, "Payload size exceeds tenant limit")
     return topic.text, event
 
 
-def _charge(hub: Hub, principal: Principal, topics: list[str]) -> None:
+def _charge(quotas: Quotas, principal: Principal, topics: list[str]) -> None:
     """Count the messages against their orgs' quotas; 429 when over."""
     if principal.is_service:
         return
     for text in topics:
         org = parse_topic(text).org
-        if org is not None and not hub.quotas.take_message(org):
+        if org is not None and not quotas.take_message(org):
             raise Rejected(429, "You have exceeded your rate limit")
 
 
-async def rest_broadcast(request: Request) -> Response:
-    hub: Hub = request.app.state.hub
-    try:
-        principal = await authenticate(request, hub)
-        body = await read_json(request, hub.settings.max_request_bytes)
-        messages = body.get("messages") if isinstance(body, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise Rejected(422, 'body must be {"messages": [...]} with at least one message')
-        if len(messages) > MAX_MESSAGES:
-            raise Rejected(422, f"at most {MAX_MESSAGES} messages per request")
-        ready = []
-        for message in messages:
-            if not isinstance(message, dict):
-                raise Rejected(422, "each message must be an object")
-            payload = orjson.dumps(message.get("payload", {}))
-            topic, event = _check(
-                hub, principal, message.get("topic"), message.get("event"), payload
+class BroadcastApi:
+    """The REST broadcast routes, with what they use: the token check, the
+    channels to publish to, the org quotas and the size limits."""
+
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        channels: Channels,
+        quotas: Quotas,
+        max_payload_bytes: int,
+        max_request_bytes: int,
+    ) -> None:
+        self.verifier = verifier
+        self.channels = channels
+        self.quotas = quotas
+        self.max_payload_bytes = max_payload_bytes
+        self.max_request_bytes = max_request_bytes
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/realtime/v1/api/broadcast", self.broadcast, methods=["POST"]),
+            Route("/api/broadcast", self.broadcast, methods=["POST"]),
+            Route(
+                "/realtime/v1/api/broadcast/{topic}/events/{event}",
+                self.broadcast_one,
+                methods=["POST"],
+            ),
+        ]
+
+    async def broadcast(self, request: Request) -> Response:
+        try:
+            principal = await authenticate(request, self.verifier)
+            body = await read_json(request, self.max_request_bytes)
+            messages = body.get("messages") if isinstance(body, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise Rejected(422, 'body must be {"messages": [...]} with at least one message')
+            if len(messages) > MAX_MESSAGES:
+                raise Rejected(422, f"at most {MAX_MESSAGES} messages per request")
+            ready = []
+            for message in messages:
+                if not isinstance(message, dict):
+                    raise Rejected(422, "each message must be an object")
+                payload = orjson.dumps(message.get("payload", {}))
+                topic, event = _check(
+                    principal,
+                    message.get("topic"),
+                    message.get("event"),
+                    payload,
+                    self.max_payload_bytes,
+                )
+                ready.append(Broadcast(topic, event, payload))
+            _charge(self.quotas, principal, [broadcast.topic for broadcast in ready])
+        except Rejected as rejected:
+            return error_response(rejected.status, rejected.message)
+        for broadcast in ready:
+            self.channels.publish(broadcast)
+        return Response(status_code=202)
+
+    async def broadcast_one(self, request: Request) -> Response:
+        try:
+            principal = await authenticate(request, self.verifier)
+            body = await read_body(request, self.max_request_bytes)
+            is_json = request.headers.get("content-type", "").split(";")[0] != (
+                "application/octet-stream"
             )
-            ready.append(Broadcast(topic, event, payload))
-        _charge(hub, principal, [broadcast.topic for broadcast in ready])
-    except Rejected as rejected:
-        return error_response(rejected.status, rejected.message)
-    for broadcast in ready:
-        hub.channels.publish(broadcast)
-    return Response(status_code=202)
-
-
-async def rest_broadcast_one(request: Request) -> Response:
-    hub: Hub = request.app.state.hub
-    try:
-        principal = await authenticate(request, hub)
-        body = await read_body(request, hub.settings.max_request_bytes)
-        is_json = request.headers.get("content-type", "").split(";")[0] != (
-            "application/octet-stream"
-        )
-        if is_json:
-            try:
-                orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise Rejected(422, "body is not valid JSON") from None
-        topic, event = _check(
-            hub, principal, request.path_params["topic"], request.path_params["event"], body
-        )
-        _charge(hub, principal, [topic])
-    except Rejected as rejected:
-        return error_response(rejected.status, rejected.message)
-    hub.channels.publish(Broadcast(topic, event, body, is_json=is_json))
-    return Response(status_code=202)
+            if is_json:
+                try:
+                    orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    raise Rejected(422, "body is not valid JSON") from None
+            topic, event = _check(
+                principal,
+                request.path_params["topic"],
+                request.path_params["event"],
+                body,
+                self.max_payload_bytes,
+            )
+            _charge(self.quotas, principal, [topic])
+        except Rejected as rejected:
+            return error_response(rejected.status, rejected.message)
+        self.channels.publish(Broadcast(topic, event, body, is_json=is_json))
+        return Response(status_code=202)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from hub.auth.principal import Principal
-from hub.errors import AuthError
-
-if TYPE_CHECKING:
-    from hub.app import Hub
+from hub.auth.tokens import TokenVerifier
+from hub.errors import AuthError, HubError
 
 
-class Rejected(Exception):
+class Rejected(HubError):
     """Answer the request with ``status`` and ``{"message": message}``."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -28,14 +26,14 @@ def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"message": message}, status_code=status)
 
 
-async def authenticate(request: Request, hub: Hub) -> Principal:
+async def authenticate(request: Request, verifier: TokenVerifier) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, credentials = header.partition(" ")
     token = credentials.strip() if scheme.lower() == "bearer" else request.headers.get("apikey")
     if not token:
         raise Rejected(401, "Unauthorized")
     try:
-        return await hub.verifier.verify_async(token)
+        return await verifier.verify_async(token)
     except AuthError as exc:
         raise Rejected(401, f"Unauthorized: {exc.message}") from None
 

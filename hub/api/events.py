@@ -13,28 +13,27 @@ hear the event from the store's listener like every other durable event.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from hub.api.common import Rejected, authenticate, error_response, read_json
 from hub.auth.policy import authorize_write
+from hub.auth.tokens import TokenVerifier
 from hub.channels.topics import InvalidTopic, parse_topic
 from hub.errors import AuthError
-from hub.protocol import MAX_BINARY_FIELD
-from hub.store.base import MAX_READ, StoredEvent, StoreError
-
-if TYPE_CHECKING:
-    from hub.app import Hub
+from hub.protocol import MAX_BINARY_FIELD, is_event_name
+from hub.store.base import MAX_READ, EventStore, StoredEvent, StoreError
 
 #: Events one request may append.
 MAX_BATCH: Final = 100
 
 
-async def _authorized_org(request: Request, hub: Hub) -> str:
-    principal = await authenticate(request, hub)
+async def _authorized_org(request: Request, verifier: TokenVerifier) -> str:
+    principal = await authenticate(request, verifier)
     org: str = request.path_params["org"]
     try:
         topic = parse_topic(f"org:{org}")
@@ -68,30 +67,12 @@ def parse_batch(body: Any, max_payload_bytes: int) -> list[tuple[str, Any]]:
         if not isinstance(item, dict):
             raise Rejected(422, 'each event must be {"type": ..., "payload": ...}')
         kind, payload = item.get("type"), item.get("payload", {})
-        if not isinstance(kind, str) or not kind or len(kind.encode()) > MAX_BINARY_FIELD:
+        if not is_event_name(kind):
             raise Rejected(422, f"type must be a string of 1 to {MAX_BINARY_FIELD} bytes")
         if len(orjson.dumps(payload)) > max_payload_bytes:
             raise Rejected(422, "Payload size exceeds tenant limit")
         batch.append((kind, payload))
     return batch
-
-
-async def append_events(request: Request) -> Response:
-    hub: Hub = request.app.state.hub
-    limit = hub.settings.max_payload_bytes
-    try:
-        org = await _authorized_org(request, hub)
-        batch = parse_batch(await read_json(request, hub.settings.max_request_bytes), limit)
-        try:
-            stored = await hub.store.append(org, batch)
-        except (StoreError, TypeError) as exc:
-            # The store's own checks (NUL bytes, unencodable values).
-            raise Rejected(422, f"event refused: {exc}") from None
-    except Rejected as rejected:
-        return error_response(rejected.status, rejected.message)
-    return JSONResponse(
-        {"events": [{"seq": event.seq, "id": event.id} for event in stored]}, status_code=201
-    )
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -103,15 +84,52 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     return int(raw)
 
 
-async def read_events(request: Request) -> Response:
-    hub: Hub = request.app.state.hub
-    try:
-        org = await _authorized_org(request, hub)
-        after = _int_param(request, "after", 0, 0, 2**62)
-        limit = _int_param(request, "limit", 100, 1, MAX_READ)
-    except Rejected as rejected:
-        return error_response(rejected.status, rejected.message)
-    events = await hub.store.read(org, after=after, limit=limit)
-    return JSONResponse(
-        {"events": [event_json(e) for e in events], "last_seq": await hub.store.last_seq(org)}
-    )
+class EventsApi:
+    """The durable events routes, with what they use: the token check, the
+    event store and the size limits."""
+
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        store: EventStore,
+        max_payload_bytes: int,
+        max_request_bytes: int,
+    ) -> None:
+        self.verifier = verifier
+        self.store = store
+        self.max_payload_bytes = max_payload_bytes
+        self.max_request_bytes = max_request_bytes
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/api/orgs/{org}/events", self.append, methods=["POST"]),
+            Route("/api/orgs/{org}/events", self.read, methods=["GET"]),
+        ]
+
+    async def append(self, request: Request) -> Response:
+        try:
+            org = await _authorized_org(request, self.verifier)
+            body = await read_json(request, self.max_request_bytes)
+            batch = parse_batch(body, self.max_payload_bytes)
+            try:
+                stored = await self.store.append(org, batch)
+            except (StoreError, TypeError) as exc:
+                # The store's own checks (NUL bytes, unencodable values).
+                raise Rejected(422, f"event refused: {exc}") from None
+        except Rejected as rejected:
+            return error_response(rejected.status, rejected.message)
+        return JSONResponse(
+            {"events": [{"seq": event.seq, "id": event.id} for event in stored]}, status_code=201
+        )
+
+    async def read(self, request: Request) -> Response:
+        try:
+            org = await _authorized_org(request, self.verifier)
+            after = _int_param(request, "after", 0, 0, 2**62)
+            limit = _int_param(request, "limit", 100, 1, MAX_READ)
+        except Rejected as rejected:
+            return error_response(rejected.status, rejected.message)
+        events = await self.store.read(org, after=after, limit=limit)
+        last_seq = await self.store.last_seq(org)
+        return JSONResponse({"events": [event_json(e) for e in events], "last_seq": last_seq})

@@ -28,7 +28,7 @@ from jwt.algorithms import HMACAlgorithm
 from jwt.utils import base64url_encode
 
 from hub.auth.principal import DEFAULT_ADMIN_CLAIM, Principal, principal_from_claims
-from hub.errors import AuthError, ConfigError
+from hub.errors import AuthError, ConfigError, HubError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _unverified_header(token: str) -> dict[str, Any]:
     return header
 
 
-class KeyNotCached(Exception):
+class KeyNotCached(HubError):
     """The token names a JWKS key the cache does not hold (yet).
 
     Not an AuthError: the caller refreshes the JWKS and tries again, once.

@@ -13,6 +13,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
+from hub.errors import HubError
+
 EVENTS: Final = ("*", "INSERT", "UPDATE", "DELETE")
 OPERATORS: Final = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
 _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
@@ -20,7 +22,7 @@ _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 MAX_BINDINGS: Final = 100
 
 
-class InvalidBinding(ValueError):
+class InvalidBinding(HubError, ValueError):
     """A ``postgres_changes`` binding the hub cannot honour."""
 
 

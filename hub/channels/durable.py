@@ -39,7 +39,9 @@ from typing import Any
 import orjson
 
 from hub.channels.changes import matches
-from hub.channels.registry import Channels, Subscription
+from hub.channels.observer import Observers
+from hub.channels.registry import Channels, change_data
+from hub.channels.subscription import Subscription
 from hub.frames import Frame
 from hub.protocol import Broadcast, encode
 from hub.store.base import MAX_READ, EventStore, StoredEvent
@@ -80,38 +82,36 @@ def parse_replay(raw: Any) -> ReplayRequest:
     return ReplayRequest(after, None if since is None else since / 1000.0, limit, after_id)
 
 
-def _change_data(payload: dict[str, Any]) -> dict[str, Any]:
-    # Every one of columns, commit_timestamp and errors must be present: a
-    # missing one crashes supabase-js or makes realtime-py drop the message.
-    data = {
-        "schema": payload.get("schema"),
-        "table": payload.get("table"),
-        "commit_timestamp": payload.get("commit_timestamp"),
-        "type": payload.get("type"),
-        "columns": payload.get("columns") or [],
-        "errors": None,
-    }
-    for key in ("record", "old_record"):
-        if payload.get(key) is not None:
-            data[key] = payload[key]
-    return data
-
-
 class DurableFeed:
-    """Offers stored events to this node's subscriptions; runs replays."""
+    """Offers stored events to this node's subscriptions; runs replays.
 
-    def __init__(self, channels: Channels, store: EventStore, *, replay_max: int) -> None:
+    The node hands :meth:`on_event` to the store as its listener callback.
+    Live events go through the registry's fan-out
+    (:meth:`~hub.channels.registry.Channels.deliver_durable` and
+    :meth:`~hub.channels.registry.Channels.deliver_change`); a replay pushes
+    to its one subscription.  Both accept an event by the one rule,
+    :meth:`~hub.channels.subscription.Subscription.take_durable`.
+    """
+
+    def __init__(
+        self,
+        channels: Channels,
+        store: EventStore,
+        *,
+        replay_max: int,
+        observers: Observers | None = None,
+    ) -> None:
         self.channels = channels
         self.store = store
+        self.observers = observers if observers is not None else channels.observers
         self.replay_max = replay_max
         self.delivered = 0
-        store.listen(self.on_event)
 
     # -- live ---------------------------------------------------------------
 
     def on_event(self, event: StoredEvent) -> None:
         """The store's callback: one event, in seq order per org."""
-        self.channels.observe("durable", event)
+        self.observers.notify("durable", event)
         if event.kind == "event":
             broadcast = Broadcast(
                 f"org:{event.org}",
@@ -121,51 +121,13 @@ class DurableFeed:
             )
             self.delivered += self.channels.deliver_durable(broadcast, event.seq, event)
         elif isinstance(event.payload, dict):
-            frames: dict[tuple[str, str, tuple[int, ...]], Frame] = {}
-            data = _change_data(event.payload)
-            for sub in self.channels.bound_subscribers(event.org):
-                ids = tuple(b.id for b in sub.bindings if matches(b, event.payload))
-                if ids:
-                    self._offer_change(sub, event, ids, data, frames)
-
-    def _accept(self, sub: Subscription, event: StoredEvent) -> bool:
-        if sub.durable_paused or event.seq <= sub.durable_seq:
-            return False
-        if sub.replay_buffer is not None:
-            sub.replay_buffer.append(event)
-            return False
-        sub.durable_seq = event.seq
-        return True
-
-    def _offer(self, sub: Subscription, event: StoredEvent, broadcast: Broadcast) -> None:
-        if self._accept(sub, event):
-            frame = broadcast.frame_for(sub.vsn)
-            if frame is not None:
-                sub.outbox.push(frame)
-                self.delivered += 1
-
-    def _offer_change(
-        self,
-        sub: Subscription,
-        event: StoredEvent,
-        ids: tuple[int, ...],
-        data: dict[str, Any],
-        frames: dict[tuple[str, str, tuple[int, ...]], Frame],
-    ) -> None:
-        if not self._accept(sub, event):
-            return
-        key = (sub.vsn, sub.wire_topic, ids)
-        frame = frames.get(key)
-        if frame is None:
-            payload = {"ids": list(ids), "data": data}
-            frame = frames[key] = encode(
-                sub.vsn, None, None, sub.wire_topic, "postgres_changes", payload
+            self.delivered += self.channels.deliver_change(
+                event.org, event.seq, event.payload, event
             )
-        sub.outbox.push(frame)
-        self.delivered += 1
 
     def _offer_any(self, sub: Subscription, event: StoredEvent, *, replayed: bool) -> None:
         """Offer one event to one subscription (replay and buffer drain)."""
+        frame: Frame | None
         if event.kind == "event":
             if sub.topic.name is not None:
                 return
@@ -175,11 +137,20 @@ class DurableFeed:
             broadcast = Broadcast(
                 sub.topic.text, event.type, orjson.dumps(event.payload), meta=meta
             )
-            self._offer(sub, event, broadcast)
+            if not sub.take_durable(event.seq, event):
+                return
+            frame = broadcast.frame_for(sub.vsn)
         elif isinstance(event.payload, dict):
             ids = tuple(b.id for b in sub.bindings if matches(b, event.payload))
-            if ids:
-                self._offer_change(sub, event, ids, _change_data(event.payload), {})
+            if not ids or not sub.take_durable(event.seq, event):
+                return
+            payload = {"ids": list(ids), "data": change_data(event.payload)}
+            frame = encode(sub.vsn, None, None, sub.wire_topic, "postgres_changes", payload)
+        else:
+            return
+        if frame is not None:
+            sub.outbox.push(frame)
+            self.delivered += 1
 
     # -- replay -------------------------------------------------------------
 

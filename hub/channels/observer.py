@@ -1,18 +1,22 @@
-"""Hooks for whoever watches the node (the mother aggregator, tests).
+"""Hooks for whoever watches the node (the mother aggregator, tests), and
+the bus that calls them.
 
-Every method is called synchronously on the event loop from a hot path: an
+Every hook is called synchronously on the event loop from a hot path: an
 observer only updates counters in O(1) and never blocks or awaits.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hub.auth.principal import Principal
-    from hub.channels.registry import Subscription
+    from hub.channels.subscription import Subscription
     from hub.protocol import Broadcast
     from hub.store.base import StoredEvent
+
+log = logging.getLogger(__name__)
 
 
 class Observer:
@@ -39,3 +43,27 @@ class Observer:
 
     def durable(self, event: StoredEvent) -> None:
         """The store announced a durable event (each node sees every one)."""
+
+
+class Observers:
+    """The node's observers, called in the order they were added."""
+
+    __slots__ = ("_observers",)
+
+    def __init__(self) -> None:
+        self._observers: list[Observer] = []
+
+    def add(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def __bool__(self) -> bool:
+        return bool(self._observers)
+
+    def notify(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every observer.  An observer's bug is logged and
+        never stops delivery."""
+        for observer in self._observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:
+                log.exception("observer %r failed in %s", observer, hook)

@@ -11,7 +11,7 @@ Fan-out is the hot path of the hub.  For each message it:
   topic is marked once per loop iteration, and its subscribers' outboxes
   are written then, each with everything it got in that iteration.
 
-No I/O happens here; sockets are behind :class:`~hub.frames.Outbox`.
+No I/O happens here; sockets are behind :class:`~hub.outbox.Outbox`.
 """
 
 from __future__ import annotations
@@ -20,50 +20,19 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from hub.auth.principal import Principal
-from hub.channels.changes import Binding
-from hub.channels.observer import Observer
+from hub.channels.changes import matches
+from hub.channels.observer import Observers
 from hub.channels.presence import PresenceDiff, PresenceMap, PresenceTable
-from hub.channels.topics import Topic
+from hub.channels.subscription import Subscription
+from hub.counters import Counters
 from hub.engine.base import Engine, Envelope, NodeGone, PresenceSnapshot
-from hub.frames import Flushable, Frame, Outbox, Sink
+from hub.frames import Frame
+from hub.outbox import Flushable, Sink
 from hub.protocol import TOPIC_PREFIX, VSN1, VSN2, Broadcast, Vsn, encode
-from hub.stats import Stats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False, slots=True)
-class Subscription:
-    """One channel joined by one socket.  Identity is the object itself."""
-
-    topic: Topic
-    join_ref: str | None
-    vsn: Vsn
-    outbox: Outbox
-    principal: Principal
-    conn_id: str
-    echo_self: bool = False
-    ack: bool = False
-    presence_key: str = ""
-    presence_enabled: bool = True
-    bindings: list[Binding] = field(default_factory=list)
-    #: False once unsubscribed; async work (a replay) checks it on resume.
-    active: bool = True
-    #: The highest durable seq delivered; lower or equal ones are duplicates.
-    durable_seq: int = 0
-    #: While a replay runs, live durable events wait here (see durable.py).
-    replay_buffer: list[Any] | None = None
-    #: Set when a replay was truncated: live durable events would leave a
-    #: gap, so none are delivered until the client rejoins.
-    durable_paused: bool = False
-
-    @property
-    def wire_topic(self) -> str:
-        return TOPIC_PREFIX + self.topic.text
 
 
 #: Called with a topic's subscribers after the fan-out wrote to their
@@ -105,22 +74,31 @@ class _TopicSubscribers:
 class Channels:
     """The registry of this node's subscriptions and the fan-out to them."""
 
-    def __init__(self, engine: Engine, *, node_id: str = "", stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        node_id: str = "",
+        stats: Counters | None = None,
+        observers: Observers | None = None,
+        schedule: Scheduler = _flush_now,
+    ) -> None:
+        """``engine`` carries what this node publishes to every node (the
+        node binds the engine's deliveries back to :meth:`deliver`).
+        ``schedule`` is how a topic's outboxes get flushed after a fan-out:
+        the node's write flusher (once per loop iteration); the default
+        flushes at once, for outboxes that are not sockets."""
         self.engine = engine
-        self.stats = stats or Stats()
-        self.observers: list[Observer] = []
+        self.stats = stats or Counters()
+        self.observers = observers if observers is not None else Observers()
         self.node_id = node_id
-        engine.bind(self)
+        self.schedule = schedule
         self._topics: dict[str, _TopicSubscribers] = {}
         #: org id -> subscriptions (any topic of that org) with
         #: postgres_changes bindings.
         self._bindings: dict[str, dict[Subscription, None]] = {}
         self._presence: dict[str, PresenceTable] = {}
         self.delivered = 0
-        #: How a topic's outboxes get flushed after a fan-out; the hub sets
-        #: its write flusher here (once per loop iteration).  The default
-        #: flushes at once, for outboxes that are not sockets.
-        self.schedule: Scheduler = _flush_now
 
     # -- subscriptions -------------------------------------------------------
 
@@ -138,7 +116,7 @@ class Channels:
         """Remove ``sub`` and its presence.  Idempotent."""
         key = sub.topic.text
         if sub.active:
-            self.observe("left", sub)
+            self.observers.notify("left", sub)
         sub.active = False
         bound = self._bindings.get(sub.topic.owner)
         if bound is not None:
@@ -161,22 +139,13 @@ class Channels:
             self._presence.pop(key, None)
             self.engine.unsubscribe(key)
 
-    def observe(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` on every observer.  An observer's bug is logged and
-        never stops delivery."""
-        for observer in self.observers:
-            try:
-                getattr(observer, hook)(*args)
-            except Exception:
-                log.exception("observer %r failed in %s", observer, hook)
-
     def joined(self, sub: Subscription) -> None:
         """Called by the session once the join reply is queued."""
-        self.observe("joined", sub)
+        self.observers.notify("joined", sub)
 
     def refused(self, topic: str, reason: str) -> None:
         self.stats.refused(reason)
-        self.observe("refused", topic, reason)
+        self.observers.notify("refused", topic, reason)
 
     def subscribers(self, topic: str) -> list[Subscription]:
         """This node's subscriptions of ``topic`` (a copy)."""
@@ -277,17 +246,15 @@ class Channels:
             self.schedule(subscribers)
         self.delivered += count
         if self.observers:
-            self.observe("broadcast", broadcast, count)
+            self.observers.notify("broadcast", broadcast, count)
         self.stats.fanout_latency.observe(max(0.0, time.time() - broadcast.sent_at))
 
     def deliver_durable(self, broadcast: Broadcast, seq: int, event: object) -> int:
         """Fan out the broadcast of durable event ``seq`` (``event`` is what
-        a replay buffer holds).  As a broadcast, through the sinks, but each
-        subscription takes it at most once (``seq`` above its
-        ``durable_seq``), keeps it in its ``replay_buffer`` while a replay
-        reads the store, and takes none while paused.  The checks are
-        inline: this runs once per subscriber per durable event.  Returns
-        how many subscriptions got the frame now."""
+        a replay buffer holds).  As a broadcast (encoded once per wire
+        format, through the sinks, one flush per topic), but each
+        subscription decides with :meth:`Subscription.take_durable`.
+        Returns how many subscriptions got the frame now."""
         subscribers = self._topics.get(broadcast.topic)
         if subscribers is None:
             return 0
@@ -300,17 +267,49 @@ class Channels:
                 continue
             wire = frame.wire
             for sub, sink in group.items():
-                if sub.durable_paused or seq <= sub.durable_seq:
-                    continue
-                if sub.replay_buffer is not None:
-                    sub.replay_buffer.append(event)
-                    continue
-                sub.durable_seq = seq
-                sink(wire)
-                count += 1
+                if sub.take_durable(seq, event):
+                    sink(wire)
+                    count += 1
         if count and not subscribers.scheduled:
             subscribers.scheduled = True
             self.schedule(subscribers)
+        return count
+
+    def deliver_change(self, org: str, seq: int, change: dict[str, Any], event: object) -> int:
+        """Fan out captured row change ``seq`` of ``org`` (the payload of a
+        ``change`` event) as ``postgres_changes`` to the org's subscriptions
+        whose bindings match.  The same mechanism as :meth:`deliver_durable`:
+        one frame per (wire format, topic, matching binding ids), appended
+        through the sinks, one flush per topic; the same acceptance rule.
+        The org comes from the stored event, never from a client's filter.
+        Returns how many subscriptions got a frame now."""
+        bound = self._bindings.get(org)
+        if not bound:
+            return 0
+        data = change_data(change)
+        frames: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
+        touched: dict[str, _TopicSubscribers] = {}
+        count = 0
+        for sub in bound:
+            ids = tuple(b.id for b in sub.bindings if matches(b, change))
+            if not ids or not sub.take_durable(seq, event):
+                continue
+            key = (sub.vsn, sub.topic.text, ids)
+            wire = frames.get(key)
+            if wire is None:
+                payload = {"ids": list(ids), "data": data}
+                frame = encode(sub.vsn, None, None, sub.wire_topic, "postgres_changes", payload)
+                wire = frames[key] = frame.wire
+            sub.outbox.sink(wire)
+            count += 1
+            if sub.topic.text not in touched:
+                subscribers = self._topics.get(sub.topic.text)
+                if subscribers is not None:
+                    touched[sub.topic.text] = subscribers
+        for subscribers in touched.values():
+            if not subscribers.scheduled:
+                subscribers.scheduled = True
+                self.schedule(subscribers)
         return count
 
     def _deliver_presence(self, diff: PresenceDiff) -> None:
@@ -331,6 +330,25 @@ class Channels:
                     if frame is None:
                         frame = encode(vsn, None, None, wire_topic, "presence_diff", payload)
                     sub.outbox.push(frame)
+
+
+def change_data(payload: dict[str, Any]) -> dict[str, Any]:
+    """The ``data`` of a ``postgres_changes`` message for a captured change.
+
+    Every one of columns, commit_timestamp and errors must be present: a
+    missing one crashes supabase-js or makes realtime-py drop the message."""
+    data = {
+        "schema": payload.get("schema"),
+        "table": payload.get("table"),
+        "commit_timestamp": payload.get("commit_timestamp"),
+        "type": payload.get("type"),
+        "columns": payload.get("columns") or [],
+        "errors": None,
+    }
+    for key in ("record", "old_record"):
+        if payload.get(key) is not None:
+            data[key] = payload[key]
+    return data
 
 
 def _fan_out(group: dict[Subscription, Sink], wire: bytes, origin: object) -> int:

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from hub.errors import HubError
+
 #: An org id: starts with a letter or digit, then letters, digits, ``_`` or
 #: ``-``; at most 64 characters.
 ORG_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -45,7 +47,7 @@ class Topic:
         return self.owner if self.kind == "org" else None
 
 
-class InvalidTopic(ValueError):
+class InvalidTopic(HubError, ValueError):
     """The topic does not match the grammar."""
 
 

@@ -50,14 +50,15 @@ class Engine(abc.ABC):
     order they were published, on every node.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, quotas: Quotas | None = None) -> None:
         self._listener: EngineListener | None = None
         #: Per-org quota counters; a networked engine exchanges each node's
         #: share with the others (see hub.quotas).
-        self.quotas: Quotas | None = None
+        self.quotas = quotas
 
     def bind(self, listener: EngineListener) -> None:
-        """Set the registry that receives every envelope for this node."""
+        """Set the registry that receives every envelope for this node (the
+        node does this once, where it is wired: hub/node.py)."""
         self._listener = listener
 
     async def start(self) -> None:  # noqa: B027 - optional hook

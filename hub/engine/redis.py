@@ -51,6 +51,7 @@ from hub.channels.presence import PresenceDiff
 from hub.engine.base import Engine, NodeGone, PresenceSnapshot
 from hub.errors import ConfigError
 from hub.protocol import Broadcast
+from hub.quotas import Quotas
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ class RedisEngine(Engine):
         heartbeat: float = 1.0,
         node_timeout: float = 10.0,
         health_timeout: float = 5.0,
+        quotas: Quotas | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(quotas=quotas)
         self.url = url
         self.node_id = node_id
         self.prefix = prefix

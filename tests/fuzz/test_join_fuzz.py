@@ -33,13 +33,13 @@ from hypothesis import strategies as st
 
 from hub.auth.tokens import TokenVerifier
 from hub.channels.durable import DurableFeed
-from hub.channels.registry import Channels
-from hub.engine.memory import MemoryEngine
 from hub.errors import CloseCode, ProtocolError
-from hub.frames import Frame, ListOutbox
+from hub.frames import Frame
+from hub.outbox import ListOutbox
 from hub.protocol import VSN1, VSN2, Vsn, decode
 from hub.session import Session
 from hub.store.memory import MemoryStore
+from tests.support.channels import local_channels
 
 SECRET = b"fuzz-secret-long-enough-for-hs256-0123456789abcdef"
 ORGS = ("app_metadata", "orgs")
@@ -61,7 +61,7 @@ class Rig:
     def __init__(self, vsn: Vsn) -> None:
         self.vsn = vsn
         self.verifier = TokenVerifier(secret=SECRET, jwks=None, orgs_claim=ORGS)
-        self.channels = Channels(MemoryEngine())
+        self.channels = local_channels()
         self.store = MemoryStore(max_events_per_org=100)
         self.feed = DurableFeed(self.channels, self.store, replay_max=50)
         self.outbox = ListOutbox()

@@ -10,11 +10,12 @@ import pytest
 from hub.auth.principal import Principal
 from hub.channels.changes import parse_bindings
 from hub.channels.durable import DurableFeed, ReplayRequest, parse_replay
-from hub.channels.registry import Channels, Subscription
+from hub.channels.registry import Channels
+from hub.channels.subscription import Subscription
 from hub.channels.topics import parse_topic
-from hub.engine.memory import MemoryEngine
-from hub.frames import ListOutbox
+from hub.outbox import ListOutbox
 from hub.store.memory import MemoryStore
+from tests.support.channels import local_channels
 
 MEMBER = Principal(role="authenticated", exp=2e9, sub="u", orgs={"a": "member", "b": "member"})
 
@@ -47,9 +48,11 @@ def seqs(sub: Subscription) -> list[int]:
 
 @pytest.fixture
 def setup() -> tuple[Channels, MemoryStore, DurableFeed]:
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     store = MemoryStore(max_events_per_org=50)
-    return channels, store, DurableFeed(channels, store, replay_max=20)
+    feed = DurableFeed(channels, store, replay_max=20)
+    store.listen(feed.on_event)  # as hub/node.py wires them
+    return channels, store, feed
 
 
 async def test_events_reach_only_their_org_topic(setup: Any) -> None:

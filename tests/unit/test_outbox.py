@@ -11,22 +11,23 @@ from __future__ import annotations
 import asyncio
 
 from hub.auth.principal import Principal
-from hub.channels.registry import Channels, Subscription
+from hub.channels.registry import Channels
+from hub.channels.subscription import Subscription
 from hub.channels.topics import parse_topic
-from hub.engine.memory import MemoryEngine
+from hub.counters import Counters
 from hub.errors import CloseCode
-from hub.frames import OP_BINARY, OP_TEXT, Frame, ListOutbox
+from hub.flusher import Flusher
+from hub.frames import OP_BINARY, OP_TEXT, Frame
+from hub.outbox import ListOutbox
 from hub.protocol import VSN2, Broadcast
-from hub.stats import Stats
-from hub.transport import Flusher, SocketOutbox
+from hub.transport.outbox import SocketOutbox
+from tests.support.channels import local_channels
 
 MEMBER = Principal(role="authenticated", exp=2e9, sub="u", orgs={"42": "member"})
 
 
 class FakeSocket:
     """Stands in for HubSocket: records each write call."""
-
-    hub_outbox: SocketOutbox | None = None
 
     def __init__(self, unread_after_write: int = 0) -> None:
         self.writes: list[list[bytes]] = []
@@ -47,13 +48,13 @@ class FakeSocket:
 def _setup(
     loop: asyncio.AbstractEventLoop, sockets: list[FakeSocket], max_bytes: int = 1 << 20
 ) -> tuple[Channels, list[Subscription]]:
-    stats = Stats()
-    channels = Channels(MemoryEngine(), stats=stats)
-    flusher = Flusher(loop, stats)
-    channels.schedule = flusher.mark
+    stats = Counters()
+    flusher = Flusher()
+    flusher.start(loop)
+    channels = local_channels(stats=stats, schedule=flusher.mark)
     subs = []
     for i, sock in enumerate(sockets):
-        outbox = SocketOutbox(sock, flusher, max_bytes)  # type: ignore[arg-type]
+        outbox = SocketOutbox(sock, flusher, max_bytes, stats)
         s = Subscription(parse_topic("org:42"), "1", VSN2, outbox, MEMBER, f"c{i}")
         channels.subscribe(s)
         subs.append(s)
@@ -125,7 +126,7 @@ def test_frame_from_wire_rebuilds_every_header_length() -> None:
 
 def test_a_fanned_out_frame_reaches_a_list_outbox_whole() -> None:
     outbox = ListOutbox()
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     channels.subscribe(
         Subscription(
             topic=parse_topic("org:42"),

@@ -9,11 +9,11 @@ import pytest
 
 from hub.auth.tokens import TokenVerifier, issue_token
 from hub.channels.registry import Channels
-from hub.engine.memory import MemoryEngine
 from hub.errors import ConfigError
-from hub.frames import ListOutbox
+from hub.outbox import ListOutbox
 from hub.quotas import OrgQuota, Quotas, parse_overrides
 from hub.session import Session
+from tests.support.channels import local_channels
 
 SECRET = "q" * 40
 
@@ -110,7 +110,7 @@ def _replies(outbox: ListOutbox) -> dict[str, Any]:
 
 def test_session_refuses_over_quota_and_leaves_other_orgs_alone() -> None:
     quotas = Quotas(OrgQuota(max_connections=1, messages_per_second=1))
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     first, first_out = _session(quotas, "c1", channels)
     second, second_out = _session(quotas, "c2", channels)
     _send(first, "realtime:org:a", "phx_join", {}, "1")

@@ -7,12 +7,14 @@ from typing import Any
 
 from hub.auth.principal import Principal
 from hub.channels.presence import PresenceDiff
-from hub.channels.registry import Channels, Subscription
+from hub.channels.registry import Channels
+from hub.channels.subscription import Subscription
 from hub.channels.topics import parse_topic
 from hub.engine.base import NodeGone, PresenceSnapshot
 from hub.engine.memory import MemoryEngine
-from hub.frames import ListOutbox
+from hub.outbox import ListOutbox
 from hub.protocol import VSN1, VSN2, Broadcast, Vsn
+from tests.support.channels import local_channels
 
 MEMBER = Principal(role="authenticated", exp=2e9, sub="u", orgs={"42": "member"})
 
@@ -87,7 +89,7 @@ def texts(subscription: Subscription) -> list[Any]:
 
 
 def test_fanout_encodes_once_per_format_and_shares_the_frame() -> None:
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     v2 = [sub(channels, vsn=VSN2) for _ in range(3)]
     v1 = [sub(channels, vsn=VSN1) for _ in range(2)]
     broadcast = CountingBroadcast("org:42", "e", b'{"n":1}')
@@ -107,13 +109,13 @@ def test_fanout_encodes_once_per_format_and_shares_the_frame() -> None:
 
 
 def test_fanout_builds_no_frame_for_an_absent_format() -> None:
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     sub(channels, vsn=VSN2)
     only_v2 = CountingBroadcast("org:42", "e", b"{}")
     channels.publish(only_v2)
     assert (only_v2.v1_calls, only_v2.v2_calls) == (0, 1)
 
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     sub(channels, vsn=VSN1)
     only_v1 = CountingBroadcast("org:42", "e", b"{}")
     channels.publish(only_v1)
@@ -121,7 +123,7 @@ def test_fanout_builds_no_frame_for_an_absent_format() -> None:
 
 
 def test_fanout_skips_the_origin() -> None:
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     sender, other = sub(channels), sub(channels)
     sender_v1, other_v1 = sub(channels, vsn=VSN1), sub(channels, vsn=VSN1)
     channels.publish(Broadcast("org:42", "e", b"{}", origin=sender))
@@ -135,7 +137,7 @@ def test_fanout_skips_the_origin() -> None:
 
 
 def test_fanout_drops_raw_binary_for_v1() -> None:
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     v1, v2 = sub(channels, vsn=VSN1), sub(channels, vsn=VSN2)
     channels.publish(Broadcast("org:42", "bin", b"\x00\x01", is_json=False))
     assert frames(v1) == []
@@ -146,7 +148,7 @@ def test_fanout_drops_raw_binary_for_v1() -> None:
 
 
 def test_fanout_reaches_only_the_topic() -> None:
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     a, b, c = sub(channels, "org:42"), sub(channels, "org:42:chat"), sub(channels, "org:43")
     channels.publish(Broadcast("org:42", "e", b"{}"))
     assert [len(frames(s)) for s in (a, b, c)] == [1, 0, 0]
@@ -156,7 +158,7 @@ def test_fanout_reaches_only_the_topic() -> None:
 
 def test_engine_subscribes_on_first_and_unsubscribes_on_last() -> None:
     engine = RecordingEngine()
-    channels = Channels(engine)
+    channels = local_channels(engine)
     a = sub(channels, "org:42", VSN1)
     b = sub(channels, "org:42", VSN2)
     assert engine.subscribed == ["org:42"]
@@ -177,7 +179,7 @@ def test_engine_subscribes_on_first_and_unsubscribes_on_last() -> None:
 
 def test_unsubscribe_untracks_and_tells_the_others() -> None:
     engine = RecordingEngine()
-    channels = Channels(engine)
+    channels = local_channels(engine)
     leaver, stayer = sub(channels, key="leaver"), sub(channels, vsn=VSN1, key="stayer")
     channels.track(leaver, {"n": 1})
     assert channels.presence_size("org:42") == 1
@@ -196,7 +198,7 @@ def test_unsubscribe_untracks_and_tells_the_others() -> None:
 
 
 def test_presence_diff_is_encoded_once_per_format_and_skips_disabled() -> None:
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     v2 = [sub(channels, vsn=VSN2, key=f"k{i}") for i in range(2)]
     v1 = [sub(channels, vsn=VSN1, key=f"v{i}") for i in range(2)]
     off = sub(channels, vsn=VSN2, presence=False, key="off")
@@ -210,7 +212,7 @@ def test_presence_diff_is_encoded_once_per_format_and_skips_disabled() -> None:
 
 
 def test_presence_state_of_the_topic() -> None:
-    channels = Channels(MemoryEngine(), node_id="n1.")
+    channels = local_channels(node_id="n1.")
     a, b = sub(channels, key="alice"), sub(channels, key="bob")
     assert channels.presence_state("org:42") == {}
     channels.track(a, {"n": 1})
@@ -224,7 +226,7 @@ def test_presence_state_of_the_topic() -> None:
 
 
 def test_remote_presence_is_applied_only_for_local_topics() -> None:
-    channels = Channels(MemoryEngine(), node_id="a.")
+    channels = local_channels(node_id="a.")
     watcher = sub(channels, key="w")
     remote = PresenceDiff("org:42", joins={"bob": {"metas": [{"phx_ref": "b.1"}]}}, node="b")
     channels.deliver(remote)
@@ -248,5 +250,5 @@ def test_remote_presence_is_applied_only_for_local_topics() -> None:
 
 
 def test_subscription_wire_topic() -> None:
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     assert sub(channels, "org:42:chat", subscribe=False).wire_topic == "realtime:org:42:chat"

@@ -7,11 +7,10 @@ import json
 import pytest
 
 from hub.auth.tokens import TokenVerifier, issue_token
-from hub.channels.registry import Channels
-from hub.engine.memory import MemoryEngine
-from hub.frames import ListOutbox
+from hub.outbox import ListOutbox
 from hub.protocol import Broadcast
 from hub.session import Session
+from tests.support.channels import local_channels
 
 SECRET = "e" * 40
 
@@ -20,7 +19,7 @@ def test_a_failing_handler_sends_phx_error_and_keeps_the_socket(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     verifier = TokenVerifier(secret=SECRET.encode(), jwks=None, orgs_claim=("app_metadata", "orgs"))
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     outbox = ListOutbox()
     session = Session(
         conn_id="c",

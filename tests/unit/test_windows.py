@@ -28,10 +28,9 @@ from hub.aggregator.windows import (
     TypeCounts,
     merge_shares,
 )
-from hub.channels.registry import Channels
-from hub.engine.memory import MemoryEngine
 from hub.store.base import StoredEvent
 from hub.store.memory import MemoryStore
+from tests.support.channels import local_channels
 
 T0 = 1_699_999_980.0  # a whole minute
 
@@ -371,9 +370,9 @@ class FakeClock:
 
 
 def make_mother(clock: FakeClock, store: Any = None) -> Mother:
-    channels = Channels(MemoryEngine())
+    channels = local_channels()
     mother = Mother(channels=channels, store=store or MemoryStore(), node_id="n1", clock=clock)
-    channels.observers.append(mother)
+    channels.observers.add(mother)
     return mother
 
 

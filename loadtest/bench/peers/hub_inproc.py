@@ -1,7 +1,7 @@
 """The hub exactly as ``hub serve`` runs it, plus the benchmark control socket.
 
 Used for the ``hub-inproc`` server: publishing goes through
-``hub.channels.publish(Broadcast(...))`` inside the process, as the peers
+``node.channels.publish(Broadcast(...))`` inside the process, as the peers
 publish through their own APIs, so the REST layer's cost can be told apart
 from the fan-out's.  Settings come from the same HUB_* variables.
 
@@ -18,6 +18,7 @@ import uvloop
 from hub.app import create_app
 from hub.cli import tune_gc, uvicorn_config
 from hub.config import load_settings
+from hub.node import Node
 from hub.protocol import Broadcast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +29,8 @@ def main() -> None:
     control_port = int(sys.argv[1])
     settings = load_settings({}, os.environ)
     logging.basicConfig(level=settings.log_level.upper())
-    app = create_app(settings)
-    hub = app.state.hub
+    hub = Node(settings)
+    app = create_app(hub)
     # The same uvicorn configuration as hub.cli.serve.
     config = uvicorn_config(app, settings, loop="none")
     tune_gc()

@@ -1,0 +1,58 @@
+"""One channel joined by one socket: what it asked for, and where it stands
+in the durable stream.  No I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub.auth.principal import Principal
+from hub.channels.changes import Binding
+from hub.channels.topics import Topic
+from hub.outbox import Outbox
+from hub.protocol import TOPIC_PREFIX, Vsn
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """One channel joined by one socket.  Identity is the object itself."""
+
+    topic: Topic
+    join_ref: str | None
+    vsn: Vsn
+    outbox: Outbox
+    principal: Principal
+    conn_id: str
+    echo_self: bool = False
+    ack: bool = False
+    presence_key: str = ""
+    presence_enabled: bool = True
+    bindings: list[Binding] = field(default_factory=list)
+    #: False once unsubscribed; async work (a replay) checks it on resume.
+    active: bool = True
+    #: The highest durable seq delivered; lower or equal ones are duplicates.
+    durable_seq: int = 0
+    #: While a replay runs, live durable events wait here (see durable.py).
+    replay_buffer: list[Any] | None = None
+    #: Set when a replay was truncated: live durable events would leave a
+    #: gap, so none are delivered until the client rejoins.
+    durable_paused: bool = False
+
+    @property
+    def wire_topic(self) -> str:
+        return TOPIC_PREFIX + self.topic.text
+
+    def take_durable(self, seq: int, event: object) -> bool:
+        """The one rule for accepting durable event ``seq`` (``event`` is
+        what the replay buffer keeps): each is taken at most once and in
+        order (``seq`` above :attr:`durable_seq`), none while paused, and
+        while a replay reads the store it waits in :attr:`replay_buffer`.
+        True when the caller must deliver it now."""
+        if self.durable_paused or seq <= self.durable_seq:
+            return False
+        if self.replay_buffer is not None:
+            self.replay_buffer.append(event)
+            return False
+        self.durable_seq = seq
+        return True

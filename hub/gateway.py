@@ -1,0 +1,181 @@
+"""Where a connection meets the node: handshakes, sessions, and the frames
+a socket hands over.
+
+The transport (:mod:`hub.transport`) knows the node only through a
+:class:`Gateway`: it asks it to check a handshake, to open a
+:class:`~hub.session.Session` for an accepted socket, to feed it each
+client message, and to close it.  The gateway keeps the node's live
+sessions and ticks them (token expiry, idle sockets).  No socket I/O here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio
+
+from hub.auth.principal import Principal
+from hub.auth.tokens import KeyNotCached, TokenVerifier
+from hub.channels.durable import DurableFeed, ReplayRequest
+from hub.channels.observer import Observers
+from hub.channels.registry import Channels
+from hub.channels.subscription import Subscription
+from hub.config import SessionLimits
+from hub.counters import Counters
+from hub.errors import CloseCode
+from hub.flusher import Flusher
+from hub.outbox import Outbox
+from hub.protocol import VERSIONS, Vsn
+from hub.quotas import Quotas
+from hub.session import Session
+
+log = logging.getLogger(__name__)
+
+#: How often sessions are checked for expired tokens and idle sockets.
+TICK_SECONDS: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SocketLimits:
+    """What bounds one socket: the largest message it may send, and the
+    bytes it may leave unread before it is cut (``HUB_MAX_FRAME_BYTES``,
+    ``HUB_MAX_OUTBOX_BYTES``)."""
+
+    max_frame_bytes: int
+    max_outbox_bytes: int
+
+
+class Gateway:
+    """The node's live sessions, and the one way a socket reaches them."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        verifier: TokenVerifier,
+        channels: Channels,
+        durable: DurableFeed,
+        observers: Observers,
+        quotas: Quotas,
+        counters: Counters,
+        flusher: Flusher,
+        session_limits: SessionLimits,
+        socket_limits: SocketLimits,
+    ) -> None:
+        self.node_id = node_id
+        self.verifier = verifier
+        self.channels = channels
+        self.durable = durable
+        self.observers = observers
+        self.quotas = quotas
+        self.counters = counters
+        #: Socket outboxes schedule their writes here.
+        self.flusher = flusher
+        self.session_limits = session_limits
+        self.socket_limits = socket_limits
+        self.sessions: set[Session] = set()
+        self._conn_ids = itertools.count(1)
+
+    # -- handshakes ---------------------------------------------------------
+
+    def check_handshake(self, vsn: str, token: str) -> tuple[int, str] | None:
+        """The refusal (HTTP status, message) for a bad vsn or a missing
+        token, before any signature is checked; None when fine so far."""
+        if vsn not in VERSIONS:
+            return self.refuse_handshake(400, f"Unsupported vsn {vsn[:20]!r}")
+        if not token:
+            return self.refuse_handshake(401, "No apikey given")
+        return None
+
+    def refuse_handshake(self, status: int, message: str) -> tuple[int, str]:
+        self.counters.connections_refused += 1
+        log.info("handshake refused: %s", message)
+        return status, message
+
+    # -- sessions -----------------------------------------------------------
+
+    def open_session(self, principal: Principal, vsn: Vsn, outbox: Outbox) -> Session:
+        session = Session(
+            conn_id=f"{self.node_id}-{next(self._conn_ids)}",
+            vsn=vsn,
+            principal=principal,
+            verifier=self.verifier,
+            channels=self.channels,
+            outbox=outbox,
+            limits=self.session_limits,
+            stats=self.counters,
+            quotas=self.quotas,
+        )
+        self.sessions.add(session)
+        self.counters.connections_opened += 1
+        self.observers.notify("connected", session.conn_id, principal)
+        log.debug(
+            "connection open conn=%s sub=%s role=%s vsn=%s",
+            session.conn_id,
+            principal.sub,
+            principal.role,
+            vsn,
+        )
+        return session
+
+    def close_session(self, session: Session) -> None:
+        self.sessions.discard(session)
+        session.close()
+        self.observers.notify("disconnected", session.conn_id, session.principal)
+        log.debug(
+            "connection closed conn=%s sub=%s code=%s frames_in=%d",
+            session.conn_id,
+            session.principal.sub,
+            getattr(session.outbox, "close_code", None),
+            session.frames_in,
+        )
+
+    def feed(self, session: Session, data: str | bytes) -> Coroutine[Any, Any, None] | None:
+        """Hand one client frame to its session.
+
+        Returns None when the frame is fully handled, or a coroutine the
+        caller must run to completion before it feeds the next frame of this
+        connection: a JWKS refresh and retry, or the replays a join asked
+        for (so later frames act on a channel that is fully live).
+        """
+        try:
+            session.receive(data)
+        except KeyNotCached:
+            return self._refresh_then_feed(session, data)
+        except Exception:
+            self._fail(session)
+            return None
+        replays = session.take_replays()
+        return self._replay(replays) if replays else None
+
+    async def _refresh_then_feed(self, session: Session, data: str | bytes) -> None:
+        assert self.verifier.jwks is not None
+        await self.verifier.jwks.refresh()
+        try:
+            session.receive(data, keys_refreshed=True)
+        except Exception:
+            self._fail(session)
+            return
+        await self._replay(session.take_replays())
+
+    async def _replay(self, replays: list[tuple[Subscription, ReplayRequest]]) -> None:
+        for sub, request in replays:
+            await self.durable.replay(sub, request)
+
+    def _fail(self, session: Session) -> None:
+        # Unexpected: drop this connection (1011), keep the process.
+        log.exception("connection %s failed", session.conn_id)
+        session.outbox.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def tick_forever(self) -> None:
+        """Enforce the time-based rules of every session, once a second."""
+        while True:
+            await anyio.sleep(TICK_SECONDS)
+            now = time.time()
+            for session in list(self.sessions):
+                session.tick(now)

@@ -1,0 +1,196 @@
+"""One hub node, wired in one place.
+
+:class:`Node`'s constructor builds every part of the node and connects
+them; nothing else in the package reaches for a part it was not handed.
+Constructors of the parts have no side effects: the connections between
+them are made here, and every I/O starts in :meth:`Node.start`.
+
+How the parts connect::
+
+    TokenVerifier ─┐
+    Quotas ────────┼─> Gateway ──> Session ──> Channels ──> Engine (memory | Redis)
+    Counters ──────┘     ^            │           ^  │            │
+                         │ (transport │           │  └─ fan-out ──┼──> sinks ──> Flusher
+                    HubHttpProtocol, HubSocket)   └─── deliver <──┘
+    EventStore ── listener ──> DurableFeed ──> Channels.deliver_durable / deliver_change
+    Observers: Mother (the aggregator) hears Channels, Gateway and DurableFeed
+
+The HTTP side (:mod:`hub.app`) is built from the node's parts, each route
+group with only what it uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+
+from hub.aggregator.mother import Mother
+from hub.auth.tokens import JwksCache, TokenVerifier
+from hub.channels.durable import DurableFeed
+from hub.channels.observer import Observers
+from hub.channels.registry import Channels
+from hub.config import Settings
+from hub.counters import Counters
+from hub.engine.base import Engine
+from hub.engine.memory import MemoryEngine
+from hub.flusher import Flusher
+from hub.gateway import Gateway, SocketLimits
+from hub.metrics import Gauges, NodeCollector, metrics_registry
+from hub.quotas import Quotas
+from hub.store.base import EventStore
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """Every part of one hub node, and its start and stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        store: EventStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id or "node"
+        self.counters = Counters()
+        self.verifier = TokenVerifier(
+            secret=settings.jwt_secret.encode() if settings.jwt_secret else None,
+            jwks=(
+                JwksCache(settings.jwks_url, min_interval=settings.jwks_min_refresh)
+                if settings.jwks_url
+                else None
+            ),
+            orgs_claim=settings.orgs_claim_path,
+            admin_claim=settings.admin_claim_path,
+            audience=settings.jwt_audience,
+        )
+        self.quotas = Quotas(settings.org_quota, settings.org_quota_overrides)
+        self.engine = engine or _make_engine(settings, self.node_id, self.quotas)
+        self.store = store or _make_store(settings)
+        # Writes are coalesced: the fan-out marks topics, the flusher writes
+        # them once per loop iteration.
+        self.flusher = Flusher()
+        self.observers = Observers()
+        self.channels = Channels(
+            self.engine,
+            node_id=self.node_id + ".",
+            stats=self.counters,
+            observers=self.observers,
+            schedule=self.flusher.mark,
+        )
+        # What any node publishes comes back through the engine to here.
+        self.engine.bind(self.channels)
+        self.durable = DurableFeed(
+            self.channels, self.store, replay_max=settings.replay_max, observers=self.observers
+        )
+        # Every appended event, from this node's own store listener.
+        self.store.listen(self.durable.on_event)
+        self.mother = Mother(
+            channels=self.channels,
+            store=self.store,
+            node_id=self.node_id,
+            redis_url=settings.redis_url,
+            redis_prefix=settings.redis_prefix,
+            rate=settings.mother_rate,
+        )
+        self.observers.add(self.mother)
+        self.gateway = Gateway(
+            node_id=self.node_id,
+            verifier=self.verifier,
+            channels=self.channels,
+            durable=self.durable,
+            observers=self.observers,
+            quotas=self.quotas,
+            counters=self.counters,
+            flusher=self.flusher,
+            session_limits=settings.limits,
+            socket_limits=SocketLimits(settings.max_frame_bytes, settings.max_outbox_bytes),
+        )
+        self.metrics = metrics_registry(NodeCollector(self.node_id, self.counters, self.gauges))
+
+    def gauges(self) -> Gauges:
+        """The live numbers of ``/metrics``."""
+        sessions = self.gateway.sessions
+        return Gauges(
+            connections=len(sessions),
+            channels=sum(len(session.subs) for session in sessions),
+            topics=self.channels.topic_count,
+            engine_ready=self.engine.ready,
+            engine_reconnects=self.engine.reconnects,
+            store_ready=self.store.ready,
+            listener_reconnects=self.store.listener_reconnects,
+            durable_delivered=self.durable.delivered,
+        )
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Start the node, serve while the body runs, then stop it.
+
+        Start, in order (nothing is served before the last step):
+
+        1. the JWKS keys, when tokens are checked against a JWKS URL;
+        2. the event store, with its listener (from here on every appended
+           event is announced, in seq order per org);
+        3. the engine (subscriptions to other nodes);
+        4. the write flusher, on this loop;
+        5. the background tasks: the session ticker (token expiry, idle
+           sockets) and the mother (feed, shares, rebuild).
+
+        Stop.  Under uvicorn, the first three steps are uvicorn's own
+        shutdown, before this body ends:
+
+        1. stop accepting connections;
+        2. each open socket flushes what is queued and closes with 1012
+           (:meth:`hub.transport.socket.HubSocket.shutdown`), so clients
+           reconnect, elsewhere if they can;
+        3. wait up to ``HUB_DRAIN_TIMEOUT`` seconds for them to go, then cut
+           the rest;
+        4. cancel the background tasks (the mother removes its share);
+        5. stop the engine, then the store.
+        """
+        if self.verifier.jwks is not None:
+            await self.verifier.jwks.load()
+        await self.store.start()
+        try:
+            await self.engine.start()
+            try:
+                self.flusher.start(asyncio.get_running_loop())
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(self.gateway.tick_forever)
+                    tasks.start_soon(self.mother.run)
+                    yield
+                    tasks.cancel_scope.cancel()
+            finally:
+                await self.engine.stop()
+        finally:
+            await self.store.stop()
+
+
+def _make_engine(settings: Settings, node_id: str, quotas: Quotas) -> Engine:
+    if settings.redis_url:
+        from hub.engine.redis import RedisEngine
+
+        return RedisEngine(
+            settings.redis_url,
+            node_id=node_id,
+            prefix=settings.redis_prefix,
+            sharded=settings.redis_sharded,
+            node_timeout=settings.node_timeout,
+            quotas=quotas,
+        )
+    return MemoryEngine(quotas=quotas)
+
+
+def _make_store(settings: Settings) -> EventStore:
+    if settings.database_url:
+        from hub.store.postgres import PostgresStore
+
+        return PostgresStore(settings.database_url)
+    from hub.store.memory import MemoryStore
+
+    return MemoryStore(max_events_per_org=settings.memory_events_per_org)
