@@ -85,8 +85,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from hub.auth.tokens import issue_token
+from hub.client.realtime import decode, encode, socket_url
 from hub.store.migrate import migrate
-from loadtest.supabase_ws import parse_kind4
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("HUB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -276,7 +276,7 @@ class Subscriber:
             node = self.rng.choice(live)
             try:
                 ws = await connect(
-                    f"{node.ws_url}?apikey={self.token}&vsn={self.vsn}",
+                    socket_url(node.ws_url, self.token, self.vsn),
                     open_timeout=5,
                     close_timeout=1,
                     ping_interval=None,
@@ -310,18 +310,8 @@ class Subscriber:
                 await asyncio.sleep(self.rng.uniform(0.02, 0.3))
 
     def _frame(self, event: str, payload: Any, ref: str | None, join_ref: str | None) -> str:
-        if self.vsn == "1.0.0":
-            frame: Any = {
-                "topic": self.topic if event != "heartbeat" else "phoenix",
-                "event": event,
-                "payload": payload,
-                "ref": ref,
-                "join_ref": join_ref,
-            }
-        else:
-            topic = self.topic if event != "heartbeat" else "phoenix"
-            frame = [join_ref, ref, topic, event, payload]
-        return json.dumps(frame)
+        topic = self.topic if event != "heartbeat" else "phoenix"
+        return encode(self.vsn, join_ref, ref, topic, event, payload)
 
     async def _session(self, ws: ClientConnection) -> None:
         join_ref = str(self.connects)
@@ -342,16 +332,11 @@ class Subscriber:
                 data = await asyncio.wait_for(ws.recv(), max(0.1, beat - now))
             except TimeoutError:
                 continue
-            if isinstance(data, bytes):
-                msg = parse_kind4(data)
+            msg = decode(data)
+            if msg.binary:
                 self._durable(msg.topic, msg.payload["event"], msg.payload.get("meta"))
                 continue
-            value = json.loads(data)
-            if isinstance(value, list):
-                _, ref, topic, event, payload = value
-            else:
-                ref, topic = value.get("ref"), value["topic"]
-                event, payload = value["event"], value["payload"]
+            ref, topic, event, payload = msg.ref, msg.topic, msg.event, msg.payload
             if event == "phx_reply" and ref == join_ref:
                 if payload.get("status") != "ok":
                     # e.g. a rate limit during a reconnect storm: retry later.

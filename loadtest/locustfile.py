@@ -52,10 +52,10 @@ from locust.env import Environment
 from locust.exception import StopUser
 
 try:
-    from loadtest.supabase_ws import Disconnected, HubSocket, Incoming, Refused, sign
+    from loadtest.supabase_ws import Disconnected, HubSocket, Message, Refused, sign
 except ModuleNotFoundError:  # locust started from outside the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from loadtest.supabase_ws import Disconnected, HubSocket, Incoming, Refused, sign
+    from loadtest.supabase_ws import Disconnected, HubSocket, Message, Refused, sign
 
 WS = "WS"
 _ids = itertools.count(1)
@@ -242,7 +242,7 @@ class _SocketUser(User):
                 exception=Disconnected(f"closed by the hub: {code} {reason}"),
             )
 
-    def on_message(self, message: Incoming) -> None:
+    def on_message(self, message: Message) -> None:
         self.received += 1
         if message.event == "broadcast" and isinstance(message.payload, dict):
             body = message.payload.get("payload")
@@ -300,9 +300,9 @@ class MemberUser(_SocketUser):
             "private": False,
         }
         with _Timed(self.environment, "join"):
-            self.join_ref = sock.join(self.topic, config)
+            sock.join(self.topic, config)
         with _Timed(self.environment, "presence track"):
-            sock.track(self.topic, self.join_ref, {"user": self.sub, "online_at": time.time()})
+            sock.track(self.topic, {"user": self.sub, "online_at": time.time()})
         self.sent = 0
 
     @task
@@ -312,7 +312,7 @@ class MemberUser(_SocketUser):
         self.sent += 1
         payload = {"t": time.time(), "from": self.sub, "n": self.sent, "pad": self.pad}
         with _Timed(self.environment, "publish (ack)"):
-            self.sock.broadcast(self.topic, self.join_ref, "load", payload, ack=True)
+            self.sock.acked_broadcast(self.topic, "load", payload)
 
 
 class DashboardWatcher(_SocketUser):
@@ -327,9 +327,9 @@ class DashboardWatcher(_SocketUser):
         self.last_update = time.perf_counter()
         sock = self.open_socket(_admin_token(_options_of(self)), "2.0.0")
         with _Timed(self.environment, "join mother"):
-            self.join_ref = sock.join("realtime:mother", {"broadcast": {"self": False}})
+            sock.join("realtime:mother", {"broadcast": {"self": False}})
 
-    def on_message(self, message: Incoming) -> None:
+    def on_message(self, message: Message) -> None:
         if message.topic == "realtime:mother" and message.event not in (
             "presence_state",
             "presence_diff",

@@ -1,19 +1,15 @@
-"""Hand-made WebSocket and Supabase binary frames, for tests that speak the
-wire directly.
+"""Hand-made WebSocket frames, for tests that speak below the WebSocket
+library (RFC 6455 framing written by hand).
 
-Written here rather than taken from ``hub/``, so that a test never checks
-the hub's codec against the hub's own code.  The kind 4 decoder is the load
-generator's (``loadtest/supabase_ws.py``), which is not the hub's either.
+The Supabase envelopes and binary broadcasts (kinds 3 and 4) are built and
+read by :mod:`hub.client.realtime`, the one raw protocol client.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
-from loadtest.supabase_ws import parse_kind4, split_kind4
-
-__all__ = ["client_frame", "kind3", "kind4_broadcast", "split_kind4"]
+__all__ = ["client_frame"]
 
 
 def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0) -> bytes:
@@ -30,26 +26,3 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0)
     mask = os.urandom(4)
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return head + mask + body
-
-
-def kind3(
-    join_ref: str,
-    ref: str,
-    topic: str,
-    event: str,
-    payload: bytes,
-    enc: int = 1,
-    meta: bytes = b"",
-) -> bytes:
-    """A client->server user broadcast in the vsn 2 binary format."""
-    fields = [join_ref.encode(), ref.encode(), topic.encode(), event.encode(), meta]
-    header = bytes([3, *(len(f) for f in fields), enc])
-    return header + b"".join(fields) + payload
-
-
-def kind4_broadcast(data: bytes) -> tuple[str, dict[str, Any]]:
-    """A kind 4 frame as the broadcast message realtime-js hands its
-    callback: the topic, and ``{"type", "event", "payload"[, "meta"]}`` with
-    a JSON payload decoded (a binary one stays bytes)."""
-    message = parse_kind4(data)
-    return message.topic, message.payload

@@ -38,7 +38,7 @@ from realtime import AsyncRealtimeChannel, AsyncRealtimeClient, RealtimeSubscrib
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from hub.client import HubClient, HubClientError
+from hub.client.rest import HubClient, HubClientError
 from tests.conftest import ROOT, HubProcess, start_hub, stop_hub
 from tests.e2e.jsclient import JsClientUnavailable, JsDriver, install_js_client
 from tests.integration.pg import pg_dsn  # noqa: F401 - fixture

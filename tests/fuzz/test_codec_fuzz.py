@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from hub.client.realtime import split_kind4
 from hub.errors import ProtocolError
 from hub.protocol import VSN1, VSN2, Broadcast, Message, decode, encode
 from tests.conftest import HubProcess
-from tests.rawframes import split_kind4
 
 VSNS = st.sampled_from([VSN1, VSN2])
 #: Planted in fuzzed frames: no error message may repeat it.

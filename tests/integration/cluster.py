@@ -12,7 +12,8 @@ to Redis, and /metrics parsing.
   is installed from the distribution's packages when it is missing; if that
   is impossible the tests fail (they never skip).
 * :class:`Conn` speaks the wire protocol by hand (vsn 1.0.0 text, vsn 2.0.0
-  text plus binary kinds 3 and 4) and keeps every message it received.
+  text plus binary kinds 3 and 4) through :mod:`hub.client.realtime`, keeps
+  every message it received and the presence each channel shows.
 * :class:`RedisProxy` sits between one node and Redis and can cut the link
   (``down``: connections reset, new ones refused) or stall it (``freeze``:
   bytes are held, nothing flows), without touching the shared Redis server.
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,11 +47,9 @@ import httpx
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from realtime import AsyncRealtimeChannel, AsyncRealtimeClient, RealtimeSubscribeStates
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
+from hub.client.realtime import AsyncClient, Disconnected, Message, Refused, wire_topic
 from tests.conftest import ROOT, HubProcess, free_port
-from tests.rawframes import kind3, kind4_broadcast
 
 REDIS_URL: Final = os.environ.get("HUB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_ADMIN_DSN: Final = os.environ.get(
@@ -136,95 +135,54 @@ async def readyz(base_url: str) -> int:
 
 # -- raw WebSocket client -------------------------------------------------------------
 
-
-@dataclass
-class Msg:
-    """One message from the hub, whatever its wire format.
-
-    Broadcasts (text or binary kind 4) come out alike: ``event`` is
-    ``broadcast`` and ``payload`` is ``{"type", "event", "payload", "meta"?}``.
-    """
-
-    topic: str
-    event: str
-    payload: Any
-    ref: str | None = None
-    join_ref: str | None = None
-    binary: bool = False
-    at: float = field(default_factory=time.monotonic)
-
-    @property
-    def user_event(self) -> str | None:
-        return self.payload.get("event") if self.event == "broadcast" else None
-
-    @property
-    def body(self) -> Any:
-        """A broadcast's own payload."""
-        return self.payload.get("payload") if self.event == "broadcast" else None
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return (self.payload.get("meta") or {}) if self.event == "broadcast" else {}
-
-
-def kind3_json(join_ref: str, ref: str, topic: str, event: str, payload: Any) -> bytes:
-    """A binary client broadcast with a JSON payload, as realtime-js sends it."""
-    return kind3(join_ref, ref, topic, event, json.dumps(payload).encode())
-
-
-def parse_kind4(data: bytes) -> Msg:
-    topic, payload = kind4_broadcast(data)
-    return Msg(topic, "broadcast", payload, binary=True)
+#: One message from the hub, whatever its wire format (the shared client's).
+Msg = Message
 
 
 class Conn:
-    """One WebSocket connection speaking vsn 1.0.0 or 2.0.0 by hand.
-
-    A reader task keeps every message in :attr:`messages` and maintains the
-    presence each channel shows (``presence_state`` then ``presence_diff``,
-    as the real clients apply them).  Heartbeats go out every 20 s.
+    """A raw client (:class:`hub.client.realtime.AsyncClient`, vsn 1.0.0 or
+    2.0.0), keeping every message it received, plus the presence each
+    channel shows (``presence_state`` then ``presence_diff``, as the real
+    clients apply them).  Heartbeats go out every 20 s.
     """
 
-    def __init__(self, ws: ClientConnection, vsn: str, name: str) -> None:
-        self.ws = ws
-        self.vsn = vsn
+    def __init__(self, client: AsyncClient, name: str) -> None:
+        self.client = client
+        self.vsn = client.vsn
         self.name = name
-        self.messages: list[Msg] = []
+        self.push = client.push
         #: topic -> phx_ref -> (key, meta)
         self.presence: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
-        self.join_refs: dict[str, str] = {}
-        self.close_code: int | None = None
-        self.closed = asyncio.Event()
-        self._changed = asyncio.Event()
-        self._refs = 0
-        self._reader = asyncio.create_task(self._read())
-        self._beat = asyncio.create_task(self._heartbeat())
+        client.on_message = self._apply_presence
 
     @classmethod
     async def open(cls, base_ws_url: str, token: str, vsn: str = V2, name: str = "") -> Conn:
         """``base_ws_url`` is ``ws://HOST:PORT/realtime/v1/websocket``."""
-        url = f"{base_ws_url}?apikey={token}&vsn={vsn}"
-        ws = await asyncio.wait_for(
-            connect(url, ping_interval=None, open_timeout=T, max_size=None), T
+        client = await AsyncClient.connect(
+            base_ws_url, token, vsn, within=T, heartbeat=20, max_size=None
         )
-        return cls(ws, vsn, name or f"conn-{vsn}")
+        return cls(client, name or f"conn-{vsn}")
+
+    @property
+    def messages(self) -> list[Msg]:
+        return self.client.messages
+
+    @property
+    def join_refs(self) -> dict[str, str]:
+        return self.client.join_refs
+
+    @property
+    def closed(self) -> asyncio.Event:
+        return self.client.closed
+
+    @property
+    def close_code(self) -> int | None:
+        return self.client.close_code
 
     def next_ref(self) -> str:
-        self._refs += 1
-        return str(self._refs)
+        return self.client.next_ref()
 
     # -- reading ---------------------------------------------------------
-
-    def _decode(self, data: str | bytes) -> Msg:
-        if isinstance(data, bytes):
-            return parse_kind4(data)
-        raw = json.loads(data)
-        if self.vsn == V1:
-            return Msg(
-                raw["topic"], raw["event"], raw["payload"], raw.get("ref"), raw.get("join_ref")
-            )
-        join_ref, ref, topic, event, payload = raw
-        return Msg(topic, event, payload, ref, join_ref)
 
     def _apply_presence(self, msg: Msg) -> None:
         if msg.event == "presence_state":
@@ -241,31 +199,6 @@ class Conn:
                 for meta in entry["metas"]:
                     table[meta["phx_ref"]] = (key, meta)
 
-    async def _read(self) -> None:
-        try:
-            async for data in self.ws:
-                msg = self._decode(data)
-                self._apply_presence(msg)
-                self.messages.append(msg)
-                self._wake()
-        except ConnectionClosed:
-            pass
-        finally:
-            received = self.ws.protocol.close_rcvd
-            self.close_code = received.code if received is not None else None
-            self.closed.set()
-            self._wake()
-
-    async def _heartbeat(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                await asyncio.sleep(20)
-                await self.push("phoenix", "heartbeat", {}, ref=self.next_ref())
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
     def mark(self) -> int:
         return len(self.messages)
 
@@ -281,23 +214,14 @@ class Conn:
         self, predicate: Callable[[Msg], bool], within: float = T, what: str = "", since: int = 0
     ) -> Msg:
         """The first message from ``since`` on matching ``predicate``."""
-        deadline = time.monotonic() + within
-        checked = since
-        while True:
-            while checked < len(self.messages):
-                msg = self.messages[checked]
-                checked += 1
-                if predicate(msg):
-                    return msg
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.closed.is_set():
-                why = f"closed with {self.close_code}" if self.closed.is_set() else "timed out"
-                raise AssertionError(
-                    f"{self.name}: waited for {what or predicate} ({why}); "
-                    f"last messages: {self.messages[-5:]!r}"
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+        try:
+            return await self.client.wait_for(predicate, within=within, since=since)
+        except (TimeoutError, Disconnected):
+            why = f"closed with {self.close_code}" if self.closed.is_set() else "timed out"
+            raise AssertionError(
+                f"{self.name}: waited for {what or predicate} ({why}); "
+                f"last messages: {self.messages[-5:]!r}"
+            ) from None
 
     async def wait_count(
         self, predicate: Callable[[Msg], bool], count: int, within: float, what: str
@@ -310,9 +234,7 @@ class Conn:
                     f"{self.name}: {len(got)} of {count} {what} after {within} s "
                     f"(closed: {self.close_code})"
                 )
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+            await self.client.wait_changed(remaining)
         return got
 
     def presence_keys(self, topic: str) -> set[str]:
@@ -332,33 +254,10 @@ class Conn:
                     f"expected {sorted(keys)} {what} (waited {within} s, "
                     f"closed: {self.close_code})"
                 )
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+            await self.client.wait_changed(remaining)
         return time.monotonic()
 
     # -- sending ---------------------------------------------------------
-
-    async def push(
-        self,
-        topic: str,
-        event: str,
-        payload: Any,
-        ref: str | None = None,
-        join_ref: str | None = None,
-    ) -> None:
-        frame: Any
-        if self.vsn == V1:
-            frame = {
-                "topic": topic,
-                "event": event,
-                "payload": payload,
-                "ref": ref,
-                "join_ref": join_ref,
-            }
-        else:
-            frame = [join_ref, ref, topic, event, payload]
-        await asyncio.wait_for(self.ws.send(json.dumps(frame)), T)
 
     async def join(
         self,
@@ -370,51 +269,28 @@ class Conn:
     ) -> Msg:
         """Join ``realtime:<topic>`` (or ``topic`` when it has the prefix);
         returns the reply, after checking its status."""
-        wire = topic if topic.startswith("realtime:") else f"realtime:{topic}"
-        ref = self.next_ref()
-        since = self.mark()
-        await self.push(wire, "phx_join", {"config": config or {}}, ref=ref, join_ref=ref)
-        reply = await self.wait(
-            lambda m: m.event == "phx_reply" and m.ref == ref, within, f"join {wire}", since
-        )
+        try:
+            reply = await self.client.join(wire_topic(topic), config, within=within)
+        except Refused as refused:
+            reply = refused.reply
         assert reply.payload["status"] == expect, reply.payload
-        if expect == "ok":
-            self.join_refs[wire] = ref
         return reply
 
     async def broadcast(self, topic: str, event: str, payload: Any) -> None:
         """A client broadcast: text on vsn 1.0.0, binary kind 3 on vsn 2.0.0
         (what realtime-js sends)."""
-        wire = topic if topic.startswith("realtime:") else f"realtime:{topic}"
-        join_ref = self.join_refs[wire]
-        if self.vsn == V1:
-            body = {"type": "broadcast", "event": event, "payload": payload}
-            await self.push(wire, "broadcast", body, ref=self.next_ref(), join_ref=join_ref)
-        else:
-            frame = kind3_json(join_ref, self.next_ref(), wire, event, payload)
-            await asyncio.wait_for(self.ws.send(frame), T)
+        ref = self.next_ref()
+        await self.client.broadcast(wire_topic(topic), event, payload, ref=ref, binary=True)
 
     async def track(self, topic: str, fields: dict[str, Any]) -> None:
-        wire = topic if topic.startswith("realtime:") else f"realtime:{topic}"
-        ref = self.next_ref()
-        since = self.mark()
-        body = {"type": "presence", "event": "track", "payload": fields}
-        await self.push(wire, "presence", body, ref=ref, join_ref=self.join_refs[wire])
-        reply = await self.wait(
-            lambda m: m.event == "phx_reply" and m.ref == ref, T, f"track on {wire}", since
-        )
+        try:
+            reply = await self.client.track(wire_topic(topic), fields)
+        except Refused as refused:
+            reply = refused.reply
         assert reply.payload["status"] == "ok", reply.payload
 
     async def close(self) -> None:
-        self._beat.cancel()
-        try:
-            await asyncio.wait_for(self.ws.close(), T)
-        except TimeoutError:
-            self.ws.transport.abort()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(self._reader, T)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._beat
+        await self.client.close()
 
 
 # -- the real Python client ----------------------------------------------------------

@@ -20,11 +20,20 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
+from hub.client.realtime import (
+    AsyncClient,
+    Disconnected,
+    encode,
+    encode_kind3,
+    join_payload,
+    socket_url,
+    split_kind4,
+)
 from tests.conftest import HubProcess
-from tests.rawframes import client_frame, kind3, split_kind4
+from tests.rawframes import client_frame
 
 #: Default timeout for every single wait in this file.
 T = 5.0
@@ -41,33 +50,17 @@ def new_org() -> str:
 
 
 def url(hub: HubProcess, token: str | None, vsn: str | None = V1) -> str:
-    params = []
-    if token is not None:
-        params.append(f"apikey={token}")
-    if vsn is not None:
-        params.append(f"vsn={vsn}")
-    return hub.ws_url + ("?" + "&".join(params) if params else "")
+    return socket_url(hub.ws_url, token, vsn)
 
 
 class Wire:
-    """One raw connection speaking vsn 1.0.0 or 2.0.0 by hand."""
+    """One raw connection speaking vsn 1.0.0 or 2.0.0 by hand, through the
+    shared raw client; frames are read one at a time, in order."""
 
-    def __init__(self, conn: ClientConnection, vsn: str) -> None:
-        self.conn = conn
+    def __init__(self, client: AsyncClient, vsn: str) -> None:
+        self.client = client
         self.vsn = vsn
-
-    def envelope(
-        self, topic: str, event: str, payload: Any, ref: str | None, join_ref: str | None
-    ) -> Any:
-        if self.vsn == V1:
-            return {
-                "topic": topic,
-                "event": event,
-                "payload": payload,
-                "ref": ref,
-                "join_ref": join_ref,
-            }
-        return [join_ref, ref, topic, event, payload]
+        self.push = client.push
 
     def expect(
         self, topic: str, event: str, payload: Any, ref: str | None, join_ref: str | None
@@ -91,28 +84,22 @@ class Wire:
         payload = {"status": status, "response": {} if response is None else response}
         return self.expect(topic, "phx_reply", payload, ref, join_ref)
 
-    async def push(
-        self,
-        topic: str,
-        event: str,
-        payload: Any,
-        ref: str | None = None,
-        join_ref: str | None = None,
-    ) -> None:
-        await self.send(json.dumps(self.envelope(topic, event, payload, ref, join_ref)))
-
     async def send(self, data: str | bytes) -> None:
-        await asyncio.wait_for(self.conn.send(data), T)
+        await self.client.send_raw(data)
+
+    async def recv_raw(self, within: float = T) -> str | bytes:
+        """The next frame as received."""
+        return (await self.client.recv(within)).raw
 
     async def recv(self, within: float = T) -> Any:
         """The next frame: decoded JSON for text, bytes for binary."""
-        data = await asyncio.wait_for(self.conn.recv(), within)
+        data = await self.recv_raw(within)
         return json.loads(data) if isinstance(data, str) else data
 
     async def nothing(self, wait: float = 0.3) -> None:
         """Assert that no frame arrives within ``wait`` seconds."""
         try:
-            frame = await asyncio.wait_for(self.conn.recv(), wait)
+            frame = await self.recv_raw(wait)
         except TimeoutError:
             return
         raise AssertionError(f"unexpected frame {frame!r}")
@@ -130,9 +117,7 @@ class Wire:
         presence: Any = None,
     ) -> None:
         """Join and check the ok reply and the presence_state push."""
-        payload: dict[str, Any] = {"config": config or {}}
-        if access_token is not None:
-            payload["access_token"] = access_token
+        payload = join_payload(config, access_token)
         await self.push(topic, "phx_join", payload, ref=ref, join_ref=ref)
         assert await self.recv() == self.reply(topic, ref, ref, {"postgres_changes": []})
         state = await self.recv()
@@ -143,11 +128,11 @@ class Wire:
             presence(state)
 
     async def close(self) -> None:
-        await asyncio.wait_for(self.conn.close(), T)
+        await self.client.close()
 
 
 #: Connections opened by the running test; closed whatever the outcome.
-_OPEN: list[ClientConnection] = []
+_OPEN: list[AsyncClient] = []
 _RAW: list[socket.socket] = []
 
 
@@ -157,35 +142,22 @@ async def _close_connections() -> AsyncIterator[None]:
     while _RAW:
         _RAW.pop().close()
     while _OPEN:
-        conn = _OPEN.pop()
-        try:
-            await asyncio.wait_for(conn.close(), T)
-        except TimeoutError:  # pragma: no cover - a hub that never answers
-            conn.transport.abort()
+        await _OPEN.pop().close()
 
 
-async def open_wire(hub: HubProcess, token: str, vsn: str = V1, **kwargs: Any) -> Wire:
-    conn = await asyncio.wait_for(
-        connect(url(hub, token, vsn), ping_interval=None, open_timeout=T, **kwargs), T
-    )
-    _OPEN.append(conn)
-    return Wire(conn, vsn)
+async def open_wire(hub: HubProcess, token: str, vsn: str | None = V1, **kwargs: Any) -> Wire:
+    """``vsn`` None leaves it out of the URL (the hub then speaks 1.0.0)."""
+    client = await AsyncClient.connect(hub.ws_url, token, vsn, within=T, **kwargs)
+    _OPEN.append(client)
+    return Wire(client, vsn or V1)
 
 
 async def expect_close(wire: Wire, code: int, within: float = T) -> None:
-    """Read until the hub closes the socket; check the close code it sent."""
-
-    async def drain() -> None:
-        try:
-            while True:
-                await wire.conn.recv()
-        except ConnectionClosed:
-            return
-
-    await asyncio.wait_for(drain(), within)
-    received = wire.conn.protocol.close_rcvd
+    """Wait until the hub closes the socket; check the close code it sent."""
+    await asyncio.wait_for(wire.client.closed.wait(), within)
+    received = wire.client.close_code
     assert received is not None, "the hub cut the socket without a close frame"
-    assert received.code == code, f"close code {received.code} ({received.reason!r})"
+    assert received == code, f"close code {received} ({wire.client.close_reason!r})"
 
 
 async def check_alive(hub: HubProcess, *others: Wire) -> None:
@@ -267,7 +239,7 @@ async def test_tokens_are_not_logged(hub: HubProcess) -> None:
 
 
 async def test_missing_vsn_means_vsn1(hub: HubProcess) -> None:
-    wire = Wire(await asyncio.wait_for(connect(url(hub, hub.token(orgs=["acme"]), None)), T), V1)
+    wire = await open_wire(hub, hub.token(orgs=["acme"]), None)
     await wire.heartbeat("1")
     await wire.close()
 
@@ -280,7 +252,7 @@ async def test_heartbeat_reply(hub: HubProcess, vsn: str) -> None:
     wire = await open_wire(hub, hub.token(orgs=["acme"]), vsn)
     # Python sends heartbeats with join_ref null; the reply never has one.
     await wire.push("phoenix", "heartbeat", {}, ref="7", join_ref=None)
-    raw = await asyncio.wait_for(wire.conn.recv(), T)
+    raw = await wire.recv_raw()
     assert isinstance(raw, str)
     if vsn == V1:
         assert json.loads(raw) == {
@@ -405,7 +377,7 @@ async def test_presence_over_the_wire(hub: HubProcess) -> None:
     a = await open_wire(hub, token, V1)
     b = await open_wire(hub, token, V2)
     await a.join(topic, "1", {"presence": {"key": "alice"}})
-    await a.push(topic, "presence", {"event": "track", "payload": {"n": 1}}, "2", "1")
+    await a.push(topic, "presence", {"event": "track", "payload": {"n": 1}}, ref="2", join_ref="1")
     assert await a.recv() == a.reply(topic, "2", "1")
     diff = await a.recv()
     assert diff["event"] == "presence_diff" and diff["ref"] is None
@@ -436,7 +408,7 @@ async def test_binary_broadcast_reaches_vsn1_as_json(hub: HubProcess) -> None:
     v2 = await open_wire(hub, token, V2)
     await v1.join(topic, "1")
     await v2.join(topic, "6", {"broadcast": {"self": False, "ack": True}})
-    frame = kind3("6", "10", topic, "client_ping", b'{"hello":"world"}')
+    frame = encode_kind3("6", "10", topic, "client_ping", b'{"hello":"world"}')
     assert frame[:7].hex() == f"030102{len(topic):02x}0b0001"
     await v2.send(frame)
     assert await v2.recv() == v2.reply(topic, "10", "6")  # ack
@@ -490,12 +462,12 @@ async def test_raw_binary_payload_reaches_vsn2_only(hub: HubProcess) -> None:
     await v2.join(topic, "1")
     await sender.join(topic, "1", {"broadcast": {"ack": True}})
     raw = bytes(range(256)) + b"\x00\xff"
-    await sender.send(kind3("1", "2", topic, "blob", raw, enc=0))
+    await sender.send(encode_kind3("1", "2", topic, "blob", raw, enc=0))
     assert await sender.recv() == sender.reply(topic, "2", "1")
     got_topic, event, meta, enc, payload = split_kind4(await v2.recv())
     assert (got_topic, event, meta, enc, payload) == (topic, "blob", b"", 0, raw)
     # vsn 1 has no form for it: the next frame v1 sees is the JSON one after.
-    await sender.send(kind3("1", "3", topic, "after", b'{"k":1}'))
+    await sender.send(encode_kind3("1", "3", topic, "after", b'{"k":1}'))
     assert await sender.recv() == sender.reply(topic, "3", "1")
     frame = await v1.recv()
     assert frame["payload"] == {"type": "broadcast", "event": "after", "payload": {"k": 1}}
@@ -575,8 +547,10 @@ async def test_bad_text_frame_closes_1007(
         pytest.param(bytes([0, 0, 0, 0, 0, 0, 1]) + b"{}", id="kind-0-push"),
         pytest.param(bytes([4, 1, 1, 0, 1]) + b"te{}", id="kind-4-server-only"),
         pytest.param(bytes([255]) * 16, id="kind-255"),
-        pytest.param(kind3("1", "2", "realtime:org:a", "e", b"{not json"), id="enc-json-bad"),
-        pytest.param(kind3("1", "2", "realtime:org:a", "e", b"{}", enc=7), id="unknown-enc"),
+        pytest.param(
+            encode_kind3("1", "2", "realtime:org:a", "e", b"{not json"), id="enc-json-bad"
+        ),
+        pytest.param(encode_kind3("1", "2", "realtime:org:a", "e", b"{}", enc=7), id="unknown-enc"),
         pytest.param(bytes([3, 1, 1, 2, 1, 0, 1]) + b"12\xff\xfee{}", id="non-utf8-topic"),
     ],
 )
@@ -594,7 +568,7 @@ async def test_binary_frame_on_vsn1_closes_1007(hub: HubProcess, bystander: Wire
     topic = f"realtime:org:{org}"
     wire = await open_wire(hub, hub.token(orgs=[org]), V1)
     await wire.join(topic, "1")
-    await wire.send(kind3("1", "2", topic, "e", b"{}"))
+    await wire.send(encode_kind3("1", "2", topic, "e", b"{}"))
     await expect_close(wire, 1007)
     await check_alive(hub, bystander)
 
@@ -665,10 +639,10 @@ async def test_frame_for_topic_not_joined(hub: HubProcess, bystander: Wire, vsn:
     await wire.push(topic, "broadcast", body, ref="5", join_ref="1")
     assert await wire.recv() == wire.reply(topic, "5", "1", unmatched, status="error")
     if vsn == V2:
-        await wire.send(kind3("1", "6", topic, "e", b"{}"))
+        await wire.send(encode_kind3("1", "6", topic, "e", b"{}"))
         assert await wire.recv() == wire.reply(topic, "6", "1", unmatched, status="error")
         other = f"realtime:org:{new_org()}"
-        await wire.send(kind3("4", "7", other, "e", b"{}"))
+        await wire.send(encode_kind3("4", "7", other, "e", b"{}"))
         assert await wire.recv() == wire.reply(other, "7", "4", unmatched, status="error")
     await wire.heartbeat()
     await check_alive(hub, bystander)
@@ -842,8 +816,8 @@ class RawSocket:
         assert head.startswith(b"HTTP/1.1 101"), head
         return raw
 
-    async def send_json(self, value: Any) -> None:
-        await self.loop.sock_sendall(self.sock, client_frame(1, json.dumps(value).encode()))
+    async def send_text(self, text: str) -> None:
+        await self.loop.sock_sendall(self.sock, client_frame(1, text.encode()))
 
     async def recv_json(self) -> Any:
         while (split := _split_frame(self.buf)) is None:
@@ -889,9 +863,7 @@ async def test_slow_consumer_is_cut_and_others_get_everything(make_hub: Any) -> 
     token = hub.token(orgs=[org])
 
     slow = await RawSocket.open(hub, f"/realtime/v1/websocket?apikey={token}&vsn=1.0.0")
-    await slow.send_json(
-        {"topic": topic, "event": "phx_join", "payload": {}, "ref": "1", "join_ref": "1"}
-    )
+    await slow.send_text(encode(V1, "1", "1", topic, "phx_join", {}))
     reply = await slow.recv_json()
     assert reply["event"] == "phx_reply" and reply["payload"]["status"] == "ok"
     # From here on the slow socket never reads (until the very end).
@@ -960,8 +932,8 @@ async def test_one_rest_request_within_limits_does_not_cut_a_reader(hub: HubProc
             while len(received) < count:
                 _, _, _, _, payload = split_kind4(await reader.recv())
                 received.append(json.loads(payload)["i"])
-        except ConnectionClosed:
-            close = reader.conn.protocol.close_rcvd
+        except Disconnected:
+            close = (reader.client.close_code, reader.client.close_reason)
             raise AssertionError(
                 f"202, then the reader was closed ({close}) after {len(received)} of {count}"
             ) from None
@@ -988,7 +960,7 @@ async def test_idle_socket_is_closed_4000(make_hub: Any) -> None:
     await expect_close(idle, 4000, within=6)
     elapsed = time.monotonic() - start
     assert 1.5 <= elapsed <= 4.5, elapsed
-    assert idle.conn.protocol.close_rcvd is not None
+    assert idle.client.close_code is not None
     await asyncio.wait_for(beating, 10)  # 5 s of heartbeats: never closed
     await check_alive(hub, lively)
     await lively.close()

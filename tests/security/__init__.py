@@ -21,7 +21,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import itertools
 import json
 import secrets
 import time
@@ -31,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
+from hub.client.realtime import AsyncClient, Disconnected, Message, join_payload, socket_url
 from tests.conftest import HubProcess
-from tests.rawframes import kind4_broadcast
 
 #: Every single wait in the suite.
 T = 5.0
@@ -90,70 +89,35 @@ def claims_for(
 # -- a raw connection that records everything -----------------------------------------
 
 
-@dataclass
-class Msg:
-    join_ref: str | None
-    ref: str | None
-    topic: str
-    event: str
-    payload: Any
-
-
-def parse_kind4(data: bytes) -> Msg:
-    topic, payload = kind4_broadcast(data)
-    if isinstance(payload["payload"], bytes):
-        payload["payload"] = payload["payload"].hex()
-    return Msg(None, None, topic, "broadcast", payload)
-
-
 class Conn:
-    """A WebSocket to the hub that records every frame it receives."""
+    """A raw client (:class:`hub.client.realtime.AsyncClient`) that records
+    every frame it receives, for the marker searches."""
 
-    def __init__(self, ws: ClientConnection, vsn: str, label: str) -> None:
-        self.ws = ws
-        self.vsn = vsn
+    def __init__(self, client: AsyncClient, label: str) -> None:
+        self.client = client
+        self.vsn = client.vsn
         self.label = label
         #: What this connection's payloads carry (the arena sets the attacker's).
         self.marker = "ATTACKER"
         self.raw: list[str | bytes] = []
-        self.messages: list[Msg] = []
-        self._refs = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._changed = asyncio.Event()
-        self.reader = asyncio.create_task(self._read())
+        client.on_message = self._record
 
     @classmethod
     async def open(cls, hub: HubProcess, token: str, vsn: str = V1, label: str = "") -> Conn:
-        url = f"{hub.ws_url}?apikey={token}&vsn={vsn}"
-        ws = await asyncio.wait_for(
-            connect(url, open_timeout=T, ping_interval=None, max_size=None), T
+        client = await AsyncClient.connect(
+            hub.ws_url, token, vsn, ref_prefix=label, within=T, max_size=None
         )
-        return cls(ws, vsn, label)
+        return cls(client, label)
 
-    async def _read(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for data in self.ws:
-                self.raw.append(data)
-                if isinstance(data, bytes):
-                    msg = parse_kind4(data)
-                else:
-                    value = json.loads(data)
-                    if isinstance(value, list):
-                        msg = Msg(*value)
-                    else:
-                        msg = Msg(
-                            value.get("join_ref"),
-                            value.get("ref"),
-                            value["topic"],
-                            value["event"],
-                            value["payload"],
-                        )
-                self.messages.append(msg)
-                self._changed.set()
-                if msg.event == "phx_reply" and msg.ref in self._waiting:
-                    future = self._waiting.pop(msg.ref)
-                    if not future.done():
-                        future.set_result(msg)
+    @property
+    def messages(self) -> list[Message]:
+        return self.client.messages
+
+    def _record(self, msg: Message) -> None:
+        self.raw.append(msg.raw)
+        if msg.binary and isinstance(msg.payload["payload"], bytes):
+            # Raw payloads as hex, so that every payload dumps as JSON.
+            msg.payload["payload"] = msg.payload["payload"].hex()
 
     def text(self) -> str:
         """Everything received, as one string, for marker searches."""
@@ -161,33 +125,18 @@ class Conn:
             item if isinstance(item, str) else item.decode(errors="replace") for item in self.raw
         )
 
-    def next_ref(self) -> str:
-        return f"{self.label}{next(self._refs)}"
-
     async def send(
         self, topic: str, event: str, payload: Any, ref: str | None, join_ref: str | None
     ) -> None:
-        if self.vsn == V1:
-            frame: Any = {
-                "topic": topic,
-                "event": event,
-                "payload": payload,
-                "ref": ref,
-                "join_ref": join_ref,
-            }
-        else:
-            frame = [join_ref, ref, topic, event, payload]
-        await asyncio.wait_for(self.ws.send(json.dumps(frame)), T)
+        await self.client.push(topic, event, payload, ref=ref, join_ref=join_ref)
 
     async def request(
         self, topic: str, event: str, payload: Any, join_ref: str | None = None, ref: str = ""
     ) -> dict[str, Any]:
         """Send and return the reply's payload ``{"status", "response"}``."""
-        ref = ref or self.next_ref()
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self._waiting[ref] = future
-        await self.send(topic, event, payload, ref, join_ref)
-        reply = await asyncio.wait_for(future, T)
+        ref = ref or self.client.next_ref()
+        sent = self.client.message(topic, event, payload, ref=ref, join_ref=join_ref)
+        reply = await self.client.call(sent)
         assert isinstance(reply.payload, dict), reply
         return reply.payload
 
@@ -195,10 +144,8 @@ class Conn:
         self, topic: str, config: dict[str, Any] | None = None, access_token: str | None = None
     ) -> tuple[str, dict[str, Any]]:
         """Join; returns (join_ref, reply payload)."""
-        ref = self.next_ref()
-        payload: dict[str, Any] = {"config": config or {"broadcast": {"self": False}}}
-        if access_token is not None:
-            payload["access_token"] = access_token
+        ref = self.client.next_ref()
+        payload = join_payload(config or {"broadcast": {"self": False}}, access_token)
         return ref, await self.request(topic, "phx_join", payload, join_ref=ref, ref=ref)
 
     async def heartbeat(self) -> None:
@@ -206,39 +153,25 @@ class Conn:
         assert reply == {"status": "ok", "response": {}}, reply
 
     async def broadcast(self, topic: str, join_ref: str | None, payload: Any) -> None:
-        body = {"type": "broadcast", "event": "msg", "payload": payload}
-        await self.send(topic, "broadcast", body, None, join_ref)
+        await self.client.broadcast(topic, "msg", payload, join_ref=join_ref)
 
-    async def wait_for(self, predicate: Any, within: float = T) -> Msg:
+    async def wait_for(self, predicate: Any, within: float = T) -> Message:
         """The first message (already received or coming) matching ``predicate``."""
-        deadline = asyncio.get_running_loop().time() + within
-        seen = 0
-        while True:
-            for msg in self.messages[seen:]:
-                if predicate(msg):
-                    return msg
-            seen = len(self.messages)
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise AssertionError(f"{self.label}: no matching message in {self.messages!r}")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+        try:
+            return await self.client.wait_for(predicate, within=within)
+        except (TimeoutError, Disconnected):
+            messages = self.messages
+            raise AssertionError(f"{self.label}: no matching message in {messages!r}") from None
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(), T)
-        self.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(self.reader, T)
+            await self.client.close()
 
 
 async def handshake_status(hub: HubProcess, token: str, vsn: str = V1) -> int:
     """The HTTP status of a refused handshake; fails if it was accepted."""
     try:
-        ws = await asyncio.wait_for(
-            connect(f"{hub.ws_url}?apikey={token}&vsn={vsn}", open_timeout=T), T
-        )
+        ws = await asyncio.wait_for(connect(socket_url(hub.ws_url, token, vsn), open_timeout=T), T)
     except InvalidStatus as exc:
         return int(exc.response.status_code)
     await ws.close()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
+from hub.client.realtime import encode_kind3
 from tests.conftest import HubProcess
 from tests.security import V1, V2, Arena, arena_on, expect_refused_join, handshake_status
 
@@ -239,9 +240,7 @@ async def test_binary_broadcast_to_victim_topic_is_refused(hub: HubProcess) -> N
         assert reply["status"] == "ok", reply
         payload = f'{{"m": "{conn.marker}"}}'.encode()
         for topic in arena.victim_topics:
-            fields = [join_ref.encode(), b"77", topic.encode(), b"x", b""]
-            frame = bytes([3, *(len(f) for f in fields), 1]) + b"".join(fields) + payload
-            await conn.ws.send(frame)
+            await conn.client.send_raw(encode_kind3(join_ref, "77", topic, "x", payload))
             msg = await conn.wait_for(lambda m: m.event == "phx_reply" and m.ref == "77")
             assert msg.payload == {"status": "error", "response": {"reason": "unmatched topic"}}
             conn.messages.remove(msg)

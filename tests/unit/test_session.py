@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 
 from hub.auth.principal import Principal
 from hub.auth.tokens import JwksCache, KeyNotCached, TokenVerifier
-from hub.channels.registry import Channels
-from hub.engine.memory import MemoryEngine
+from hub.client import realtime
+from hub.config import SessionLimits
 from hub.errors import CloseCode
-from hub.frames import Frame, ListOutbox
+from hub.frames import Frame
+from hub.outbox import ListOutbox
 from hub.protocol import VSN1, VSN2, Broadcast, Vsn, decode
-from hub.session import Session, SessionLimits
-from tests.rawframes import kind3
+from hub.session import Session
+from tests.support.channels import local_channels
 from tests.unit import captures
 
 SECRET = b"session-test-secret-long-enough-for-hs256-and-more-0123456789abc"
@@ -62,25 +63,18 @@ def parse(frame: Frame, vsn: Vsn) -> Pushed:
     if vsn == VSN1:
         assert isinstance(value, dict)
         assert "ref" in value, "realtime-py drops messages without a ref key"
-        return Pushed(
-            value.get("join_ref"),
-            value["ref"],
-            value["topic"],
-            value["event"],
-            value["payload"],
-            value,
-        )
-    assert isinstance(value, list)
-    assert len(value) == 5
-    join_ref, ref, topic, event, payload = value
-    return Pushed(join_ref, ref, topic, event, payload, value)
+    else:
+        assert isinstance(value, list)
+        assert len(value) == 5
+    got = realtime.decode_text(frame.payload)
+    return Pushed(got.join_ref, got.ref, got.topic, got.event, got.payload, value)
 
 
 class Hub:
     def __init__(self) -> None:
         self.clock = Clock()
         self.verifier = TokenVerifier(secret=SECRET, jwks=None, orgs_claim=ORGS)
-        self.channels = Channels(MemoryEngine())
+        self.channels = local_channels()
         self._ids = 0
 
     def token(
@@ -138,24 +132,13 @@ class Client:
     def send(
         self, join_ref: str | None, ref: str | None, topic: str, event: str, payload: Any
     ) -> None:
-        if self.vsn == VSN1:
-            text = json.dumps(
-                {
-                    "topic": topic,
-                    "event": event,
-                    "payload": payload,
-                    "ref": ref,
-                    "join_ref": join_ref,
-                }
-            )
-        else:
-            text = json.dumps([join_ref, ref, topic, event, payload])
-        self.session.receive(text)
+        self.session.receive(realtime.encode(self.vsn, join_ref, ref, topic, event, payload))
 
     def send_binary(
         self, join_ref: str, ref: str, topic: str, event: str, payload: bytes, is_json: bool = True
     ) -> None:
-        self.session.receive(kind3(join_ref, ref, topic, event, payload, 1 if is_json else 0))
+        enc = 1 if is_json else 0
+        self.session.receive(realtime.encode_kind3(join_ref, ref, topic, event, payload, enc=enc))
 
     def take(self) -> list[Pushed]:
         """Frames pushed since the last take."""
@@ -173,17 +156,13 @@ class Client:
     ) -> list[Pushed]:
         """Join ``topic``; returns (and consumes) every frame the join caused."""
         ref = self.next_ref()
-        payload: dict[str, Any] = {
-            "config": config
-            or {
-                "broadcast": {"self": False, "ack": False},
-                "presence": {"key": "", "enabled": True},
-                "postgres_changes": [],
-                "private": False,
-            }
+        default = {
+            "broadcast": {"self": False, "ack": False},
+            "presence": {"key": "", "enabled": True},
+            "postgres_changes": [],
+            "private": False,
         }
-        if access_token is not None:
-            payload["access_token"] = access_token
+        payload = realtime.join_payload(config or default, access_token)
         self.send(ref, ref, topic, "phx_join", payload)
         if expect_ok:
             pushed = self.take()
