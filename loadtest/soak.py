@@ -46,6 +46,7 @@ import httpx
 import psutil
 
 from hub.store.migrate import migrate
+from loadtest.commands import repeatable_command
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("HUB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -437,11 +438,11 @@ async def run(args: argparse.Namespace) -> int:
         "no traceback in the hub log": (not tracebacks, "clean" if not tracebacks else "see log"),
     }
     ok = all(value for value, _ in checks.values())
-    command = "python -m loadtest.soak " + " ".join(sys.argv[1:])
+    command = repeatable_command("python -m loadtest.soak", args.argv, ("--report", "--workdir"))
     write_report(
         args.report,
         args,
-        command.strip(),
+        command,
         started_at,
         stats,
         failures,
@@ -471,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep locust's CSV/HTML here")
     parser.add_argument("--keep", action="store_true", help="keep the work files")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return asyncio.run(run(args))
 
 

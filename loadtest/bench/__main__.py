@@ -14,7 +14,6 @@ import asyncio
 import os
 import platform
 import secrets
-import shlex
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import orjson
 import uvloop
 
 from loadtest.bench import envs, procs, report, scenarios, servers
+from loadtest.commands import repeatable_command
 
 SCENARIOS = ["fanout", "many_orgs", "capacity", "multinode"]
 #: Measured --runs times; the peers, 10 to 500 times slower and minutes per
@@ -154,7 +154,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "quick": args.quick,
         "runs": args.runs,
-        "command": "python -m loadtest.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": repeatable_command(
+            "python -m loadtest.bench", sys.argv[1:], ("--json", "--database-url", "--pg-admin")
+        ),
         "config": cfg.__dict__,
         "scenarios": {},
     }
