@@ -15,7 +15,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,9 @@ import asyncpg
 import pytest
 
 from hub.aggregator.demo import make_orgs, run_demo
-from tests.conftest import ROOT, HubProcess, stop_hub
-from tests.integration.test_mother import (
+from tests.support.hubs import ROOT, HubProcess, stop_hub
+from tests.support.mother import (
     StartHub,
-    fresh_database,
-    hub_starter,
     new_org,
     publish,
 )
@@ -50,18 +48,6 @@ SCREENSHOT = ROOT / "docs" / "dashboard.png"
 WAIT_MS = 15_000
 DEMO_SEED = 3
 DEMO_ORGS = 8
-
-
-@pytest.fixture
-def mother_hub(tmp_path: Path) -> Iterator[StartHub]:
-    with hub_starter(tmp_path) as start:
-        yield start
-
-
-@pytest.fixture
-async def fresh_dsn() -> AsyncIterator[str]:
-    async with fresh_database() as dsn:
-        yield dsn
 
 
 @pytest.fixture

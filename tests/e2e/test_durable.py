@@ -1,11 +1,11 @@
 """End-to-end: durable org events through real `hub serve` processes.
 
 Most tests run against a hub whose event store is the session's fresh
-PostgreSQL database (``HUB_DATABASE_URL``, see ``tests/integration/pg.py``);
+PostgreSQL database (``HUB_DATABASE_URL``, see ``tests/support/pg.py``);
 the embedded default (no database, in-memory store) is checked too.  The
 clients are the real ones: raw WebSocket frames (vsn 1.0.0), the Python
 ``realtime`` client (vsn 1.0.0) and supabase-js (vsn 2.0.0, driven under
-node by ``js/driver.mjs``, with postgres_changes bindings).
+node by ``tests/support/js/driver.mjs``, with postgres_changes bindings).
 
 What is checked: publishing over REST, ``HubClient`` and ``hub publish``;
 live delivery of durable events and of captured table changes
@@ -39,9 +39,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from hub.client.rest import HubClient, HubClientError
-from tests.conftest import ROOT, HubProcess, start_hub, stop_hub
-from tests.e2e.jsclient import JsClientUnavailable, JsDriver, install_js_client
-from tests.integration.pg import pg_dsn  # noqa: F401 - fixture
+from tests.support.hubs import ROOT, HubProcess, start_hub, stop_hub
+from tests.support.jsclient import JsClientUnavailable, JsDriver, install_js_client
+from tests.support.pg import pg_dsn  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -343,7 +343,7 @@ def js_scripts() -> Path:
 
 @pytest.fixture
 async def js(js_scripts: Path) -> AsyncIterator[JsDriver]:
-    """One node process running supabase-js (``js/driver.mjs``)."""
+    """One node process running supabase-js (``tests/support/js/driver.mjs``)."""
     driver = await JsDriver.start(js_scripts, "supabase-js", max_seconds=90)
     try:
         yield driver

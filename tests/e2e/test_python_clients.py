@@ -16,7 +16,7 @@ from realtime.exceptions import RealtimeHTTPError
 from realtime.types import ChannelEvents, RealtimeAcknowledgementStatus
 from supabase import acreate_client
 
-from tests.conftest import HubProcess
+from tests.support.hubs import HubProcess
 
 pytestmark = pytest.mark.e2e
 

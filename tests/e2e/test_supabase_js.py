@@ -1,7 +1,8 @@
 """End-to-end: a real `hub serve` and the real, unmodified Supabase clients.
 
 supabase-js (vsn 2.0.0: broadcasts go out as binary kind-3 frames) runs
-under node through ``js/driver.mjs`` (see ``jsclient.py``), which records
+under node through ``tests/support/js/driver.mjs`` (see
+``tests/support/jsclient.py``), which records
 every WebSocket frame; the Python ``realtime`` client (vsn 1.0.0) runs in
 the test's own event loop, concurrently with the node process.
 
@@ -33,8 +34,8 @@ from realtime import AsyncRealtimeClient
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from tests.conftest import HubProcess
-from tests.e2e.jsclient import (
+from tests.support.hubs import HubProcess
+from tests.support.jsclient import (
     JsClientUnavailable,
     JsDriver,
     install_js_client,

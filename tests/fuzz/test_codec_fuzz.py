@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from hub.client.realtime import split_kind4
 from hub.errors import ProtocolError
 from hub.protocol import VSN1, VSN2, Broadcast, Message, decode, encode
-from tests.conftest import HubProcess
+from tests.support.hubs import HubProcess
 
 VSNS = st.sampled_from([VSN1, VSN2])
 #: Planted in fuzzed frames: no error message may repeat it.

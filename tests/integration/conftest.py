@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cluster import Cluster, MakeHub
+from tests.support.cluster import Cluster, MakeHub
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import HubProcess
-from tests.integration.cluster import (
+from tests.support.cluster import (
     POSTGRES_ADMIN_DSN,
     V1,
     V2,
@@ -37,6 +36,7 @@ from tests.integration.cluster import (
     scrape,
     wait_until,
 )
+from tests.support.hubs import HubProcess
 
 
 def is_event(event: str) -> Any:

@@ -15,8 +15,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -26,75 +25,16 @@ from realtime import AsyncRealtimeClient
 from websockets.asyncio.client import ClientConnection, connect
 
 from hub.aggregator.mother import SHARE_INTERVAL, SHARE_TTL
-from hub.store.migrate import migrate
-from tests.conftest import HubProcess, start_hub, stop_hub
-from tests.integration.pg import create_database, drop_database, new_database_name
+from tests.support.hubs import HubProcess, stop_hub
+from tests.support.mother import (
+    StartHub,
+    new_org,
+    publish,
+)
 
 #: Default bound of every wait in this file (seconds).
 T = 10.0
 REDIS_URL = os.environ.get("HUB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-#: `hub serve` with the mother's routes added when the app lacks them.
-def start_mother_hub(
-    tmp_path: Path,
-    env: dict[str, str] | None = None,
-    secret: str | None = None,
-    port: int | None = None,
-) -> HubProcess:
-    """Start `hub serve` and wait for /healthz."""
-    return start_hub(tmp_path, env, secret, port)
-
-
-StartHub = Callable[..., HubProcess]
-
-
-@contextlib.contextmanager
-def hub_starter(tmp_path: Path) -> Iterator[StartHub]:
-    """Start hubs with ``start(env, secret=..., port=...)``; all are stopped
-    on exit, and none may have logged a traceback."""
-    started: list[HubProcess] = []
-
-    def start(
-        env: dict[str, str] | None = None, secret: str | None = None, port: int | None = None
-    ) -> HubProcess:
-        hub = start_mother_hub(tmp_path, env, secret, port)
-        started.append(hub)
-        return hub
-
-    try:
-        yield start
-    finally:
-        for hub in started:
-            stop_hub(hub)
-    for hub in started:
-        assert "Traceback" not in hub.log(), hub.log()
-
-
-@contextlib.asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """A migrated database of its own, dropped on exit."""
-    name = new_database_name()
-    dsn = await create_database(name)
-    try:
-        await migrate(dsn)
-        yield dsn
-    finally:
-        await drop_database(name)
-
-
-@pytest.fixture
-def mother_hub(tmp_path: Path) -> Iterator[StartHub]:
-    with hub_starter(tmp_path) as start:
-        yield start
-
-
-@pytest.fixture
-async def fresh_dsn() -> AsyncIterator[str]:
-    """The session's database is shared with other tests' orgs, and these
-    tests compare network-wide totals."""
-    async with fresh_database() as dsn:
-        yield dsn
 
 
 @pytest.fixture
@@ -107,10 +47,6 @@ async def redis_url() -> str:
     finally:
         await client.aclose()
     return REDIS_URL
-
-
-def new_org() -> str:
-    return "m" + uuid.uuid4().hex[:10]
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -147,18 +83,6 @@ def org_of(snapshot: dict[str, Any], org: str) -> dict[str, Any]:
     found = [item for item in snapshot["orgs"] if item["org"] == org]
     assert found, f"{org} is not in the snapshot: {[o['org'] for o in snapshot['orgs']]}"
     return found[0]
-
-
-async def publish(hub: HubProcess, org: str, events: list[tuple[str, Any]]) -> None:
-    async with httpx.AsyncClient(base_url=hub.http_url, timeout=T) as http:
-        for start in range(0, len(events), 100):
-            body = [{"type": t, "payload": p} for t, p in events[start : start + 100]]
-            response = await http.post(
-                f"/api/orgs/{org}/events",
-                json=body,
-                headers={"Authorization": f"Bearer {hub.admin_token()}"},
-            )
-            assert response.status_code == 201, response.text
 
 
 async def history(hub: HubProcess, org: str) -> list[dict[str, Any]]:

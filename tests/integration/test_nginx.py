@@ -14,8 +14,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from tests.conftest import HubProcess
-from tests.integration.cluster import (
+from tests.support.cluster import (
     NGINX_TEMPLATE,
     V1,
     V2,
@@ -29,6 +28,7 @@ from tests.integration.cluster import (
     seqs,
     wait_until,
 )
+from tests.support.hubs import HubProcess
 
 C = TypeVar("C")
 

@@ -23,7 +23,7 @@ from hub.store.listener import CHANNEL
 from hub.store.migrate import applied_versions, migrate
 from hub.store.postgres import PostgresStore
 from hub.store.tracking import TrackingError, track, tracked, untrack
-from tests.integration.pg import (
+from tests.support.pg import (
     Announced,
     create_database,
     drop_database,

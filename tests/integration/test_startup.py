@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.integration.pg import create_database, drop_database, new_database_name, run_sync
+from tests.support.hubs import ROOT
+from tests.support.pg import create_database, drop_database, new_database_name, run_sync
 
 SECRET = "s" * 40
 

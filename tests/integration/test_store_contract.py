@@ -16,7 +16,7 @@ import pytest
 from hub.store.base import MAX_READ, EventStore, StoredEvent, StoreError
 from hub.store.memory import MemoryStore
 from hub.store.postgres import PostgresStore
-from tests.integration.pg import Announced, new_org, pg_dsn  # noqa: F401 - fixture
+from tests.support.pg import Announced, new_org, pg_dsn  # noqa: F401 - fixture
 
 
 @dataclass

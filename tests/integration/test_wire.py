@@ -32,8 +32,8 @@ from hub.client.realtime import (
     socket_url,
     split_kind4,
 )
-from tests.conftest import HubProcess
-from tests.rawframes import client_frame
+from tests.support.hubs import HubProcess
+from tests.support.rawframes import client_frame
 
 #: Default timeout for every single wait in this file.
 T = 5.0

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT
+from tests.support.hubs import ROOT
 
 RUN_SECONDS = 20
 

@@ -34,8 +34,8 @@ import httpx
 import psutil
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.conftest import HubProcess
-from tests.rawframes import client_frame
+from tests.support.hubs import HubProcess
+from tests.support.rawframes import client_frame
 
 SUBSCRIBERS = 10
 RATE = 100  # broadcasts per second

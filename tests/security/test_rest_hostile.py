@@ -5,7 +5,7 @@ Expected answers: no token, a garbage token or an expired one: 401; a valid
 token of another org: 403; and in every case nothing is published to the
 victim's subscribers, nothing is appended to its history, and no response
 body carries any of its data (checked by the arena,
-``tests/security/__init__.py``).
+``tests/support/arena.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.conftest import HubProcess
-from tests.security import V2, Arena, T, arena_on
+from tests.support.arena import V2, Arena, T, arena_on
+from tests.support.hubs import HubProcess
 
 
 @pytest.fixture

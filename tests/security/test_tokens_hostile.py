@@ -20,7 +20,7 @@ Two kinds of hostile token:
   connect, but joins of the victim's topics and of ``mother`` are refused
   with ``Unauthorized``, REST answers 403.
 
-Every case runs in an arena (see ``tests/security/__init__.py``): nothing of
+Every case runs in an arena (see ``tests/support/arena.py``): nothing of
 the victim reaches the attacker and nothing of the attacker reaches the
 victim.
 """
@@ -43,8 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from jwt.warnings import InsecureKeyLengthWarning
 
-from tests.conftest import HubProcess, free_port, start_hub, stop_hub
-from tests.security import (
+from tests.support.arena import (
     V1,
     V2,
     Arena,
@@ -57,6 +56,7 @@ from tests.security import (
     handshake_status,
     hs256,
 )
+from tests.support.hubs import HubProcess, free_port, start_hub, stop_hub
 
 KID = "k1"
 

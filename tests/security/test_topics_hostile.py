@@ -6,7 +6,7 @@ case folding, no trimming, no Unicode normalisation, no wildcards.  Every
 variant below must be refused with ``phx_reply`` error ``Unauthorized: ...``
 while the socket stays open; legitimately joinable look-alikes (the
 attacker's own org or sub-channel named after the victim) must hear nothing
-of the victim.  Each case runs in an arena (``tests/security/__init__.py``).
+of the victim.  Each case runs in an arena (``tests/support/arena.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Callable
 import pytest
 
 from hub.client.realtime import encode_kind3
-from tests.conftest import HubProcess
-from tests.security import V1, V2, Arena, arena_on, expect_refused_join, handshake_status
+from tests.support.arena import V1, V2, Arena, arena_on, expect_refused_join, handshake_status
+from tests.support.hubs import HubProcess
 
 #: Variants of the victim's topic, built from the victim's org id ``v``
 #: (after ``realtime:``, unless the variant says otherwise).

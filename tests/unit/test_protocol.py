@@ -23,7 +23,7 @@ from hub.protocol import (
     encode,
     encode_reply,
 )
-from tests.unit import captures
+from tests.support import captures
 
 FUZZ = settings(
     max_examples=300,

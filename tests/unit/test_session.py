@@ -23,8 +23,8 @@ from hub.frames import Frame
 from hub.outbox import ListOutbox
 from hub.protocol import VSN1, VSN2, Broadcast, Vsn, decode
 from hub.session import Session
+from tests.support import captures
 from tests.support.channels import local_channels
-from tests.unit import captures
 
 SECRET = b"session-test-secret-long-enough-for-hs256-and-more-0123456789abc"
 ORGS = ("app_metadata", "orgs")

@@ -16,19 +16,19 @@ from hypothesis import strategies as st
 from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
 
+from hub.errors import WebSocketError
 from hub.websocket import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
     OP_TEXT,
     FrameReader,
-    WebSocketError,
     accept_response,
     check_upgrade,
     close_frame,
     parse_close,
 )
-from tests.rawframes import client_frame
+from tests.support.rawframes import client_frame
 
 
 def websockets_frame(opcode: Opcode, payload: bytes, fin: bool = True) -> bytes:

@@ -1,6 +1,6 @@
 """A fresh PostgreSQL database for one test session.
 
-Import the fixture into a test module (``from tests.integration.pg import
+Import the fixture into a test module (``from tests.support.pg import
 pg_dsn  # noqa: F401``).  ``pg_dsn`` creates ``hub_test_<random>`` through the
 ``postgres`` database, applies the hub's migrations and returns the new
 database's DSN; the database is dropped (with FORCE) when the session ends.

@@ -1,4 +1,4 @@
-"""Load the recorded real-client sessions in ``tests/unit/captures/``.
+"""Load the recorded real-client sessions in ``tests/support/captures/``.
 
 Each ``.jsonl`` file is one WebSocket session recorded against a scripted
 server: ``in`` events are what the client sent, ``out`` events what the

@@ -1,6 +1,6 @@
 // A remote-controlled @supabase/supabase-js, for the hub's end-to-end tests.
 //
-// Run by tests/e2e/jsclient.py from a copy placed next to the npm-installed
+// Run by tests/support/jsclient.py from a copy placed next to the npm-installed
 // client (.cache/js/scenarios/), so the imports below resolve to the real,
 // unmodified packages.
 //

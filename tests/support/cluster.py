@@ -49,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from realtime import AsyncRealtimeChannel, AsyncRealtimeClient, RealtimeSubscribeStates
 
 from hub.client.realtime import AsyncClient, Disconnected, Message, Refused, wire_topic
-from tests.conftest import ROOT, HubProcess, free_port
+from tests.support.hubs import ROOT, HubProcess, free_port
 
 REDIS_URL: Final = os.environ.get("HUB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_ADMIN_DSN: Final = os.environ.get(
