@@ -22,8 +22,8 @@ import anyio
 from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached, TokenVerifier
 from hub.channels.durable import DurableFeed, ReplayRequest
+from hub.channels.fanout import Channels
 from hub.channels.observer import Observers
-from hub.channels.registry import Channels
 from hub.channels.subscription import Subscription
 from hub.config import SessionLimits
 from hub.counters import Counters

@@ -31,8 +31,8 @@ import anyio
 from hub.aggregator.mother import Mother
 from hub.auth.tokens import JwksCache, TokenVerifier
 from hub.channels.durable import DurableFeed
+from hub.channels.fanout import Channels
 from hub.channels.observer import Observers
-from hub.channels.registry import Channels
 from hub.config import Settings
 from hub.counters import Counters
 from hub.engine.base import Engine

@@ -26,7 +26,7 @@ from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached, TokenVerifier
 from hub.channels.changes import InvalidBinding, parse_bindings
 from hub.channels.durable import ReplayRequest, parse_replay
-from hub.channels.registry import Channels
+from hub.channels.fanout import Channels
 from hub.channels.subscription import Subscription
 from hub.channels.topics import InvalidTopic, parse_topic
 from hub.config import SessionLimits

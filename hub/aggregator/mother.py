@@ -55,8 +55,8 @@ from hub.aggregator.windows import (
     Ring,
     merge_shares,
 )
+from hub.channels.fanout import Channels
 from hub.channels.observer import Observer
-from hub.channels.registry import Channels
 from hub.channels.topics import MOTHER, ORG_ID_RE
 from hub.protocol import Broadcast
 from hub.store.base import MAX_READ, EventStore, StoredEvent

@@ -26,7 +26,7 @@ from hub.api.common import Rejected, authenticate, error_response, read_body, re
 from hub.auth.policy import authorize_write
 from hub.auth.principal import Principal
 from hub.auth.tokens import TokenVerifier
-from hub.channels.registry import Channels
+from hub.channels.fanout import Channels
 from hub.channels.topics import InvalidTopic, parse_topic
 from hub.errors import AuthError
 from hub.protocol import MAX_BINARY_FIELD, Broadcast, is_event_name

@@ -39,8 +39,8 @@ from typing import Any
 import orjson
 
 from hub.channels.changes import matches
+from hub.channels.fanout import Channels, change_data
 from hub.channels.observer import Observers
-from hub.channels.registry import Channels, change_data
 from hub.channels.subscription import Subscription
 from hub.frames import Frame
 from hub.protocol import Broadcast, encode
@@ -87,8 +87,8 @@ class DurableFeed:
 
     The node hands :meth:`on_event` to the store as its listener callback.
     Live events go through the registry's fan-out
-    (:meth:`~hub.channels.registry.Channels.deliver_durable` and
-    :meth:`~hub.channels.registry.Channels.deliver_change`); a replay pushes
+    (:meth:`~hub.channels.fanout.Channels.deliver_durable` and
+    :meth:`~hub.channels.fanout.Channels.deliver_change`); a replay pushes
     to its one subscription.  Both accept an event by the one rule,
     :meth:`~hub.channels.subscription.Subscription.take_durable`.
     """

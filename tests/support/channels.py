@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hub.channels.registry import Channels
+from hub.channels.fanout import Channels
 from hub.engine.base import Engine
 from hub.engine.memory import MemoryEngine
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hub.auth.tokens import TokenVerifier, issue_token
-from hub.channels.registry import Channels
+from hub.channels.fanout import Channels
 from hub.errors import ConfigError
 from hub.outbox import ListOutbox
 from hub.quotas import OrgQuota, Quotas, parse_overrides

@@ -10,7 +10,7 @@ import pytest
 from hub.auth.principal import Principal
 from hub.channels.changes import parse_bindings
 from hub.channels.durable import DurableFeed, ReplayRequest, parse_replay
-from hub.channels.registry import Channels
+from hub.channels.fanout import Channels
 from hub.channels.subscription import Subscription
 from hub.channels.topics import parse_topic
 from hub.outbox import ListOutbox

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from hub.auth.principal import Principal
-from hub.channels.registry import Channels
+from hub.channels.fanout import Channels
 from hub.channels.subscription import Subscription
 from hub.channels.topics import parse_topic
 from hub.counters import Counters

@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 from hub.auth.principal import Principal
+from hub.channels.fanout import Channels
 from hub.channels.presence import PresenceDiff
-from hub.channels.registry import Channels
 from hub.channels.subscription import Subscription
 from hub.channels.topics import parse_topic
 from hub.engine.base import NodeGone, PresenceSnapshot

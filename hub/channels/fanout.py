@@ -1,4 +1,4 @@
-"""Topics to subscribers, and the fan-out.
+"""Topics to subscribers (the registry of this node's subscriptions), and the fan-out.
 
 Fan-out is the hot path of the hub.  For each message it:
 
