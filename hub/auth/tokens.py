@@ -58,7 +58,7 @@ _BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
 class _HubJWS(jwt.PyJWS):
     """PyJWS with its segment check done by one regex instead of a Python
     generator over every character: that generator was a tenth of the CPU
-    time of a connect.  Same rules, same errors; tests/unit/test_tokens.py
+    time of a connect.  Same rules, same errors; tests/unit/auth/test_tokens.py
     checks both against each other on malformed segments."""
 
     @staticmethod

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the session: arbitrary join payloads (the
 config parser: broadcast, presence, postgres_changes, replay, private,
 access_token) and arbitrary frames, fed to :class:`hub.session.Session` with
-a :class:`hub.frames.ListOutbox`, as ``tests/unit/test_session.py`` does.
+a :class:`hub.outbox.ListOutbox`, as ``tests/unit/test_session.py`` does.
 
 Properties:
 
