@@ -72,14 +72,14 @@ class CloseCode(enum.IntEnum):
     #: opcodes, a broken fragment sequence, a bad control frame.  Sent by
     #: the WebSocket layer.
     PROTOCOL_ERROR = 1002
+    #: Never sent: what a close frame without a code stands for (RFC 6455).
+    NO_STATUS = 1005
     #: A frame could not be decoded (bad JSON, bad envelope, lying binary
     #: lengths, refs that are not strings).  Sent by the hub's codec.
     INVALID_FRAME = 1007
     #: A frame was larger than ``HUB_MAX_FRAME_BYTES`` (sent by the
     #: WebSocket layer itself).
     MESSAGE_TOO_BIG = 1009
-    #: Never sent: what a close frame without a code stands for (RFC 6455).
-    NO_STATUS = 1005
     #: An unexpected error inside the hub; the connection is dropped rather
     #: than left in an unknown state.
     INTERNAL_ERROR = 1011

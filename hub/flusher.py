@@ -35,8 +35,9 @@ class Flusher:
     def mark(self, item: Flushable) -> None:
         self._dirty.append(item)
         if not self._scheduled:
+            if self.loop is None:
+                raise RuntimeError("Flusher.mark() before start(): the node is not running")
             self._scheduled = True
-            assert self.loop is not None, "Flusher.start() was not called"
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:

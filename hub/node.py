@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 
@@ -52,9 +53,13 @@ class Node:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine | None = None,
+        *,
+        engine: Callable[[Quotas], Engine] | None = None,
         store: EventStore | None = None,
     ) -> None:
+        """``engine`` builds the engine from the node's quotas (a networked
+        engine shares each node's quota usage); default: from ``settings``.
+        ``store`` replaces the store ``settings`` name."""
         self.settings = settings
         self.node_id = settings.node_id or "node"
         self.counters = Counters()
@@ -70,7 +75,9 @@ class Node:
             audience=settings.jwt_audience,
         )
         self.quotas = Quotas(settings.org_quota, settings.org_quota_overrides)
-        self.engine = engine or _make_engine(settings, self.node_id, self.quotas)
+        self.engine = (engine or functools.partial(_make_engine, settings, self.node_id))(
+            self.quotas
+        )
         self.store = store or _make_store(settings)
         # Writes are coalesced: the fan-out marks topics, the flusher writes
         # them once per loop iteration.

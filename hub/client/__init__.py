@@ -5,3 +5,7 @@
 * :mod:`hub.client.realtime`: a raw Supabase Realtime (Phoenix) WebSocket
   client, asyncio and synchronous, for tests and load generators.
 """
+
+from hub.client.rest import HubClient, HubClientError
+
+__all__ = ["HubClient", "HubClientError"]

@@ -76,7 +76,7 @@ async def test_an_event_appended_after_start_reaches_subscribers_and_the_mother(
 
 async def test_start_and_stop_run_in_their_documented_order() -> None:
     log: list[str] = []
-    node = Node(settings(), engine=RecordingEngine(log), store=RecordingStore(log))
+    node = Node(settings(), engine=lambda quotas: RecordingEngine(log), store=RecordingStore(log))
     async with node.running():
         log.append("serving")
         assert node.flusher.loop is asyncio.get_running_loop()
@@ -90,7 +90,7 @@ async def test_a_failed_engine_start_still_stops_the_store() -> None:
         async def start(self) -> None:
             raise RuntimeError("no engine")
 
-    node = Node(settings(), engine=Broken(log), store=RecordingStore(log))
+    node = Node(settings(), engine=lambda quotas: Broken(log), store=RecordingStore(log))
     with pytest.raises(RuntimeError, match="no engine"):
         async with node.running():
             raise AssertionError("served without an engine")
@@ -106,4 +106,17 @@ def test_building_a_node_connects_to_nothing() -> None:
         )
     )
     assert not node.store.ready and not node.engine.ready
+    # The Redis engine shares the node's quota usage with the other nodes.
+    assert node.engine.quotas is node.quotas
+
+
+def test_an_engine_from_outside_is_built_with_the_nodes_quotas() -> None:
+    given: list[Any] = []
+
+    def engine(quotas: Any) -> MemoryEngine:
+        given.append(quotas)
+        return MemoryEngine(quotas=quotas)
+
+    node = Node(settings(), engine=engine)
+    assert given == [node.quotas] and node.engine.quotas is node.quotas
     assert node.gateway.sessions == set()

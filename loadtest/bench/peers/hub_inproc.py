@@ -29,20 +29,20 @@ def main() -> None:
     control_port = int(sys.argv[1])
     settings = load_settings({}, os.environ)
     logging.basicConfig(level=settings.log_level.upper())
-    hub = Node(settings)
-    app = create_app(hub)
+    node = Node(settings)
+    app = create_app(node)
     # The same uvicorn configuration as hub.cli.serve.
     config = uvicorn_config(app, settings, loop="none")
     tune_gc()
 
     def publish(room: str, obj: object, data: bytes) -> None:
-        hub.channels.publish(Broadcast(f"org:{room}", "m", data))
+        node.channels.publish(Broadcast(f"org:{room}", "m", data))
 
     async def run() -> None:
         await serve_control(
             control_port,
             publish,
-            lambda: sum(hub.channels.subscriber_count(t) for t in hub.channels.topics()),
+            lambda: sum(node.channels.subscriber_count(t) for t in node.channels.topics()),
         )
         print("ready", flush=True)
         await uvicorn.Server(config).serve()
