@@ -54,6 +54,7 @@ def create_app(node: Node) -> Starlette:
         quotas=node.quotas,
         max_payload_bytes=settings.max_payload_bytes,
         max_request_bytes=settings.max_request_bytes,
+        policies=node.policies,
     )
     events = EventsApi(
         verifier=node.verifier,

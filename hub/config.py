@@ -34,6 +34,8 @@ class SessionLimits:
     max_payload_bytes: int = 256 * 1024
     #: Seconds without any frame from the client before the socket is closed.
     idle_timeout: float = 60.0
+    #: Refuse public channels on free names (Supabase's ``private_only``).
+    private_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +203,13 @@ OPTIONS: tuple[Option, ...] = (
         positive=True,
     ),
     Option(
+        "private_only",
+        _flag,
+        False,
+        "Refuse joins of public channels on free topic names (Supabase's private_only) "
+        "with PrivateOnly; org:, user: and mother topics are not affected.",
+    ),
+    Option(
         "redis_url",
         _text,
         None,
@@ -270,6 +279,7 @@ class Settings:
     database_url: str | None = None
     memory_events_per_org: int = 10_000
     replay_max: int = 10_000
+    private_only: bool = False
     redis_url: str | None = None
     redis_prefix: str = "hub"
     redis_sharded: bool = False
@@ -324,6 +334,7 @@ class Settings:
             join_burst=self.join_burst,
             max_payload_bytes=self.max_payload_bytes,
             idle_timeout=self.idle_timeout,
+            private_only=self.private_only,
         )
 
 

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import anyio
 
+from hub.auth.channel_policies import ChannelPolicies, ChannelPolicyError, CheckRefused
 from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached, TokenVerifier
 from hub.channels.durable import DurableFeed, ReplayRequest
@@ -32,7 +33,7 @@ from hub.flusher import Flusher
 from hub.outbox import Outbox
 from hub.protocol import VERSIONS, Vsn
 from hub.quotas import Quotas
-from hub.session import Session
+from hub.session import PolicyCheck, Session
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Gateway:
         flusher: Flusher,
         session_limits: SessionLimits,
         socket_limits: SocketLimits,
+        policies: ChannelPolicies | None = None,
     ) -> None:
         self.node_id = node_id
         self.verifier = verifier
@@ -78,6 +80,8 @@ class Gateway:
         self.flusher = flusher
         self.session_limits = session_limits
         self.socket_limits = socket_limits
+        #: The app's Realtime Authorization policies (with a database).
+        self.policies = policies
         self.sessions: set[Session] = set()
         self._conn_ids = itertools.count(1)
 
@@ -110,6 +114,7 @@ class Gateway:
             limits=self.session_limits,
             stats=self.counters,
             quotas=self.quotas,
+            policies=self.policies is not None,
         )
         self.sessions.add(session)
         self.counters.connections_opened += 1
@@ -140,8 +145,9 @@ class Gateway:
 
         Returns None when the frame is fully handled, or a coroutine the
         caller must run to completion before it feeds the next frame of this
-        connection: a JWKS refresh and retry, or the replays a join asked
-        for (so later frames act on a channel that is fully live).
+        connection: a JWKS refresh and retry, the policy checks of a private
+        channel, or the replays a join asked for (so later frames act on a
+        channel that is fully live).
         """
         try:
             session.receive(data)
@@ -150,8 +156,8 @@ class Gateway:
         except Exception:
             self._fail(session)
             return None
-        replays = session.take_replays()
-        return self._replay(replays) if replays else None
+        checks, replays = session.take_checks(), session.take_replays()
+        return self._finish(session, checks, replays) if checks or replays else None
 
     async def _refresh_then_feed(self, session: Session, data: str | bytes) -> None:
         assert self.verifier.jwks is not None
@@ -161,11 +167,48 @@ class Gateway:
         except Exception:
             self._fail(session)
             return
-        await self._replay(session.take_replays())
+        await self._finish(session, session.take_checks(), session.take_replays())
 
-    async def _replay(self, replays: list[tuple[Subscription, ReplayRequest]]) -> None:
+    async def _finish(
+        self,
+        session: Session,
+        checks: list[PolicyCheck],
+        replays: list[tuple[Subscription, ReplayRequest]],
+    ) -> None:
+        for check in checks:
+            await self._authorize(session, check)
         for sub, request in replays:
             await self.durable.replay(sub, request)
+
+    async def _authorize(self, session: Session, check: PolicyCheck) -> None:
+        """Ask the app's policies, then let the session go on; never raises
+        (a check that cannot be answered is a refusal with its reason)."""
+        assert self.policies is not None  # sessions ask only when it is set
+        claims = check.principal.claims
+        try:
+            if check.mode == "read":
+                outcome = await self.policies.can_read(claims, check.topic, check.extensions)
+            else:
+                outcome = await self.policies.can_write_many(claims, check.topic, check.extensions)
+        except CheckRefused:
+            outcome = dict.fromkeys(check.extensions, False)
+        except ChannelPolicyError as exc:
+            log.warning("policy check of %s failed: %s", check.topic, exc)
+            self._resume(session, check, None, exc.reason)
+            return
+        except Exception:
+            log.exception("policy check of %s failed", check.topic)
+            self._resume(session, check, None, "RlsPolicyError: the policy check failed")
+            return
+        self._resume(session, check, outcome, "")
+
+    def _resume(
+        self, session: Session, check: PolicyCheck, outcome: dict[str, bool] | None, error: str
+    ) -> None:
+        try:
+            check.resume(outcome, error)
+        except Exception:
+            self._fail(session)
 
     def _fail(self, session: Session) -> None:
         # Unexpected: drop this connection (1011), keep the process.

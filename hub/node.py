@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 
 from hub.aggregator.mother import Mother
+from hub.auth.channel_policies import ChannelPolicies
 from hub.auth.tokens import JwksCache, TokenVerifier
 from hub.channels.durable import DurableFeed
 from hub.channels.fanout import Channels
@@ -79,6 +80,9 @@ class Node:
             self.quotas
         )
         self.store = store or _make_store(settings)
+        # Realtime Authorization: the app's policies on realtime.messages,
+        # read from the same database (none without one).
+        self.policies = ChannelPolicies(settings.database_url) if settings.database_url else None
         # Writes are coalesced: the fan-out marks topics, the flusher writes
         # them once per loop iteration.
         self.flusher = Flusher()
@@ -117,6 +121,7 @@ class Node:
             flusher=self.flusher,
             session_limits=settings.limits,
             socket_limits=SocketLimits(settings.max_frame_bytes, settings.max_outbox_bytes),
+            policies=self.policies,
         )
         self.metrics = metrics_registry(NodeCollector(self.node_id, self.counters, self.gauges))
 
@@ -142,11 +147,13 @@ class Node:
 
         1. the JWKS keys, when tokens are checked against a JWKS URL;
         2. the event store, with its listener (from here on every appended
-           event is announced, in seq order per org);
+           event is announced, in seq order per org), and the policies'
+           pool (it connects on first use);
         3. the engine (subscriptions to other nodes);
         4. the write flusher, on this loop;
         5. the background tasks: the session ticker (token expiry, idle
-           sockets) and the mother (feed, shares, rebuild).
+           sockets), the mother (feed, shares, rebuild) and, with policies,
+           the daily partitions of realtime.messages.
 
         Stop.  Under uvicorn, the first three steps are uvicorn's own
         shutdown, before this body ends:
@@ -158,24 +165,48 @@ class Node:
         3. wait up to ``HUB_DRAIN_TIMEOUT`` seconds for them to go, then cut
            the rest;
         4. cancel the background tasks (the mother removes its share);
-        5. stop the engine, then the store.
+        5. stop the engine, then the policies' pool and the store.
         """
         if self.verifier.jwks is not None:
             await self.verifier.jwks.load()
         await self.store.start()
         try:
+            if self.policies is not None:
+                await self.policies.start()
             await self.engine.start()
             try:
                 self.flusher.start(asyncio.get_running_loop())
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(self.gateway.tick_forever)
                     tasks.start_soon(self.mother.run)
+                    if self.policies is not None:
+                        tasks.start_soon(_keep_partitions, self.policies)
                     yield
                     tasks.cancel_scope.cancel()
             finally:
                 await self.engine.stop()
         finally:
+            if self.policies is not None:
+                await self.policies.stop()
             await self.store.stop()
+
+
+#: How often the daily partitions of realtime.messages are made ahead and
+#: the old ones dropped (Supabase keeps 72 hours).
+PARTITION_INTERVAL = 3600.0
+
+
+async def _keep_partitions(policies: ChannelPolicies) -> None:
+    """Keep realtime.messages partitioned as Supabase does: yesterday to
+    three days ahead exist, those past the retention are dropped.  A
+    failure is logged and retried at the next interval."""
+    while True:
+        try:
+            await policies.create_partitions()
+            await policies.drop_old_partitions()
+        except Exception as exc:
+            log.warning("realtime.messages partitions: %s", exc)
+        await anyio.sleep(PARTITION_INTERVAL)
 
 
 def _make_engine(settings: Settings, node_id: str, quotas: Quotas) -> Engine:

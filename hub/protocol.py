@@ -33,6 +33,16 @@ VERSIONS: Final = (VSN1, VSN2)
 #: Clients prefix every channel topic with this; the hub's own topic names
 #: (``org:42``) are what follows it.
 TOPIC_PREFIX: Final = "realtime:"
+#: Marks the routing key of a private free-name channel (see
+#: hub.channels.topics): a control character, which no topic contains.
+PRIVATE_MARK: Final = "\x00"
+
+
+def wire_topic(key: str) -> str:
+    """The topic clients see (``realtime:room``) for a routing key: a
+    private channel's key carries :data:`PRIVATE_MARK`, its topic does not."""
+    return TOPIC_PREFIX + (key[1:] if key.startswith(PRIVATE_MARK) else key)
+
 
 KIND_USER_BROADCAST_PUSH: Final = 3  # client -> server
 KIND_USER_BROADCAST: Final = 4  # server -> client
@@ -188,8 +198,10 @@ class Broadcast:
     """A user broadcast on its way to many sockets, encoded at most once per
     wire format.
 
-    ``payload`` is either pre-encoded JSON (``is_json``) or opaque bytes.
-    Opaque bytes have no vsn 1.0.0 form: such subscribers skip the message,
+    ``topic`` is the routing key (:attr:`hub.channels.topics.Topic.key`);
+    the frames carry its :func:`wire_topic`.  ``payload`` is either
+    pre-encoded JSON (``is_json``) or opaque bytes.  Opaque bytes have no
+    vsn 1.0.0 form: such subscribers skip the message,
     as Supabase does.  ``origin`` identifies the sending subscription so that
     ``self: false`` can skip it.
     """
@@ -238,7 +250,7 @@ class Broadcast:
             self._v1 = text_frame(
                 _dumps(
                     {
-                        "topic": TOPIC_PREFIX + self.topic,
+                        "topic": wire_topic(self.topic),
                         "event": "broadcast",
                         "payload": inner,
                         "ref": None,
@@ -251,7 +263,7 @@ class Broadcast:
         """The vsn 2.0.0 frame: binary kind 4, which supabase-js decodes
         without a second JSON pass over the envelope."""
         if self._v2 is None:
-            topic = (TOPIC_PREFIX + self.topic).encode()
+            topic = wire_topic(self.topic).encode()
             event = self.event.encode()
             meta = _dumps(self.meta) if self.meta is not None else b""
             if max(len(topic), len(event), len(meta)) > MAX_BINARY_FIELD:

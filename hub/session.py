@@ -13,11 +13,13 @@ any state, so the retry is safe.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -28,7 +30,7 @@ from hub.channels.changes import InvalidBinding, parse_bindings
 from hub.channels.durable import ReplayRequest, parse_replay
 from hub.channels.fanout import Channels
 from hub.channels.subscription import Subscription
-from hub.channels.topics import InvalidTopic, parse_topic
+from hub.channels.topics import InvalidTopic, TopicNameRequired, parse_topic
 from hub.config import SessionLimits
 from hub.counters import Counters
 from hub.errors import AuthError, CloseCode, HubError, ProtocolError
@@ -79,6 +81,27 @@ class Refused(HubError):
         self.reason = reason
 
 
+#: What a policy check answers: the extensions allowed (read: each asked
+#: for; write: the one), or None when it could not be answered; the reason
+#: (``Code: message``, safe to show the client) comes with it.
+PolicyOutcome = dict[str, bool] | None
+
+
+@dataclass(slots=True)
+class PolicyCheck:
+    """A step of a private channel that waits for the app's Realtime
+    Authorization policies: a join (read), a first broadcast or track
+    (write), a new token (read again).  The I/O layer runs the check and
+    calls :attr:`resume` with the outcome before it feeds the next frame of
+    this connection, so the connection's frames stay in order."""
+
+    mode: Literal["read", "write"]
+    topic: str
+    extensions: tuple[str, ...]
+    principal: Principal
+    resume: Callable[[PolicyOutcome, str], None]
+
+
 class Session:
     """The protocol state of one WebSocket connection."""
 
@@ -101,6 +124,8 @@ class Session:
         "frames_in",
         "_keys_refreshed",
         "_replays",
+        "policies",
+        "_checks",
     )
 
     def __init__(
@@ -116,6 +141,7 @@ class Session:
         clock: Callable[[], float] = time.time,
         stats: Counters | None = None,
         quotas: Quotas | None = None,
+        policies: bool = False,
     ) -> None:
         self.conn_id = conn_id
         self.vsn = vsn
@@ -141,6 +167,11 @@ class Session:
         #: Replays asked for by joins, for the I/O layer to run (in order)
         #: before it feeds the next frame: see :meth:`take_replays`.
         self._replays: list[tuple[Subscription, ReplayRequest]] = []  # filled by joins
+        #: Whether the node reads Realtime Authorization policies (it has a
+        #: database); without them private free-name channels are refused.
+        self.policies = policies
+        #: Policy checks for the I/O layer to run, in order: take_checks.
+        self._checks: list[PolicyCheck] = []
 
     # -- input -------------------------------------------------------------
 
@@ -229,6 +260,12 @@ class Session:
         replays, self._replays = self._replays, []
         return replays
 
+    def take_checks(self) -> list[PolicyCheck]:
+        """Policy checks the last frame asked for; the caller runs each and
+        calls its ``resume`` before feeding the next frame."""
+        checks, self._checks = self._checks, []
+        return checks
+
     def close(self) -> None:
         """The socket is gone: leave every channel (and its presence)."""
         for sub in self.subs.values():
@@ -308,6 +345,8 @@ class Session:
             raise Refused("Unauthorized: channel topics start with realtime:")
         try:
             topic = parse_topic(wire_topic[len(TOPIC_PREFIX) :])
+        except TopicNameRequired as exc:
+            raise Refused(f"TopicNameRequired: {exc}") from None
         except InvalidTopic as exc:
             raise Refused(f"Unauthorized: {exc}: {wire_topic[:80]!r}") from None
         # Every attempt counts, refused ones too: each may cost a signature
@@ -318,11 +357,27 @@ class Session:
         config = payload.get("config", {})
         if not isinstance(config, dict):
             raise Refused("InvalidJoinPayload: config must be an object")
+        if topic.kind == "free":
+            # A public and a private channel of one free name are two
+            # channels; in reserved namespaces `private` changes nothing.
+            if _private(config):
+                topic = dataclasses.replace(topic, private=True)
+            elif self.limits.private_only:
+                raise Refused("PrivateOnly: This project only allows private channels")
         principal = self._principal_for(payload.get("access_token"))
-        try:
-            authorize_read(principal, topic)
-        except AuthError as exc:
-            raise Refused(exc.reason) from None
+        # A private free name is decided by the app's policies (service_role
+        # bypasses them, as Supabase's role bypasses RLS).
+        by_policy = topic.private and not principal.is_service
+        if by_policy and not self.policies:
+            raise Refused(
+                "Unauthorized: private channels need Realtime Authorization, which reads "
+                "the realtime.messages policies of HUB_DATABASE_URL; this hub has none"
+            )
+        if not by_policy:
+            try:
+                authorize_read(principal, topic)
+            except AuthError as exc:
+                raise Refused(exc.reason) from None
         previous = self.subs.get(wire_topic)
         if previous is None and len(self.subs) >= self.limits.max_channels:
             raise Refused("ChannelRateLimitReached: Too many channels")
@@ -334,6 +389,8 @@ class Session:
             raise Refused(f"InvalidJoinPayload: {exc}") from None
         replay: ReplayRequest | None = None
         if broadcast.get("replay") is not None:
+            if topic.kind == "free" and not topic.private:
+                raise Refused("UnableToReplayMessages: Replay is not allowed for public channels")
             if topic.kind != "org" or topic.name is not None:
                 raise Refused("InvalidJoinPayload: replay is only available on org:<id> topics")
             try:
@@ -347,9 +404,6 @@ class Session:
             if not self.quotas.admit(self.conn_id, org):
                 raise Refused("ConnectionRateLimitReached: Too many connected users")
         key = presence.get("key")
-        if previous is not None:
-            # A second join of one topic replaces the first (Phoenix).
-            self._close_channel(previous)
         sub = Subscription(
             topic=topic,
             join_ref=msg.join_ref,
@@ -366,13 +420,55 @@ class Session:
             # Live durable events wait here until the replay has run.
             replay_buffer=[] if replay is not None else None,
         )
-        self.subs[wire_topic] = sub
+        if by_policy:
+            # Writes are checked at the first broadcast and the first track.
+            sub.write_broadcast = sub.write_presence = None
+            extensions = ("broadcast", "presence") if sub.presence_enabled else ("broadcast",)
+
+            def resume(outcome: PolicyOutcome, error: str) -> None:
+                self._joined_by_policy(msg, sub, outcome, error)
+
+            self._checks.append(PolicyCheck("read", topic.text, extensions, principal, resume))
+            return
+        self._admit(msg, sub, replay)
+
+    def _joined_by_policy(
+        self, msg: Message, sub: Subscription, outcome: PolicyOutcome, error: str
+    ) -> None:
+        """The end of a private join: refused, or admitted with what the
+        policies let it read."""
+        topic = sub.topic.text
+        if outcome is None:
+            reason = error
+        elif not any(outcome.values()):
+            reason = "Unauthorized: You do not have permissions to read from this Channel topic: "
+            reason += topic
+        else:
+            sub.read_broadcast = outcome.get("broadcast", False)
+            sub.read_presence = outcome.get("presence", False)
+            sub.presence_enabled = sub.presence_enabled and sub.read_presence
+            if msg.topic in self.subs or len(self.subs) < self.limits.max_channels:
+                self._admit(msg, sub, None)
+                return
+            reason = "ChannelRateLimitReached: Too many channels"
+        self.channels.refused(topic, reason)
+        self._reply(msg, "error", {"reason": reason})
+
+    def _admit(self, msg: Message, sub: Subscription, replay: ReplayRequest | None) -> None:
+        """Subscribe ``sub`` and tell the client: the join succeeded."""
+        previous = self.subs.get(msg.topic)
+        if previous is not None:
+            # A second join of one topic replaces the first (Phoenix).
+            self._close_channel(previous)
+        topic, principal, bindings = sub.topic, sub.principal, sub.bindings
+        self.subs[msg.topic] = sub
         self._expiry_check_at = min(self._expiry_check_at, principal.exp)
         self.channels.subscribe(sub)
         self.stats.joins += 1
         self._reply(msg, "ok", {"postgres_changes": [b.reply() for b in bindings]})
         # supabase-js buffers presence diffs until it has seen a state.
-        self._push(sub, "presence_state", self.channels.presence_state(topic.text))
+        if sub.read_presence:
+            self._push(sub, "presence_state", self.channels.presence_state(topic.key))
         if bindings:
             self._system(sub, "Subscribed to PostgreSQL", "ok", "postgres_changes")
         if replay is not None:
@@ -394,10 +490,6 @@ class Session:
     def _broadcast(self, sub: Subscription, msg: Message) -> None:
         if not self._check_live(sub):
             return
-        try:
-            authorize_write(sub.principal, sub.topic)
-        except AuthError as exc:
-            raise Refused(exc.reason) from None
         body = msg.payload
         event: Any
         if isinstance(body, BinaryBroadcast):
@@ -413,15 +505,22 @@ class Session:
             raise Refused(f"InvalidPayload: event must be 1 to {MAX_BINARY_FIELD} bytes")
         if len(data) > self.limits.max_payload_bytes:
             raise Refused("PayloadTooLarge: Payload size exceeds tenant limit")
+        if sub.topic.private and not sub.principal.is_service:
+            if sub.write_broadcast is not True:  # the app's policies decide
+                self._by_policy(sub, msg, "broadcast", lambda: self._broadcast(sub, msg), None)
+                return
+        else:
+            try:
+                authorize_write(sub.principal, sub.topic)
+            except AuthError as exc:
+                raise Refused(exc.reason) from None
         org = sub.topic.org
         if org is not None and not sub.principal.is_service and not self.quotas.take_message(org):
             raise Refused("RateLimitReached: Too many messages per second")
         if sub.ack:
             self._reply(msg, "ok", {})
         origin = None if sub.echo_self else sub
-        self.channels.publish(
-            Broadcast(sub.topic.text, event, data, is_json=is_json, origin=origin)
-        )
+        self.channels.publish(Broadcast(sub.topic.key, event, data, is_json=is_json, origin=origin))
 
     def _presence(self, sub: Subscription, msg: Message) -> None:
         if not self._check_live(sub):
@@ -434,18 +533,78 @@ class Session:
                 raise Refused("InvalidPayload: presence payload must be an object")
             if len(orjson.dumps(fields)) > self.limits.max_payload_bytes:
                 raise Refused("PayloadTooLarge: Payload size exceeds tenant limit")
+            if sub.write_presence is not True:
+                topic = sub.topic.text
+                self._by_policy(
+                    sub,
+                    msg,
+                    "presence",
+                    lambda: self._presence(sub, msg),
+                    lambda: self._reply(
+                        msg,
+                        "error",
+                        {
+                            "reason": "Unauthorized: You do not have permissions to write "
+                            f"to this Channel topic: {topic}"
+                        },
+                    ),
+                )
+                return
             self._reply(msg, "ok", {})
-            if not sub.presence_enabled:
+            if not sub.presence_enabled and sub.read_presence:
                 # Supabase turns presence on at the first track, even when
-                # the join said enabled: false, and sends the state then.
+                # the join said enabled: false, and sends the state then
+                # (never to a private channel without presence read).
                 sub.presence_enabled = True
-                self._push(sub, "presence_state", self.channels.presence_state(sub.topic.text))
+                self._push(sub, "presence_state", self.channels.presence_state(sub.topic.key))
             self.channels.track(sub, fields)
         elif event == "untrack":
             self._reply(msg, "ok", {})
             self.channels.untrack(sub)
         else:
             raise Refused("InvalidPayload: presence event must be track or untrack")
+
+    def _by_policy(
+        self,
+        sub: Subscription,
+        msg: Message,
+        extension: str,
+        allowed: Callable[[], None],
+        denied: Callable[[], None] | None,
+    ) -> None:
+        """A write to a private channel: denied when the policies said so
+        (``denied``, or dropped silently as Supabase drops a broadcast),
+        else checked once (the result is kept for the channel's life), then
+        ``allowed`` runs again with the answer known."""
+        known = sub.write_broadcast if extension == "broadcast" else sub.write_presence
+        if known is False:
+            if denied is not None:
+                denied()
+            return
+
+        def resume(outcome: PolicyOutcome, error: str) -> None:
+            if not sub.active:
+                return  # left while the check ran
+            if outcome is None:
+                log.warning("write check of %s failed: %s", sub.topic.text, error)
+                ok = False  # not cached: the next write asks again
+            else:
+                ok = outcome.get(extension, False)
+                if extension == "broadcast":
+                    sub.write_broadcast = ok
+                else:
+                    sub.write_presence = ok
+            try:
+                if ok:
+                    allowed()
+                elif denied is not None:
+                    denied()
+            except Refused as refusal:
+                self._reply(msg, "error", {"reason": refusal.reason})
+
+        self._checks.append(
+            PolicyCheck("write", sub.topic.text, (extension,), sub.principal, resume)
+        )
 
     def _access_token(self, sub: Subscription, msg: Message) -> None:
         body = msg.payload if isinstance(msg.payload, dict) else {}
@@ -457,6 +616,9 @@ class Session:
         except AuthError as exc:
             self._end_channel(sub, exc.message)
             return
+        if sub.topic.private and not principal.is_service:
+            self._reread(sub, principal)
+            return
         try:
             authorize_read(principal, sub.topic)
         except AuthError:
@@ -467,6 +629,44 @@ class Session:
             return
         sub.principal = principal
         self._expiry_check_at = min(self._expiry_check_at, principal.exp)
+
+    def _reread(self, sub: Subscription, principal: Principal) -> None:
+        """A new token on a private channel: the policies are asked again
+        (the cache is cleared); a read it had and lost ends the channel."""
+        extensions = ("broadcast", "presence")
+
+        def resume(outcome: PolicyOutcome, error: str) -> None:
+            if not sub.active:
+                return
+            lost = outcome is None or any(
+                had and not outcome.get(ext, False)
+                for ext, had in (("broadcast", sub.read_broadcast), ("presence", sub.read_presence))
+            )
+            if lost:
+                self._end_channel(
+                    sub,
+                    "You no longer have permission to read from this Channel topic: "
+                    f"{sub.topic.text}",
+                )
+                return
+            sub.principal = principal
+            sub.write_broadcast = sub.write_presence = None
+            self._expiry_check_at = min(self._expiry_check_at, principal.exp)
+
+        self._checks.append(PolicyCheck("read", sub.topic.text, extensions, principal, resume))
+
+
+def _private(config: dict[str, Any]) -> bool:
+    """``config.private``: true or false, or those words as strings in any
+    case (as Supabase reads it); absent means public."""
+    value = config.get("private")
+    if value is None:
+        return False
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise Refused("InvalidJoinPayload: config.private must be a boolean")
+    return value
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -23,11 +23,12 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from hub.api.common import Rejected, authenticate, error_response, read_body, read_json
+from hub.auth.channel_policies import ChannelPolicies, ChannelPolicyError, CheckRefused
 from hub.auth.policy import authorize_write
 from hub.auth.principal import Principal
 from hub.auth.tokens import TokenVerifier
 from hub.channels.fanout import Channels
-from hub.channels.topics import InvalidTopic, parse_topic
+from hub.channels.topics import InvalidTopic, Topic, parse_topic
 from hub.errors import AuthError
 from hub.protocol import MAX_BINARY_FIELD, Broadcast, is_event_name
 from hub.quotas import Quotas
@@ -37,31 +38,68 @@ MAX_MESSAGES: Final = 100
 
 
 def _check(
-    principal: Principal, topic_text: Any, event: Any, payload: bytes, max_payload_bytes: int
-) -> tuple[str, str]:
+    principal: Principal,
+    topic_text: Any,
+    event: Any,
+    payload: bytes,
+    max_payload_bytes: int,
+    private: Any = False,
+    policies: ChannelPolicies | None = None,
+) -> tuple[Topic, str]:
     if not isinstance(topic_text, str):
         raise Rejected(422, "topic must be a string")
     if not is_event_name(event):
         raise Rejected(422, f"event must be a string of 1 to {MAX_BINARY_FIELD} bytes")
     try:
-        topic = parse_topic(topic_text)
+        topic = parse_topic(topic_text, private=private is True)
     except InvalidTopic as exc:
         raise Rejected(422, f"invalid topic: {exc}") from None
-    try:
-        authorize_write(principal, topic)
-    except AuthError as exc:
-        raise Rejected(403, exc.reason) from None
+    if topic.private and not principal.is_service:
+        if policies is None:
+            raise Rejected(
+                403,
+                "Unauthorized: private channels need Realtime Authorization, which reads "
+                "the realtime.messages policies of HUB_DATABASE_URL; this hub has none",
+            )
+    else:
+        try:
+            authorize_write(principal, topic)
+        except AuthError as exc:
+            raise Rejected(403, exc.reason) from None
     if len(payload) > max_payload_bytes:
         raise Rejected(422, "Payload size exceeds tenant limit")
-    return topic.text, event
+    return topic, event
 
 
-def _charge(quotas: Quotas, principal: Principal, topics: list[str]) -> None:
+async def _authorize_private(
+    policies: ChannelPolicies | None, principal: Principal, topics: list[Topic]
+) -> None:
+    """Private free names are written by policy: the app's realtime.messages
+    policies must let this token insert a broadcast (403 otherwise, 503
+    when the check cannot be answered)."""
+    if policies is None or principal.is_service:
+        return
+    for topic in {t.text: t for t in topics if t.private}.values():
+        try:
+            allowed = await policies.can_write(principal.claims, topic.text, "broadcast")
+        except CheckRefused:
+            allowed = False
+        except ChannelPolicyError as exc:
+            raise Rejected(503, exc.reason) from None
+        if not allowed:
+            raise Rejected(
+                403,
+                f"Unauthorized: You do not have permissions to write to this Channel topic: "
+                f"{topic.text}",
+            )
+
+
+def _charge(quotas: Quotas, principal: Principal, topics: list[Topic]) -> None:
     """Count the messages against their orgs' quotas; 429 when over."""
     if principal.is_service:
         return
-    for text in topics:
-        org = parse_topic(text).org
+    for topic in topics:
+        org = topic.org
         if org is not None and not quotas.take_message(org):
             raise Rejected(429, "You have exceeded your rate limit")
 
@@ -78,8 +116,10 @@ class BroadcastApi:
         quotas: Quotas,
         max_payload_bytes: int,
         max_request_bytes: int,
+        policies: ChannelPolicies | None = None,
     ) -> None:
         self.verifier = verifier
+        self.policies = policies
         self.channels = channels
         self.quotas = quotas
         self.max_payload_bytes = max_payload_bytes
@@ -116,12 +156,15 @@ class BroadcastApi:
                     message.get("event"),
                     payload,
                     self.max_payload_bytes,
+                    message.get("private", False),
+                    self.policies,
                 )
-                ready.append(Broadcast(topic, event, payload))
-            _charge(self.quotas, principal, [broadcast.topic for broadcast in ready])
+                ready.append((topic, Broadcast(topic.key, event, payload)))
+            await _authorize_private(self.policies, principal, [topic for topic, _ in ready])
+            _charge(self.quotas, principal, [topic for topic, _ in ready])
         except Rejected as rejected:
             return error_response(rejected.status, rejected.message)
-        for broadcast in ready:
+        for _, broadcast in ready:
             self.channels.publish(broadcast)
         return Response(status_code=202)
 
@@ -147,5 +190,5 @@ class BroadcastApi:
             _charge(self.quotas, principal, [topic])
         except Rejected as rejected:
             return error_response(rejected.status, rejected.message)
-        self.channels.publish(Broadcast(topic, event, body, is_json=is_json))
+        self.channels.publish(Broadcast(topic.key, event, body, is_json=is_json))
         return Response(status_code=202)

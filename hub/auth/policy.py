@@ -4,6 +4,10 @@
 * ``org:<id>`` and ``org:<id>:<name>``: members of ``<id>``.
 * ``user:<sub>``: the user whose ``sub`` it is.
 * ``mother``: admins only (``service_role`` or the admin claim); read-only.
+* a public channel on a free name: any valid token (``anon`` included), as
+  in Supabase.  A private one is decided by the app's Realtime
+  Authorization policies, not here (``service_role`` bypasses them, as
+  Supabase's role does).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from hub.errors import AuthError
 def may_access(principal: Principal, topic: Topic) -> bool:
     if principal.is_service:
         return True
+    if topic.kind == "free":
+        return not topic.private
     if topic.kind == "mother":
         return principal.is_admin
     if topic.kind == "org":

@@ -29,6 +29,10 @@ class Principal:
     orgs: Mapping[str, str] = field(default_factory=dict)
     #: True when the admin claim (``HUB_ADMIN_CLAIM``) is exactly ``true``.
     admin: bool = False
+    #: Every claim of the token, as verified: Realtime Authorization hands
+    #: them to the app's policies (``request.jwt.claims``).  Shared with the
+    #: token cache, never copied.
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_service(self) -> bool:
@@ -103,4 +107,6 @@ def principal_from_claims(
     else:
         raise AuthError("InvalidJWTToken", f"Claim `{label}` must be a list or a map of org ids")
     admin = _lookup(claims, admin_path) is True
-    return Principal(role=role, exp=float(exp), sub=sub or None, orgs=orgs, admin=admin)
+    return Principal(
+        role=role, exp=float(exp), sub=sub or None, orgs=orgs, admin=admin, claims=claims
+    )

@@ -38,7 +38,7 @@ from hub.counters import Counters
 from hub.engine.base import Engine, Envelope, NodeGone, PresenceSnapshot
 from hub.frames import Frame
 from hub.outbox import Flushable, Sink
-from hub.protocol import TOPIC_PREFIX, VSN1, VSN2, Broadcast, Vsn, encode
+from hub.protocol import VSN2, Broadcast, Vsn, encode, wire_topic
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +55,23 @@ def _flush_now(item: Flushable) -> None:
 class _TopicSubscribers:
     """The local subscribers of one topic, split by wire format so the loop
     over them does not branch on the format.  Each maps the subscription to
-    its outbox's sink."""
+    its outbox's sink.  Subscriptions that may not read broadcasts (a
+    private channel whose policies allow presence only) are kept apart in
+    ``quiet``, so the broadcast loop never asks."""
 
-    __slots__ = ("v1", "v2", "scheduled")
+    __slots__ = ("v1", "v2", "quiet", "scheduled")
 
     def __init__(self) -> None:
         self.v1: dict[Subscription, Sink] = {}
         self.v2: dict[Subscription, Sink] = {}
+        self.quiet: dict[Subscription, Sink] = {}
         #: True from the first fan-out of a loop iteration to the flush.
         self.scheduled = False
 
-    def of(self, vsn: Vsn) -> dict[Subscription, Sink]:
-        return self.v2 if vsn == VSN2 else self.v1
+    def of(self, sub: Subscription) -> dict[Subscription, Sink]:
+        if not sub.read_broadcast:
+            return self.quiet
+        return self.v2 if sub.vsn == VSN2 else self.v1
 
     def flush(self) -> None:
         """Write what the fan-out gave each subscriber's outbox."""
@@ -76,7 +81,7 @@ class _TopicSubscribers:
                 sub.outbox.flush()
 
     def __len__(self) -> int:
-        return len(self.v1) + len(self.v2)
+        return len(self.v1) + len(self.v2) + len(self.quiet)
 
 
 class Channels:
@@ -111,18 +116,18 @@ class Channels:
     # -- subscriptions -------------------------------------------------------
 
     def subscribe(self, sub: Subscription) -> None:
-        key = sub.topic.text
+        key = sub.topic.key
         subscribers = self._topics.get(key)
         if subscribers is None:
             subscribers = self._topics[key] = _TopicSubscribers()
             self.engine.subscribe(key)
-        subscribers.of(sub.vsn)[sub] = sub.outbox.sink
+        subscribers.of(sub)[sub] = sub.outbox.sink
         if sub.bindings and sub.topic.kind == "org":
             self._bindings.setdefault(sub.topic.owner, {})[sub] = None
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Remove ``sub`` and its presence.  Idempotent."""
-        key = sub.topic.text
+        key = sub.topic.key
         if sub.active:
             self.observers.notify("left", sub)
         sub.active = False
@@ -133,7 +138,7 @@ class Channels:
                 del self._bindings[sub.topic.owner]
         subscribers = self._topics.get(key)
         if subscribers is not None:
-            subscribers.of(sub.vsn).pop(sub, None)
+            subscribers.of(sub).pop(sub, None)
         # Frames the fan-out gave it this iteration are still owed, and the
         # topic's flush no longer reaches it.
         sub.outbox.schedule()
@@ -160,7 +165,7 @@ class Channels:
         subscribers = self._topics.get(topic)
         if subscribers is None:
             return []
-        return [*subscribers.v2, *subscribers.v1]
+        return [*subscribers.v2, *subscribers.v1, *subscribers.quiet]
 
     def subscriber_count(self, topic: str) -> int:
         subscribers = self._topics.get(topic)
@@ -179,10 +184,10 @@ class Channels:
     def track(self, sub: Subscription, fields: dict[str, Any]) -> None:
         if not sub.presence_key:
             sub.presence_key = str(uuid.uuid4())
-        self.engine.publish(self._table(sub.topic.text).track(sub, sub.presence_key, fields))
+        self.engine.publish(self._table(sub.topic.key).track(sub, sub.presence_key, fields))
 
     def untrack(self, sub: Subscription) -> None:
-        table = self._presence.get(sub.topic.text)
+        table = self._presence.get(sub.topic.key)
         if table is None:
             return
         diff = table.untrack(sub)
@@ -298,18 +303,18 @@ class Channels:
             ids = tuple(b.id for b in sub.bindings if matches(b, change))
             if not ids or not sub.take_durable(seq, event):
                 continue
-            key = (sub.vsn, sub.topic.text, ids)
-            wire = frames.get(key)
+            frame_key = (sub.vsn, sub.topic.key, ids)
+            wire = frames.get(frame_key)
             if wire is None:
                 payload = {"ids": list(ids), "data": data}
                 frame = encode(sub.vsn, None, None, sub.wire_topic, "postgres_changes", payload)
-                wire = frames[key] = frame.wire
+                wire = frames[frame_key] = frame.wire
             sub.outbox.sink(wire)
             count += 1
-            if sub.topic.text not in touched:
-                subscribers = self._topics.get(sub.topic.text)
+            if sub.topic.key not in touched:
+                subscribers = self._topics.get(sub.topic.key)
                 if subscribers is not None:
-                    touched[sub.topic.text] = subscribers
+                    touched[sub.topic.key] = subscribers
                 else:  # not expected: bindings are indexed only while subscribed
                     sub.outbox.schedule()
         for subscribers in touched.values():
@@ -323,18 +328,17 @@ class Channels:
         subscribers = self._topics.get(diff.topic)
         if subscribers is None or not diff:
             return
-        wire_topic = TOPIC_PREFIX + diff.topic
+        topic = wire_topic(diff.topic)
         payload = diff.payload()
-        groups: tuple[tuple[Vsn, dict[Subscription, Sink]], ...] = (
-            (VSN2, subscribers.v2),
-            (VSN1, subscribers.v1),
-        )
-        for vsn, group in groups:
-            frame: Frame | None = None
+        frames: dict[Vsn, Frame] = {}
+        for group in (subscribers.v2, subscribers.v1, subscribers.quiet):
             for sub in group:
                 if sub.presence_enabled:
+                    frame = frames.get(sub.vsn)
                     if frame is None:
-                        frame = encode(vsn, None, None, wire_topic, "presence_diff", payload)
+                        frame = frames[sub.vsn] = encode(
+                            sub.vsn, None, None, topic, "presence_diff", payload
+                        )
                     sub.outbox.push(frame)
 
 

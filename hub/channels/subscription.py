@@ -38,6 +38,14 @@ class Subscription:
     #: Set when a replay was truncated: live durable events would leave a
     #: gap, so none are delivered until the client rejoins.
     durable_paused: bool = False
+    #: What Realtime Authorization allows on a private channel (public and
+    #: reserved channels: everything).  Reads are decided at the join;
+    #: writes at the first broadcast and the first track (None: not asked
+    #: yet), then kept for the channel's life.
+    read_broadcast: bool = True
+    read_presence: bool = True
+    write_broadcast: bool | None = True
+    write_presence: bool | None = True
 
     @property
     def wire_topic(self) -> str:

@@ -56,6 +56,7 @@ async def migrate(dsn: str) -> list[str]:
     is rolled back whole and later ones are not tried.
     """
     conn = await asyncpg.connect(dsn, server_settings={"application_name": "hub migrate"})
+    conn.add_log_listener(_log_warning)
     try:
         # Session-level lock: it must outlive the per-version transactions.
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
@@ -65,6 +66,14 @@ async def migrate(dsn: str) -> list[str]:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     finally:
         await conn.close()
+
+
+def _log_warning(_conn: asyncpg.Connection, message: asyncpg.PostgresLogMessage) -> None:
+    """Log a migration's RAISE WARNING (0004 degrades a missing privilege to
+    one): asyncpg drops server messages nobody listens to."""
+    if message.severity == "WARNING":
+        hint = getattr(message, "hint", None)
+        log.warning("%s%s", message.message, f" (hint: {hint})" if hint else "")
 
 
 async def _apply_pending(conn: asyncpg.Connection) -> list[str]:

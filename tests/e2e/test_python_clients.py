@@ -190,18 +190,23 @@ async def test_broadcast_ack(hub_server: HubProcess, make_client: MakeClient) ->
 # -- presence ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["org", "free"])
 async def test_presence_between_two_clients(
-    hub_server: HubProcess, make_client: MakeClient
+    hub_server: HubProcess, make_client: MakeClient, kind: str
 ) -> None:
+    """On an org topic, and on a public free name with ``anon`` tokens."""
     org = new_org()
-    token = hub_server.token(orgs=[org])
+    if kind == "org":
+        topic, token = f"org:{org}", hub_server.token(orgs=[org])
+    else:
+        topic, token = f"room:{org}", hub_server.token(sub=None, role="anon")
     alice, bob = await make_client(token), await make_client(token)
 
     def presence_channel(
         client: AsyncRealtimeClient, key: str
     ) -> tuple[AsyncRealtimeChannel, Recorder, Recorder, Recorder]:
         joins, leaves, syncs = Recorder(), Recorder(), Recorder()
-        channel = client.channel(f"org:{org}", config(key=key, presence=True))
+        channel = client.channel(topic, config(key=key, presence=True))
         channel.on_presence_join(joins).on_presence_leave(leaves).on_presence_sync(syncs)
         return channel, joins, leaves, syncs
 
@@ -309,6 +314,34 @@ async def test_rest_broadcast(hub_server: HubProcess, make_client: MakeClient) -
 
 
 # -- refused joins and ended channels ---------------------------------------------
+
+
+async def test_rest_broadcast_and_http_send_on_a_public_free_name(
+    hub_server: HubProcess, make_client: MakeClient
+) -> None:
+    anon = hub_server.token(sub=None, role="anon")
+    topic = f"room:{new_org()}"
+    client = await make_client(anon)
+    got = Recorder()
+    channel = client.channel(topic, config()).on_broadcast("*", got)
+    await subscribe(channel)
+    response = await rest_broadcast(hub_server, anon, topic, "rest", {"r": 1})
+    assert (response.status_code, response.content) == (202, b"")
+    assert (await got.next())["event"] == "rest"
+    await channel.http_send("via_http_send", {"h": 1})
+    message = await got.next()
+    assert (message["event"], message["payload"]) == ("via_http_send", {"h": 1})
+    # The private channel of the same name is another channel: this hub has
+    # no policies to authorize it, so the REST call is refused and nothing
+    # reaches the public one.
+    async with httpx.AsyncClient(base_url=hub_server.http_url, timeout=T) as http:
+        response = await http.post(
+            "/realtime/v1/api/broadcast",
+            json={"messages": [{"topic": topic, "event": "p", "payload": {}, "private": True}]},
+            headers={"Authorization": f"Bearer {anon}"},
+        )
+    assert response.status_code == 403 and "HUB_DATABASE_URL" in response.json()["message"]
+    await got.nothing()
 
 
 async def test_refused_join_keeps_socket(hub_server: HubProcess, make_client: MakeClient) -> None:

@@ -194,16 +194,21 @@ async def test_broadcast_between_two_js_clients(hub_server: HubProcess, node: St
 # -- 2. supabase-js (vsn 2, binary) <-> Python realtime (vsn 1, text) ------------
 
 
+@pytest.mark.parametrize("kind", ["org", "free"])
 async def test_broadcast_between_supabase_js_and_python_realtime(
-    hub_server: HubProcess, node: StartDriver
+    hub_server: HubProcess, node: StartDriver, kind: str
 ) -> None:
+    """On an org topic, and on a public free name, where the Python client
+    holds an ``anon`` token (any valid token may use a public channel)."""
     org = new_org()
-    topic = f"org:{org}"
+    topic = f"org:{org}" if kind == "org" else f"room:{org}"
     loop = asyncio.get_running_loop()
 
     py = AsyncRealtimeClient(
         f"{hub_server.http_url.replace('http', 'ws')}/realtime/v1",
-        hub_server.token(sub="py-user", orgs=[org]),
+        hub_server.token(sub="py-user", orgs=[org])
+        if kind == "org"
+        else hub_server.token(sub=None, role="anon"),
     )
     py_received: list[dict[str, Any]] = []
     py_subscribed: asyncio.Future[str] = loop.create_future()
@@ -288,12 +293,17 @@ def synced_keys(js: JsDriver, client: str, since: int = 0) -> list[list[str]]:
     return [e["keys"] for e in js.select(since, ev="presence_sync", client=client)]
 
 
-async def test_presence_between_two_js_clients(hub_server: HubProcess, node: StartDriver) -> None:
+@pytest.mark.parametrize("kind", ["org", "free"])
+async def test_presence_between_two_js_clients(
+    hub_server: HubProcess, node: StartDriver, kind: str
+) -> None:
+    """On an org topic, and on a public free name (an ordinary Supabase
+    channel, joined with a token of no org)."""
     org = new_org()
-    topic = f"org:{org}"
+    topic = f"org:{org}" if kind == "org" else f"room:lobby:{org}"
     js = await node()
     for client, key in (("a", "alice"), ("b", "bob")):
-        token = hub_server.token(sub=key, orgs=[org])
+        token = hub_server.token(sub=key, orgs=[org] if kind == "org" else [])
         await js.client(client, hub_server.http_url, token, timeout=CLIENT_TIMEOUT_MS)
         await js.subscribe(client, "c", topic, {"presence": {"key": key}}, presence=True)
 

@@ -132,6 +132,38 @@ async def _eq(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
 
 
+async def test_public_and_private_channels_of_one_name_never_meet_across_nodes(
+    cluster: Cluster,
+) -> None:
+    """``room`` public and ``room`` private are two channels on every node:
+    each node routes them by different keys, and Redis carries them apart."""
+    a, b = await cluster.start(2)
+    name = f"room:{new_org()}"
+    anon, admin = cluster.token("anon-user", []), cluster.admin_token()
+    public = {"broadcast": {"self": False}, "private": False}
+    private = {"broadcast": {"self": False}, "private": True}
+    pub_a = await cluster.conn(a, anon, V2, "public@A")
+    pub_b = await cluster.conn(b, anon, V1, "public@B")
+    priv_a = await cluster.conn(a, admin, V1, "private@A")
+    priv_b = await cluster.conn(b, admin, V2, "private@B")
+    for conn, config in ((pub_a, public), (pub_b, public), (priv_a, private), (priv_b, private)):
+        await conn.join(name, config)
+    await asyncio.sleep(0.3)  # both nodes subscribed in Redis
+    await pub_a.broadcast(name, "open", {"n": 1})
+    await priv_a.broadcast(name, "secret", {"n": 2})
+    await pub_b.wait(is_event("open"), T, "the public message on B")
+    await priv_b.wait(is_event("secret"), T, "the private message on B")
+    # A sentinel on each channel after the first messages: once it arrived,
+    # anything crossing over would have arrived too.
+    await pub_a.broadcast(name, "sentinel", {})
+    await priv_a.broadcast(name, "sentinel", {})
+    await pub_b.wait(is_event("sentinel"), T, "the public sentinel")
+    await priv_b.wait(is_event("sentinel"), T, "the private sentinel")
+    assert not pub_b.broadcasts("secret") and not priv_b.broadcasts("open")
+    assert not pub_a.broadcasts("secret") and not priv_a.broadcasts("open")
+    assert "Traceback" not in cluster.logs()
+
+
 # -- 2. presence across nodes, and a killed node ---------------------------------------------
 
 

@@ -32,7 +32,12 @@ from tests.support.pg import (
     pg_dsn,  # noqa: F401 - fixture
 )
 
-VERSIONS = ["0001_events", "0002_capture_change", "0003_event_id_index"]
+VERSIONS = [
+    "0001_events",
+    "0002_capture_change",
+    "0003_event_id_index",
+    "0004_realtime_authorization",
+]
 
 
 @pytest.fixture

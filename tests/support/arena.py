@@ -359,3 +359,18 @@ async def expect_refused_join(
     reason = str(reply["response"].get("reason", ""))
     assert reason.startswith(reason_prefix), reason
     return reason
+
+
+def free_name(wire: str) -> bool:
+    """The README's rule, written out: after ``realtime:``, a non-empty name
+    outside the reserved namespaces, of at most 246 bytes, without control
+    characters."""
+    if not wire.startswith("realtime:"):
+        return False
+    name = wire.removeprefix("realtime:")
+    return (
+        name != ""
+        and name.partition(":")[0] not in ("org", "user", "mother")
+        and len(name.encode()) <= 246
+        and not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in name)
+    )

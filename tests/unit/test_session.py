@@ -315,15 +315,13 @@ def test_join_refused_for_non_member(hub: Hub) -> None:
     [
         "org:42",
         "Realtime:org:42",
-        "realtime:ORG:42",
         "realtime:org:4 2",
         "realtime:org:42:",
         "realtime:org:*",
         "realtime:org:\u043e",
-        "realtime:org\uff1a42",
         "realtime:org:" + "a" * 65,
-        "realtime:",
-        "realtime:public",
+        "realtime:mother:x",
+        "realtime:room\n",
     ],
 )
 def test_join_refused_for_bad_topic(hub: Hub, topic: str) -> None:
@@ -1139,3 +1137,270 @@ def test_fuzz_session_never_raises(vsn: Vsn, messages: list[Any], tokens: list[s
         expected = 1 if topic == T42 else 0
         assert hub.channels.subscriber_count(key) == expected
     assert list(hub.channels.presence_state("org:42")) == ["peer"]
+
+
+# -- free names: ordinary Supabase channels ---------------------------------------
+
+
+def test_an_empty_topic_needs_a_name(hub: Hub) -> None:
+    client = hub.client(VSN1)
+    client.send("1", "1", "realtime:", "phx_join", {"config": config()})
+    same(
+        client.take(),
+        [error_reply("1", "1", "realtime:", "TopicNameRequired: You must provide a topic name")],
+    )
+
+
+@pytest.mark.parametrize("vsn", [VSN1, VSN2])
+def test_public_free_names_join_broadcast_and_track_for_any_valid_token(hub: Hub, vsn: Vsn) -> None:
+    anon = hub.verifier.verify(hub.token(sub=None, role="anon"))
+    a, b = hub.client(vsn, principal=anon), hub.client(vsn, orgs=[])
+    for client in (a, b):
+        client.join("realtime:room:lobby")
+    a.send("1", "2", "realtime:room:lobby", "broadcast", realtime.broadcast_body("hi", {"n": 1}))
+    [got] = b.take()
+    if vsn == VSN1:
+        assert (got.topic, got.payload["event"]) == ("realtime:room:lobby", "hi")
+    else:  # kind 4: the topic and the event in the header
+        assert got.binary is not None and b"realtime:room:lobby" in got.binary
+    assert a.take() == []  # self: false
+    b.send("1", "3", "realtime:room:lobby", "presence", realtime.presence_body("track", {"u": 1}))
+    assert [m.event for m in b.take()] == ["phx_reply", "presence_diff"]
+    assert [m.event for m in a.take()] == ["presence_diff"]
+
+
+def test_public_and_private_channels_of_one_name_share_nothing(hub: Hub) -> None:
+    service = hub.verifier.verify(hub.token(sub="svc", role="service_role"))
+    public, private = hub.client(VSN1), hub.client(VSN1, principal=service)
+    public.join("realtime:room")
+    private.join("realtime:room", {**config(), "private": True})
+    assert hub.channels.subscriber_count("room") == 1
+    private.send("1", "2", "realtime:room", "broadcast", realtime.broadcast_body("secret", {}))
+    public.send("1", "2", "realtime:room", "broadcast", realtime.broadcast_body("open", {}))
+    assert public.take() == [] and private.take() == []
+    # Each channel still has its own audience: a second public member hears
+    # the public one, the private sender is never told of it.
+    other = hub.client(VSN1)
+    other.join("realtime:room")
+    public.send("1", "3", "realtime:room", "broadcast", realtime.broadcast_body("open", {}))
+    [heard] = other.take()
+    assert heard.payload["event"] == "open" and private.take() == []
+
+
+@pytest.mark.parametrize("flag", [True, "true", "TRUE", "True"])
+def test_private_joins_need_realtime_authorization(hub: Hub, flag: object) -> None:
+    client = hub.client(VSN1)
+    client.send("1", "1", "realtime:room", "phx_join", {"config": {**config(), "private": flag}})
+    [reply] = client.take()
+    reason = reply.payload["response"]["reason"]
+    assert reply.payload["status"] == "error" and reason.startswith("Unauthorized: ")
+    assert "HUB_DATABASE_URL" in reason and client.session.subs == {}
+
+
+def test_private_does_not_split_org_topics(hub: Hub) -> None:
+    a, b = hub.client(VSN1), hub.client(VSN1)
+    a.join(T42, {**config(), "private": True})
+    b.join(T42)
+    a.send("1", "2", T42, "broadcast", realtime.broadcast_body("e", {}))
+    assert [m.payload["event"] for m in b.take()] == ["e"]
+
+
+@pytest.mark.parametrize("value", [1, "yes", None, {"x": 1}])
+def test_private_must_be_a_boolean(hub: Hub, value: object) -> None:
+    client = hub.client(VSN1)
+    client.send("1", "1", "realtime:room", "phx_join", {"config": {"private": value}})
+    reply = client.take()[0]
+    if value is None:  # absent and null both mean public
+        assert reply.payload["status"] == "ok"
+        return
+    assert reply.payload["response"]["reason"] == (
+        "InvalidJoinPayload: config.private must be a boolean"
+    )
+
+
+def test_private_only_refuses_public_free_names_only(hub: Hub) -> None:
+    client = hub.client(VSN1, limits=SessionLimits(private_only=True))
+    client.send("1", "1", "realtime:room", "phx_join", {"config": config()})
+    same(
+        client.take(),
+        [
+            error_reply(
+                "1", "1", "realtime:room", "PrivateOnly: This project only allows private channels"
+            )
+        ],
+    )
+    client.join(T42)  # the hub's own namespaces keep their rules
+
+
+def test_replay_is_refused_on_public_channels(hub: Hub) -> None:
+    client = hub.client(VSN1)
+    cfg = {**config(), "broadcast": {"replay": {"since": 0}}}
+    client.send("1", "1", "realtime:room", "phx_join", {"config": cfg})
+    same(
+        client.take(),
+        [
+            error_reply(
+                "1",
+                "1",
+                "realtime:room",
+                "UnableToReplayMessages: Replay is not allowed for public channels",
+            )
+        ],
+    )
+
+
+# -- Realtime Authorization: the session's side, fed outcomes ---------------------
+
+PRIVATE = "realtime:room:secret"
+
+
+def private_config(presence: bool = True) -> dict[str, Any]:
+    return {**config(presence=presence), "private": True}
+
+
+def policed(hub: Hub, vsn: Vsn = VSN1, **claims: Any) -> Client:
+    client = hub.client(vsn, orgs=[])
+    client.session.policies = True
+    return client
+
+
+def join_private(client: Client, outcome: dict[str, bool] | None, error: str = "") -> list[Pushed]:
+    client.send("1", "1", PRIVATE, "phx_join", {"config": private_config()})
+    assert client.take() == [], "nothing is answered before the policies are"
+    [check] = client.session.take_checks()
+    assert (check.mode, check.topic, check.extensions) == (
+        "read",
+        "room:secret",
+        ("broadcast", "presence"),
+    )
+    assert check.principal.claims["role"] == "authenticated"
+    check.resume(outcome, error)
+    return client.take()
+
+
+def test_a_private_join_waits_for_the_read_check_then_is_admitted(hub: Hub) -> None:
+    client = policed(hub)
+    pushed = join_private(client, {"broadcast": True, "presence": True})
+    assert [(p.event, p.payload.get("status")) for p in pushed] == [
+        ("phx_reply", "ok"),
+        ("presence_state", None),
+    ]
+    assert hub.channels.subscriber_count("\x00room:secret") == 1
+    assert hub.channels.subscriber_count("room:secret") == 0  # the public one
+
+
+def test_a_private_join_without_any_read_is_refused(hub: Hub) -> None:
+    client = policed(hub)
+    same(
+        join_private(client, {"broadcast": False, "presence": False}),
+        [
+            error_reply(
+                "1",
+                "1",
+                PRIVATE,
+                "Unauthorized: You do not have permissions to read from this Channel topic: "
+                "room:secret",
+            )
+        ],
+    )
+    assert client.session.subs == {}
+
+
+def test_a_check_that_cannot_be_answered_refuses_with_its_reason(hub: Hub) -> None:
+    client = policed(hub)
+    reason = "RlsPolicyError: Error occurred while checking the channel's policies"
+    same(join_private(client, None, reason), [error_reply("1", "1", PRIVATE, reason)])
+
+
+def test_presence_read_only_gets_presence_and_no_broadcast(hub: Hub) -> None:
+    reader = policed(hub)
+    join_private(reader, {"broadcast": False, "presence": True})
+    service = hub.verifier.verify(hub.token(sub="svc", role="service_role"))
+    sender = hub.client(VSN1, principal=service)
+    sender.join(PRIVATE, private_config())
+    sender.send("1", "2", PRIVATE, "broadcast", realtime.broadcast_body("e", {}))
+    sender.send("1", "3", PRIVATE, "presence", realtime.presence_body("track", {"s": 1}))
+    assert [p.event for p in reader.take()] == ["presence_diff"]
+
+
+def test_broadcast_read_only_gets_no_presence_state(hub: Hub) -> None:
+    client = policed(hub)
+    pushed = join_private(client, {"broadcast": True, "presence": False})
+    assert [p.event for p in pushed] == ["phx_reply"]
+
+
+def test_a_denied_broadcast_is_dropped_silently_and_the_answer_kept(hub: Hub) -> None:
+    client = policed(hub)
+    join_private(client, {"broadcast": True, "presence": True})
+    listener = hub.client(VSN1, principal=hub.verifier.verify(hub.token(role="service_role")))
+    listener.join(PRIVATE, private_config())
+    body = realtime.broadcast_body("e", {"n": 1})
+    client.send("1", "2", PRIVATE, "broadcast", body)
+    [check] = client.session.take_checks()
+    assert (check.mode, check.extensions) == ("write", ("broadcast",))
+    check.resume({"broadcast": False}, "")
+    client.send("1", "3", PRIVATE, "broadcast", body)
+    assert client.session.take_checks() == []  # kept for the channel's life
+    assert client.take() == [] and listener.take() == []
+
+
+def test_an_allowed_broadcast_is_published_once_checked(hub: Hub) -> None:
+    client = policed(hub)
+    join_private(client, {"broadcast": True, "presence": True})
+    listener = hub.client(VSN1, principal=hub.verifier.verify(hub.token(role="service_role")))
+    listener.join(PRIVATE, private_config())
+    client.send("1", "2", PRIVATE, "broadcast", realtime.broadcast_body("first", {}))
+    [check] = client.session.take_checks()
+    check.resume({"broadcast": True}, "")
+    client.send("1", "3", PRIVATE, "broadcast", realtime.broadcast_body("second", {}))
+    assert client.session.take_checks() == []
+    assert [p.payload["event"] for p in listener.take()] == ["first", "second"]
+
+
+def test_a_denied_track_gets_an_error_reply(hub: Hub) -> None:
+    client = policed(hub)
+    join_private(client, {"broadcast": True, "presence": True})
+    client.send("1", "2", PRIVATE, "presence", realtime.presence_body("track", {"s": 1}))
+    [check] = client.session.take_checks()
+    assert (check.mode, check.extensions) == ("write", ("presence",))
+    check.resume({"presence": False}, "")
+    same(
+        client.take(),
+        [
+            error_reply(
+                "1",
+                "2",
+                PRIVATE,
+                "Unauthorized: You do not have permissions to write to this Channel topic: "
+                "room:secret",
+            )
+        ],
+    )
+    assert hub.channels.presence_size("\x00room:secret") == 0
+
+
+def test_a_new_token_that_loses_read_ends_the_channel(hub: Hub) -> None:
+    client = policed(hub)
+    join_private(client, {"broadcast": True, "presence": True})
+    client.send("1", "2", PRIVATE, "access_token", {"access_token": hub.token(orgs=[])})
+    [check] = client.session.take_checks()
+    assert check.mode == "read"
+    check.resume({"broadcast": False, "presence": True}, "")
+    pushed = client.take()
+    assert [p.event for p in pushed] == ["system", "phx_close"]
+    assert pushed[0].payload["message"] == (
+        "You no longer have permission to read from this Channel topic: room:secret"
+    )
+    assert client.session.subs == {}
+
+
+def test_a_new_token_that_keeps_read_clears_the_write_answers(hub: Hub) -> None:
+    client = policed(hub)
+    join_private(client, {"broadcast": True, "presence": True})
+    client.send("1", "2", PRIVATE, "broadcast", realtime.broadcast_body("e", {}))
+    client.session.take_checks()[0].resume({"broadcast": False}, "")
+    client.send("1", "3", PRIVATE, "access_token", {"access_token": hub.token(orgs=[])})
+    client.session.take_checks()[0].resume({"broadcast": True, "presence": True}, "")
+    client.send("1", "4", PRIVATE, "broadcast", realtime.broadcast_body("e", {}))
+    [check] = client.session.take_checks()  # asked again
+    assert check.mode == "write"
