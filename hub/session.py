@@ -628,6 +628,7 @@ class Session:
             )
             return
         sub.principal = principal
+        self.channels.rebind(sub)
         self._expiry_check_at = min(self._expiry_check_at, principal.exp)
 
     def _reread(self, sub: Subscription, principal: Principal) -> None:
@@ -650,6 +651,7 @@ class Session:
                 )
                 return
             sub.principal = principal
+            self.channels.rebind(sub)
             sub.write_broadcast = sub.write_presence = None
             self._expiry_check_at = min(self._expiry_check_at, principal.exp)
 

@@ -10,8 +10,9 @@ import pytest
 
 from tests.support.hubs import HubProcess, start_hub, stop_hub
 
-#: Fixtures that live with their harness: the mother's hubs and databases.
-pytest_plugins = ["tests.support.mother"]
+#: Fixtures that live with their harness: the mother's hubs and databases,
+#: the Realtime Authorization database with its policies.
+pytest_plugins = ["tests.support.mother", "tests.support.policies"]
 
 
 @pytest.fixture(scope="session")

@@ -107,9 +107,12 @@ class Channels:
         self.node_id = node_id
         self.schedule = schedule
         self._topics: dict[str, _TopicSubscribers] = {}
-        #: org id -> subscriptions (any topic of that org) with
-        #: postgres_changes bindings.
+        #: org id -> subscriptions with postgres_changes bindings that get
+        #: that org's rows: any topic of the org, and free-name channels of
+        #: its members.
         self._bindings: dict[str, dict[Subscription, None]] = {}
+        #: Free-name channels of service_role with bindings: every org's rows.
+        self._all_bindings: dict[Subscription, None] = {}
         self._presence: dict[str, PresenceTable] = {}
         self.delivered = 0
 
@@ -122,8 +125,8 @@ class Channels:
             subscribers = self._topics[key] = _TopicSubscribers()
             self.engine.subscribe(key)
         subscribers.of(sub)[sub] = sub.outbox.sink
-        if sub.bindings and sub.topic.kind == "org":
-            self._bindings.setdefault(sub.topic.owner, {})[sub] = None
+        if sub.bindings:
+            self._bind(sub)
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Remove ``sub`` and its presence.  Idempotent."""
@@ -131,11 +134,8 @@ class Channels:
         if sub.active:
             self.observers.notify("left", sub)
         sub.active = False
-        bound = self._bindings.get(sub.topic.owner)
-        if bound is not None:
-            bound.pop(sub, None)
-            if not bound:
-                del self._bindings[sub.topic.owner]
+        if sub.bindings:
+            self._unbind(sub)
         subscribers = self._topics.get(key)
         if subscribers is not None:
             subscribers.of(sub).pop(sub, None)
@@ -151,6 +151,38 @@ class Channels:
             # with local subscribers; a later subscribe re-syncs them.
             self._presence.pop(key, None)
             self.engine.unsubscribe(key)
+
+    def _bind(self, sub: Subscription) -> None:
+        """Index a subscription with bindings under the orgs whose rows it
+        gets: its topic's org; for a free name, its principal's orgs (all of
+        them for service_role).  Never the orgs a client names itself."""
+        if sub.topic.kind == "org":
+            sub.bound_orgs = (sub.topic.owner,)
+        elif sub.topic.kind == "free":
+            sub.bound_orgs = None if sub.principal.is_service else tuple(sub.principal.orgs)
+        else:
+            sub.bound_orgs = ()
+        if sub.bound_orgs is None:
+            self._all_bindings[sub] = None
+            return
+        for org in sub.bound_orgs:
+            self._bindings.setdefault(org, {})[sub] = None
+
+    def _unbind(self, sub: Subscription) -> None:
+        self._all_bindings.pop(sub, None)
+        for org in sub.bound_orgs or ():
+            bound = self._bindings.get(org)
+            if bound is not None:
+                bound.pop(sub, None)
+                if not bound:
+                    del self._bindings[org]
+
+    def rebind(self, sub: Subscription) -> None:
+        """The subscription's principal changed (a new token): its rows
+        follow the new principal's orgs."""
+        if sub.bindings and sub.active:
+            self._unbind(sub)
+            self._bind(sub)
 
     def joined(self, sub: Subscription) -> None:
         """Called by the session once the join reply is queued."""
@@ -293,15 +325,18 @@ class Channels:
         The org comes from the stored event, never from a client's filter.
         Returns how many subscriptions got a frame now."""
         bound = self._bindings.get(org)
-        if not bound:
+        if not bound and not self._all_bindings:
             return 0
+        if self._all_bindings:
+            bound = {**(bound or {}), **self._all_bindings}
+        assert bound is not None
         data = change_data(change)
         frames: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
         touched: dict[str, _TopicSubscribers] = {}
         count = 0
         for sub in bound:
             ids = tuple(b.id for b in sub.bindings if matches(b, change))
-            if not ids or not sub.take_durable(seq, event):
+            if not ids or not sub.take_durable(seq, event, own=sub.topic.kind == "org"):
                 continue
             frame_key = (sub.vsn, sub.topic.key, ids)
             wire = frames.get(frame_key)

@@ -42,6 +42,9 @@ class Subscription:
     #: reserved channels: everything).  Reads are decided at the join;
     #: writes at the first broadcast and the first track (None: not asked
     #: yet), then kept for the channel's life.
+    #: Orgs whose rows a free-name channel's postgres_changes bindings are
+    #: indexed under (its principal's orgs; None: every org, service_role).
+    bound_orgs: tuple[str, ...] | None = ()
     read_broadcast: bool = True
     read_presence: bool = True
     write_broadcast: bool | None = True
@@ -51,13 +54,22 @@ class Subscription:
     def wire_topic(self) -> str:
         return TOPIC_PREFIX + self.topic.text
 
-    def take_durable(self, seq: int, event: object) -> bool:
+    def take_durable(self, seq: int, event: object, *, own: bool = True) -> bool:
         """The one rule for accepting durable event ``seq`` (``event`` is
         what the replay buffer keeps): each is taken at most once and in
         order (``seq`` above :attr:`durable_seq`), none while paused, and
         while a replay reads the store it waits in :attr:`replay_buffer`.
-        True when the caller must deliver it now."""
-        if self.durable_paused or seq <= self.durable_seq:
+        True when the caller must deliver it now.
+
+        ``own`` is False for an event of another stream than this channel's
+        org (rows of the subscriber's orgs reaching a free-name channel):
+        its seq is not this channel's, so only the pause applies; the store
+        listener already gives each once and in order."""
+        if self.durable_paused:
+            return False
+        if not own:
+            return True
+        if seq <= self.durable_seq:
             return False
         if self.replay_buffer is not None:
             self.replay_buffer.append(event)

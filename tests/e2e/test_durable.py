@@ -1111,6 +1111,42 @@ async def test_postgres_changes_to_python_and_js_with_filters_and_tenancy(
 # ==============================================================================
 
 
+async def test_postgres_changes_on_a_free_channel_name_keep_to_the_subscribers_orgs(
+    pg_hub: HubProcess,
+    pg_dsn: str,  # noqa: F811
+    py_clients: Any,
+) -> None:
+    """Supabase apps bind postgres_changes on any channel name
+    (``schema-db-changes``).  On the hub such a channel gets the rows of the
+    subscriber's own orgs only, whatever the binding names."""
+    hub, org, other = pg_hub, new_org(), new_org()
+    table = "todos_" + uuid.uuid4().hex[:8]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(f"CREATE TABLE public.{table} (id bigserial PRIMARY KEY, org_id text)")
+        code, _, err = await run_cli("track", f"public.{table}", env={"HUB_DATABASE_URL": pg_dsn})
+        assert code == 0, err
+        got: dict[str, Collector] = {}
+        for name, orgs in (("mine", [org]), ("theirs", [other])):
+            client = await py_clients(hub, hub.token(sub=name, orgs=orgs))
+            channel = client.channel("schema-db-changes", {"config": {}})
+            got[name] = Collector()
+            channel.on_postgres_changes("INSERT", got[name], table=table, schema="public")
+            await py_subscribe(channel)
+        mine = [
+            await conn.fetchval(f"INSERT INTO public.{table} (org_id) VALUES ($1) RETURNING id", o)
+            for o in (org, other, org)
+        ]
+        await got["mine"].wait(lambda items: len(items) >= 2, "the member's two rows")
+        await got["theirs"].wait(lambda items: len(items) >= 1, "the other member's row")
+        await asyncio.sleep(0.3)
+        assert [p["data"]["record"]["id"] for p in got["mine"].items] == [mine[0], mine[2]]
+        assert [p["data"]["record"]["id"] for p in got["theirs"].items] == [mine[1]]
+    finally:
+        await conn.close()
+    assert "Traceback" not in hub.log()
+
+
 async def test_resume_raw_websocket_while_publishing(pg_hub: HubProcess, wires: Any) -> None:
     log_start = len(pg_hub.log())
     org = new_org()

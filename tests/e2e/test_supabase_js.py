@@ -34,7 +34,7 @@ from realtime import AsyncRealtimeClient
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from tests.support.hubs import HubProcess
+from tests.support.hubs import HubProcess, start_hub, stop_hub
 from tests.support.jsclient import (
     JsClientUnavailable,
     JsDriver,
@@ -42,6 +42,7 @@ from tests.support.jsclient import (
     kind3_refs,
     package_version,
 )
+from tests.support.policies import ALICE, BOB
 
 pytestmark = pytest.mark.e2e
 
@@ -663,3 +664,61 @@ async def test_a_key_rotated_in_after_start_is_fetched_during_the_handshake(
     log = hub.log()
     assert "without completing handshake" not in log, log
     assert "Traceback" not in log, log
+
+
+# -- private channels with the app's policies (Realtime Authorization) ----------------
+
+
+async def test_private_channels_with_supabase_policies_js_and_python(
+    policies_dsn: str, tmp_path: Path, node: StartDriver
+) -> None:
+    """An app's private channel, unchanged: supabase-js (vsn 2) and
+    realtime-py (vsn 1) join ``room:a`` with ``private: true``; the policies
+    let every signed-in user read, members of the room (an app table) send.
+    Alice (a member) reaches Bob; Bob's broadcast is dropped; a user no
+    policy lets read is refused."""
+    hub = start_hub(tmp_path, {"HUB_DATABASE_URL": policies_dsn})
+    py = AsyncRealtimeClient(
+        f"{hub.http_url.replace('http', 'ws')}/realtime/v1", hub.token(sub=BOB, orgs=[])
+    )
+    try:
+        js = await node()
+        await js.client(
+            "alice", hub.http_url, hub.token(sub=ALICE, orgs=[]), timeout=CLIENT_TIMEOUT_MS
+        )
+        await js.subscribe("alice", "c", "room:a", {"private": True, "broadcast": {"self": False}})
+        got: list[dict[str, Any]] = []
+        await asyncio.wait_for(py.connect(), 10)
+        channel = py.channel("room:a", {"config": {"private": True}})
+        channel.on_broadcast("*", lambda m: got.append(dict(m)))
+        subscribed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        await asyncio.wait_for(
+            channel.subscribe(
+                lambda status, err: subscribed.done() or subscribed.set_result(str(status))
+            ),
+            10,
+        )
+        assert "SUBSCRIBED" in await asyncio.wait_for(subscribed, 10)
+
+        assert (
+            await js.command("send", client="alice", chan="c", event="hi", payload={"n": 1}) == "ok"
+        )
+        await wait_until(lambda: any(m.get("event") == "hi" for m in got), 10, lambda: str(got))
+        await asyncio.wait_for(channel.send_broadcast("from_bob", {"n": 2}), 10)
+        await js.command("send", client="alice", chan="c", event="sentinel", payload={})
+        await wait_until(
+            lambda: any(m.get("event") == "sentinel" for m in got), 10, lambda: str(got)
+        )
+        await asyncio.sleep(0.3)
+        assert not broadcasts(js, "alice", "from_bob")
+
+        # No policy lets anyone read `other`: supabase-js sees the refusal.
+        await js.client(
+            "carol", hub.http_url, hub.token(sub=BOB, orgs=[]), timeout=CLIENT_TIMEOUT_MS
+        )
+        status = await js.subscribe("carol", "c", "other", {"private": True}, expect=None)
+        assert status["status"] == "CHANNEL_ERROR", status
+    finally:
+        await asyncio.wait_for(py.close(), 10)
+        stop_hub(hub)
+    assert "Traceback" not in hub.log(), hub.log()

@@ -2,77 +2,31 @@
 ``realtime.messages`` (Realtime Authorization), against a real `hub serve`,
 a real PostgreSQL database migrated by `hub migrate`, and raw clients.
 
-The policies are written as in Supabase's documentation.  Each test gets a
-database of its own (its policies are its own).
+The policies (tests/support/policies.py) are written as in Supabase's
+documentation.  Each test gets a database of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from hub.client.realtime import AsyncClient, Message, Refused
 from tests.support.hubs import HubProcess, start_hub, stop_hub
-from tests.support.mother import fresh_database
+from tests.support.policies import ALICE, BOB
 
 T = 5.0
 V1, V2 = "1.0.0", "2.0.0"
-ALICE, BOB = str(uuid.uuid4()), str(uuid.uuid4())
-
-POLICIES = """
-create table public.rooms_users (user_id uuid not null, room_topic text not null);
-grant select on public.rooms_users to authenticated, anon;
-
--- Anyone signed in may receive on room:* topics (both extensions).
-create policy "authenticated read rooms" on realtime.messages
-  for select to authenticated using (realtime.topic() like 'room:%');
--- Only members of a room (an app table) may send broadcasts there.
-create policy "members send" on realtime.messages
-  for insert to authenticated with check (
-    realtime.messages.extension = 'broadcast'
-    and exists (
-      select 1 from public.rooms_users
-      where user_id = auth.uid() and room_topic = realtime.topic()
-    )
-  );
--- acme.com addresses may read the staff topic (a policy on the claims).
-create policy "acme staff read" on realtime.messages
-  for select to authenticated using (
-    realtime.topic() = 'staff'
-    and (current_setting('request.jwt.claims', true)::json ->> 'email') like '%@acme.com'
-  );
--- The lobby: presence may be read by anyone signed in, never written.
-create policy "lobby presence read" on realtime.messages
-  for select to authenticated using (
-    realtime.topic() = 'lobby' and realtime.messages.extension = 'presence'
-  );
-"""
 
 
 @pytest.fixture
-async def dsn() -> AsyncIterator[str]:
-    async with fresh_database() as url:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(POLICIES)
-            await conn.execute(
-                "insert into public.rooms_users values ($1, 'room:a')", uuid.UUID(ALICE)
-            )
-        finally:
-            await conn.close()
-        yield url
-
-
-@pytest.fixture
-def hub(dsn: str, tmp_path: Path) -> Iterator[HubProcess]:
-    started = start_hub(tmp_path, {"HUB_DATABASE_URL": dsn})
+def hub(policies_dsn: str, tmp_path: Path) -> Iterator[HubProcess]:
+    started = start_hub(tmp_path, {"HUB_DATABASE_URL": policies_dsn})
     try:
         yield started
     finally:

@@ -21,14 +21,20 @@ MEMBER = Principal(role="authenticated", exp=2e9, sub="u", orgs={"a": "member", 
 
 
 def make_sub(
-    channels: Channels, topic: str, *, vsn: Any = "1.0.0", bindings: Any = None, **kw: Any
+    channels: Channels,
+    topic: str,
+    *,
+    vsn: Any = "1.0.0",
+    bindings: Any = None,
+    principal: Principal = MEMBER,
+    **kw: Any,
 ) -> Subscription:
     sub = Subscription(
         topic=parse_topic(topic),
         join_ref="1",
         vsn=vsn,
         outbox=ListOutbox(),
-        principal=MEMBER,
+        principal=principal,
         conn_id="c",
         bindings=parse_bindings(bindings),
         **kw,
@@ -95,6 +101,48 @@ async def test_changes_go_to_matching_bindings_of_the_same_org_only(setup: Any) 
     assert data["record"] == {"n": 7} and data["errors"] is None
     assert {"columns", "commit_timestamp", "errors", "schema", "table", "type"} <= set(data)
     assert received(other_org) == []
+
+
+CHANGE = {
+    "schema": "public",
+    "table": "items",
+    "type": "INSERT",
+    "record": {"n": 7},
+    "columns": [{"name": "n", "type": "int4"}],
+    "commit_timestamp": "2026-01-01T00:00:00.000Z",
+}
+BINDING = [{"event": "*", "schema": "public", "table": "items"}]
+
+
+async def test_free_names_get_the_rows_of_their_subscribers_orgs_only(setup: Any) -> None:
+    """A binding on any channel name (Supabase's ``schema-db-changes``) gets
+    the rows of the subscriber's own orgs, in each org's order, whatever the
+    name and the filter; service_role gets every org's."""
+    channels, store, _ = setup
+    member_of_a = make_sub(channels, "schema-db-changes", bindings=BINDING)  # orgs a and b
+    only_c = Principal(role="authenticated", exp=2e9, sub="c", orgs={"c": "member"})
+    outsider = make_sub(channels, "schema-db-changes", bindings=BINDING, principal=only_c)
+    service = Principal(role="service_role", exp=2e9, sub="svc")
+    admin = make_sub(channels, "db", bindings=BINDING, principal=service)
+    for org, n in (("a", 1), ("b", 2), ("a", 3), ("z", 4)):
+        await store.append(org, [("INSERT", {**CHANGE, "record": {"n": n}})], kind="change")
+    rows = [m["payload"]["data"]["record"]["n"] for m in received(member_of_a)]
+    assert rows == [1, 2, 3]  # a's seq 2 after b's seq 1: each org's own stream
+    assert received(outsider) == []
+    assert [m["payload"]["data"]["record"]["n"] for m in received(admin)] == [1, 2, 3, 4]
+
+
+async def test_a_new_principal_moves_a_free_channels_rows(setup: Any) -> None:
+    channels, store, _ = setup
+    sub = make_sub(channels, "todos", bindings=BINDING)
+    sub.principal = Principal(role="authenticated", exp=2e9, sub="u", orgs={"c": "member"})
+    channels.rebind(sub)
+    await store.append("a", [("INSERT", CHANGE)], kind="change")
+    await store.append("c", [("INSERT", CHANGE)], kind="change")
+    assert len(received(sub)) == 1
+    channels.unsubscribe(sub)
+    await store.append("c", [("INSERT", CHANGE)], kind="change")
+    assert len(received(sub)) == 1
 
 
 async def test_replay_after_then_live_without_gap_or_duplicate(setup: Any) -> None:
