@@ -126,6 +126,7 @@ class Session:
         "_replays",
         "policies",
         "_checks",
+        "closed",
     )
 
     def __init__(
@@ -172,6 +173,8 @@ class Session:
         self.policies = policies
         #: Policy checks for the I/O layer to run, in order: take_checks.
         self._checks: list[PolicyCheck] = []
+        #: Set by close(): a check that ends later admits nothing.
+        self.closed = False
 
     # -- input -------------------------------------------------------------
 
@@ -268,6 +271,7 @@ class Session:
 
     def close(self) -> None:
         """The socket is gone: leave every channel (and its presence)."""
+        self.closed = True
         for sub in self.subs.values():
             self._unsubscribe(sub)
         self.subs.clear()
@@ -437,6 +441,8 @@ class Session:
     ) -> None:
         """The end of a private join: refused, or admitted with what the
         policies let it read."""
+        if self.closed:
+            return  # the socket went while the policies were asked
         topic = sub.topic.text
         if outcome is None:
             reason = error

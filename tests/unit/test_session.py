@@ -1404,3 +1404,12 @@ def test_a_new_token_that_keeps_read_clears_the_write_answers(hub: Hub) -> None:
     client.send("1", "4", PRIVATE, "broadcast", realtime.broadcast_body("e", {}))
     [check] = client.session.take_checks()  # asked again
     assert check.mode == "write"
+
+
+def test_a_socket_gone_during_the_read_check_admits_nothing(hub: Hub) -> None:
+    client = policed(hub)
+    client.send("1", "1", PRIVATE, "phx_join", {"config": private_config()})
+    [check] = client.session.take_checks()
+    client.session.close()
+    check.resume({"broadcast": True, "presence": True}, "")
+    assert client.session.subs == {} and hub.channels.subscriber_count("\x00room:secret") == 0
