@@ -13,6 +13,7 @@ How the parts connect::
                          │ (transport │           │  └─ fan-out ──┼──> sinks ──> Flusher
                     HubHttpProtocol, HubSocket)   └─── deliver <──┘
     EventStore ── listener ──> DurableFeed ──> Channels.deliver_durable / deliver_change
+               └─ database broadcasts (realtime.send) ──> Channels.deliver, this node only
     Observers: Mother (the aggregator) hears Channels, Gateway and DurableFeed
 
 The HTTP side (:mod:`hub.app`) is built from the node's parts, each route
@@ -35,6 +36,7 @@ from hub.auth.tokens import JwksCache, TokenVerifier
 from hub.channels.durable import DurableFeed
 from hub.channels.fanout import Channels
 from hub.channels.observer import Observers
+from hub.channels.topics import InvalidTopic, parse_topic
 from hub.config import Settings
 from hub.counters import Counters
 from hub.engine.base import Engine
@@ -42,8 +44,9 @@ from hub.engine.memory import MemoryEngine
 from hub.flusher import Flusher
 from hub.gateway import Gateway, SocketLimits
 from hub.metrics import Gauges, NodeCollector, metrics_registry
+from hub.protocol import MAX_BINARY_FIELD, Broadcast, is_event_name
 from hub.quotas import Quotas
-from hub.store.base import EventStore
+from hub.store.base import DatabaseBroadcast, EventStore
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class Node:
             orgs_claim=settings.orgs_claim_path,
             admin_claim=settings.admin_claim_path,
             audience=settings.jwt_audience,
+            # The policies of Realtime Authorization read the claims.
+            keep_claims=settings.database_url is not None,
         )
         self.quotas = Quotas(settings.org_quota, settings.org_quota_overrides)
         self.engine = (engine or functools.partial(_make_engine, settings, self.node_id))(
@@ -101,6 +106,10 @@ class Node:
         )
         # Every appended event, from this node's own store listener.
         self.store.listen(self.durable.on_event)
+        # Broadcasts sent from the database (realtime.send): every node
+        # hears them itself, so each delivers them to its own subscribers
+        # only (through the engine every subscriber would get one per node).
+        self.store.listen_broadcasts(functools.partial(_deliver_database_broadcast, self.channels))
         self.mother = Mother(
             channels=self.channels,
             store=self.store,
@@ -147,7 +156,8 @@ class Node:
 
         1. the JWKS keys, when tokens are checked against a JWKS URL;
         2. the event store, with its listener (from here on every appended
-           event is announced, in seq order per org), and the policies'
+           event is announced, in seq order per org, and broadcasts sent
+           from the database are delivered, best effort), and the policies'
            pool (it connects on first use);
         3. the engine (subscriptions to other nodes);
         4. the write flusher, on this loop;
@@ -207,6 +217,34 @@ async def _keep_partitions(policies: ChannelPolicies) -> None:
         except Exception as exc:
             log.warning("realtime.messages partitions: %s", exc)
         await anyio.sleep(PARTITION_INTERVAL)
+
+
+def _deliver_database_broadcast(channels: Channels, message: DatabaseBroadcast) -> None:
+    """Deliver a broadcast sent from the database to this node's subscribers
+    of its channel, as Supabase sends it: the event, the payload, and
+    ``meta: {"id": <realtime.messages.id>}``.  A private one reaches only
+    the private channel of a free name (whose subscribers passed the read
+    check at join), a public one only the public channel.  A topic the hub
+    cannot route is logged and dropped."""
+    try:
+        topic = parse_topic(message.topic, private=message.private)
+    except InvalidTopic as exc:
+        log.warning("dropping a database broadcast to %.100r: %s", message.topic, exc)
+        return
+    if topic.kind == "org" and topic.name is None:
+        # The database makes these durable events (never a NOTIFY); an
+        # org channel only carries its durable feed.
+        log.warning("dropping a database broadcast to %s: not a durable event", topic.text)
+        return
+    if not is_event_name(message.event):
+        log.warning(
+            "dropping a database broadcast to %.100r: its event name is empty or longer "
+            "than %d bytes",
+            message.topic,
+            MAX_BINARY_FIELD,
+        )
+        return
+    channels.deliver(Broadcast(topic.key, message.event, message.payload, meta={"id": message.id}))
 
 
 def _make_engine(settings: Settings, node_id: str, quotas: Quotas) -> Engine:

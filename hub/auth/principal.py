@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Final
 
 from hub.channels.topics import is_org_id
@@ -16,6 +17,8 @@ from hub.errors import AuthError, ConfigError
 SERVICE_ROLE: Final = "service_role"
 #: The role a member gets when ``orgs`` is a plain list.
 MEMBER: Final = "member"
+#: The claims of a principal that keeps none (one shared, read-only map).
+NO_CLAIMS: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +32,10 @@ class Principal:
     orgs: Mapping[str, str] = field(default_factory=dict)
     #: True when the admin claim (``HUB_ADMIN_CLAIM``) is exactly ``true``.
     admin: bool = False
-    #: Every claim of the token, as verified: Realtime Authorization hands
-    #: them to the app's policies (``request.jwt.claims``).  Shared with the
-    #: token cache, never copied.
-    claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: Every claim of the token, as verified, when the verifier keeps them
+    #: (Realtime Authorization hands them to the app's policies as
+    #: ``request.jwt.claims``); else empty.  Never copied.
+    claims: Mapping[str, Any] = field(default_factory=lambda: NO_CLAIMS, compare=False, repr=False)
 
     @property
     def is_service(self) -> bool:
@@ -74,6 +77,8 @@ def principal_from_claims(
     claims: Mapping[str, Any],
     orgs_path: tuple[str, ...],
     admin_path: tuple[str, ...] = DEFAULT_ADMIN_CLAIM,
+    *,
+    keep_claims: bool = True,
 ) -> Principal:
     """Build a Principal from verified claims or raise AuthError.
 
@@ -108,5 +113,10 @@ def principal_from_claims(
         raise AuthError("InvalidJWTToken", f"Claim `{label}` must be a list or a map of org ids")
     admin = _lookup(claims, admin_path) is True
     return Principal(
-        role=role, exp=float(exp), sub=sub or None, orgs=orgs, admin=admin, claims=claims
+        role=role,
+        exp=float(exp),
+        sub=sub or None,
+        orgs=orgs,
+        admin=admin,
+        claims=claims if keep_claims else NO_CLAIMS,
     )

@@ -8,6 +8,8 @@ durable events.
   appends and reads).
 * :mod:`hub.store.listener`: the PostgreSQL store's LISTEN supervisor, which
   turns NOTIFYs into ordered, gap-free announcements.
+* :mod:`hub.store.broadcasts`: broadcasts sent from the database
+  (``realtime.send()``), relayed by the same LISTEN connection, best effort.
 * :mod:`hub.store.pgjson`: JSON as PostgreSQL sends and takes it.
 * :mod:`hub.store.migrate`: the schema migrations.
 * :mod:`hub.store.tracking`: change capture from app tables.

@@ -98,6 +98,26 @@ class StoredEvent:
 OnEvent = Callable[[StoredEvent], None]
 
 
+@dataclass(frozen=True, slots=True)
+class DatabaseBroadcast:
+    """A broadcast sent from the database (``realtime.send()``, a row of
+    ``realtime.messages`` whose extension is ``broadcast``) on a topic that
+    is not an ``org:<id>`` topic (those become durable events).
+
+    ``id`` is the row's id (clients get it as ``meta.id``), ``topic`` the
+    topic as written (without ``realtime:``), ``payload`` the row's payload
+    as JSON."""
+
+    id: str
+    topic: str
+    event: str
+    private: bool
+    payload: bytes
+
+
+OnBroadcast = Callable[[DatabaseBroadcast], None]
+
+
 class EventStore(abc.ABC):
     """An append-only log per org.
 
@@ -109,9 +129,17 @@ class EventStore(abc.ABC):
 
     def __init__(self) -> None:
         self._on_event: OnEvent | None = None
+        self._on_broadcast: OnBroadcast | None = None
 
     def listen(self, on_event: OnEvent) -> None:
         self._on_event = on_event
+
+    def listen_broadcasts(self, on_broadcast: OnBroadcast) -> None:
+        """Hand every broadcast sent from the database to ``on_broadcast``
+        (best effort, in commit order; it runs on the event loop and must not
+        block).  Only a database store has such broadcasts: elsewhere the
+        registration is kept and never called."""
+        self._on_broadcast = on_broadcast
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect and start announcing; called once."""

@@ -22,6 +22,12 @@ order, without gaps:
   the last seq announced is read from the table.  A catch-up is also how an
   overflow of the notification queue or a failed read is repaired.
 
+The same connection also LISTENs on the channels given as ``also`` (the
+store's broadcasts from the database, see :mod:`hub.store.broadcasts`), and
+re-LISTENs them on every reconnect.  Their payloads go straight to their
+callbacks; they are best effort: what was notified while the connection was
+down is lost (a reconnect logs it).
+
 What counts as "already announced" at start: the store reads every org's
 current seq before the listener LISTENs and hands it to :meth:`Listener.start`,
 which announces only what commits afterwards; history is never replayed.
@@ -33,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Protocol
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
@@ -53,6 +59,15 @@ class ReadEvents(Protocol):
     async def __call__(
         self, org: str, *, after: int = 0, limit: int = 100
     ) -> list[StoredEvent]: ...
+
+
+def _payload_only(callback: Callable[[str], None]) -> Callable[[Any, int, str, str], None]:
+    """A driver notification callback that passes on only the payload."""
+
+    def on_notify(conn: Any, pid: int, channel: str, payload: str) -> None:
+        callback(payload)
+
+    return on_notify
 
 
 class _Wake:
@@ -95,7 +110,8 @@ class Listener:
     seconds to answer; reconnect attempts (and retries of a failed catch-up)
     wait ``reconnect_min`` doubling up to ``reconnect_max`` seconds.  At most
     ``queue_size`` notifications wait for the announcer; more are dropped and
-    repaired by a catch-up.
+    repaired by a catch-up.  ``also`` maps other NOTIFY channels to the
+    callback of their payloads (a driver callback: it must only hand off).
 
     Constructing it does nothing; :meth:`start` connects and starts the
     tasks, :meth:`stop` ends them.
@@ -114,8 +130,10 @@ class Listener:
         read: ReadEvents,
         org_seqs: Callable[[], Awaitable[dict[str, int]]],
         deliver: Callable[[StoredEvent], None],
+        also: Mapping[str, Callable[[str], None]] | None = None,
     ) -> None:
         self._dsn = dsn
+        self._also = dict(also or {})
         self._app_name = application_name
         self._liveness_interval = liveness_interval
         self._liveness_timeout = liveness_timeout
@@ -233,6 +251,11 @@ class Listener:
             await asyncio.wait_for(
                 conn.add_listener(CHANNEL, self._on_notify), max(self._liveness_timeout, 5.0)
             )
+            for channel, callback in self._also.items():
+                await asyncio.wait_for(
+                    conn.add_listener(channel, _payload_only(callback)),
+                    max(self._liveness_timeout, 5.0),
+                )
         except BaseException:
             self._conn = None
             conn.terminate()
@@ -266,6 +289,12 @@ class Listener:
             # Whatever committed while nobody listened is read from the table.
             self._request_catch_up()
             log.info("LISTEN connection restored")
+            if self._also:
+                log.warning(
+                    "notifications on %s sent while the LISTEN connection was down are lost "
+                    "(best effort, not replayed)",
+                    ", ".join(sorted(self._also)),
+                )
 
     async def _watch(self) -> None:
         """Return when the LISTEN connection is dead or does not answer."""

@@ -7,6 +7,11 @@ in seq order, and sends a NOTIFY for every event.  The store owns a
 :class:`~hub.store.listener.Listener`, which LISTENs on its own connection
 and turns those NOTIFYs into announcements (see :mod:`hub.store.listener`
 for the ordering guarantees, gap fills and catch-ups).
+
+The same LISTEN connection carries the broadcasts sent from the database
+(``realtime.send()``, see ``migrations/0005_database_broadcast.sql``): a
+:class:`~hub.store.broadcasts.BroadcastRelay` hands them to the callback of
+:meth:`~hub.store.base.EventStore.listen_broadcasts`, best effort.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from hub.store.base import (
     MAX_READ,
+    DatabaseBroadcast,
     EventKind,
     EventStore,
     StoredEvent,
@@ -28,6 +34,7 @@ from hub.store.base import (
     check_append,
     encode_event,
 )
+from hub.store.broadcasts import BROADCAST_CHANNEL, BroadcastRelay, key_of
 from hub.store.listener import Listener
 from hub.store.pgjson import dumps, loads
 
@@ -49,6 +56,13 @@ _READ_SINCE: Final = (
     "ORDER BY seq LIMIT $3"
 )
 _ORG_SEQS: Final = "SELECT org, seq FROM hub.org_seq"
+#: A database broadcast too large for its NOTIFY, by its key.  $1 takes the
+#: id column's type (uuid, or bigint in an older Supabase schema).
+_READ_BROADCAST: Final = (
+    "SELECT id::text AS id, topic, event, coalesce(private, false) AS private, "
+    "payload::text AS payload FROM realtime.messages "
+    "WHERE id = $1 AND inserted_at = $2::text::timestamp AND extension = 'broadcast'"
+)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -116,7 +130,9 @@ class PostgresStore(EventStore):
             read=self.read,
             org_seqs=self._org_seqs,
             deliver=self._deliver,
+            also={BROADCAST_CHANNEL: self._relay_notify},
         )
+        self._relay = BroadcastRelay(self._read_broadcast, self._deliver_broadcast)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -144,9 +160,11 @@ class PostgresStore(EventStore):
                 # moment between this read and LISTEN).
                 rows = await conn.fetch(_ORG_SEQS)
             self._pool = pool
+            self._relay.start()
             await self._listener.start({row["org"]: row["seq"] for row in rows})
         except BaseException:
             self._pool = None
+            await self._relay.stop()
             await pool.close()
             raise
 
@@ -157,6 +175,10 @@ class PostgresStore(EventStore):
         # confirm the cancel and can take forever on a sick server.
         # Terminating the pool below unblocks it.
         stuck = await self._listener.stop(STOP_TIMEOUT)
+        try:
+            await asyncio.wait_for(self._relay.stop(), STOP_TIMEOUT)
+        except TimeoutError:
+            log.warning("database broadcasts still stopping after %.0f s", STOP_TIMEOUT)
         pool, self._pool = self._pool, None
         if pool is not None:
             if stuck:
@@ -193,6 +215,23 @@ class PostgresStore(EventStore):
     def fetched_by_key(self) -> int:
         """Notifications that carried only a reference, resolved by a read."""
         return self._listener.fetched_by_key
+
+    @property
+    def broadcasts_received(self) -> int:
+        """Broadcasts from the database received (whole or by reference)."""
+        return self._relay.received
+
+    @property
+    def broadcasts_fetched(self) -> int:
+        """Broadcasts from the database read from realtime.messages because
+        they did not fit their NOTIFY."""
+        return self._relay.fetched
+
+    @property
+    def broadcasts_dropped(self) -> int:
+        """Broadcasts from the database lost (queue full, malformed, row
+        unreadable)."""
+        return self._relay.dropped
 
     @property
     def recovered(self) -> int:
@@ -283,3 +322,25 @@ class PostgresStore(EventStore):
             self._on_event(event)
         except Exception:
             log.exception("event callback failed for %s seq %d", event.org, event.seq)
+
+    # -- broadcasts from the database ----------------------------------------
+
+    def _relay_notify(self, payload: str) -> None:
+        self._relay.on_notify(payload)
+
+    async def _read_broadcast(self, message_id: str, inserted_at: str) -> DatabaseBroadcast | None:
+        row = await self._require_pool().fetchrow(_READ_BROADCAST, key_of(message_id), inserted_at)
+        if row is None or row["event"] is None:
+            return None
+        payload = row["payload"]
+        return DatabaseBroadcast(
+            id=row["id"],
+            topic=row["topic"],
+            event=row["event"],
+            private=row["private"],
+            payload=payload.encode() if payload is not None else b"null",
+        )
+
+    def _deliver_broadcast(self, message: DatabaseBroadcast) -> None:
+        if self._on_broadcast is not None:
+            self._on_broadcast(message)

@@ -37,6 +37,7 @@ VERSIONS = [
     "0002_capture_change",
     "0003_event_id_index",
     "0004_realtime_authorization",
+    "0005_database_broadcast",
 ]
 
 

@@ -73,7 +73,8 @@ def parse(frame: Frame, vsn: Vsn) -> Pushed:
 class Hub:
     def __init__(self) -> None:
         self.clock = Clock()
-        self.verifier = TokenVerifier(secret=SECRET, jwks=None, orgs_claim=ORGS)
+        # As a node with a database: policies read the claims.
+        self.verifier = TokenVerifier(secret=SECRET, jwks=None, orgs_claim=ORGS, keep_claims=True)
         self.channels = local_channels()
         self._ids = 0
 
