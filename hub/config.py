@@ -18,7 +18,7 @@ from typing import Any
 
 from hub.auth.principal import parse_claim_path
 from hub.errors import ConfigError
-from hub.quotas import OrgQuota, parse_overrides
+from hub.quotas import FREE_CHANNELS, OrgQuota, parse_overrides
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +203,14 @@ OPTIONS: tuple[Option, ...] = (
         positive=True,
     ),
     Option(
+        "free_messages_per_second",
+        int,
+        1000,
+        "Broadcasts per second to all free-name channels together (all nodes; Supabase's "
+        "events per second); over it the sender's channel ends with Too many messages per second.",
+        positive=True,
+    ),
+    Option(
         "private_only",
         _flag,
         False,
@@ -280,6 +288,7 @@ class Settings:
     memory_events_per_org: int = 10_000
     replay_max: int = 10_000
     private_only: bool = False
+    free_messages_per_second: int = 1000
     redis_url: str | None = None
     redis_prefix: str = "hub"
     redis_sharded: bool = False
@@ -325,6 +334,12 @@ class Settings:
         except ValueError as exc:
             raise ConfigError(f"HUB_ORG_QUOTAS: not valid JSON: {exc}") from None
         return parse_overrides(raw, self.org_quota)
+
+    @property
+    def quota_overrides(self) -> dict[str, OrgQuota]:
+        """The per-org overrides, and the free-name channels' bucket."""
+        free = OrgQuota(messages_per_second=self.free_messages_per_second)
+        return {**self.org_quota_overrides, FREE_CHANNELS: free}
 
     @property
     def limits(self) -> SessionLimits:

@@ -80,7 +80,7 @@ class Node:
             # The policies of Realtime Authorization read the claims.
             keep_claims=settings.database_url is not None,
         )
-        self.quotas = Quotas(settings.org_quota, settings.org_quota_overrides)
+        self.quotas = Quotas(settings.org_quota, settings.quota_overrides)
         self.engine = (engine or functools.partial(_make_engine, settings, self.node_id))(
             self.quotas
         )

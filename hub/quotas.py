@@ -10,8 +10,13 @@ own back end) is not counted against any org.
 * Joins of X's topics, over ``joins_per_second``:
   ``ClientJoinRateLimitReached: Too many joins per second``.
 * Broadcasts to X's topics (WebSocket and REST), over
-  ``messages_per_second``: refused (``phx_reply`` error
-  ``RateLimitReached: Too many messages per second``; REST 429).
+  ``messages_per_second``: as in Supabase, the channel ends (``system``
+  error ``Too many messages per second``, then ``phx_close``); REST 429.
+
+Free-name channels (ordinary Supabase channels) share one bucket,
+:data:`FREE_CHANNELS`, whose ``messages_per_second`` is
+``HUB_FREE_MESSAGES_PER_SECOND``: the network's equivalent of Supabase's
+per-project events-per-second limit.
 
 Rates are counted in whole-second windows.  Across nodes (Redis engine),
 each node adds what the other nodes reported in their last heartbeat (one
@@ -29,7 +34,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from hub.channels.topics import Topic
 from hub.errors import ConfigError
+
+#: The quota bucket of every free-name channel (never an org id: those
+#: start with a letter or a digit).
+FREE_CHANNELS = "*free"
+
+
+def quota_bucket(topic: Topic) -> str | None:
+    """Whose messages quota a broadcast to ``topic`` counts against: its
+    org, the free-name channels' shared bucket, or none (user topics)."""
+    if topic.kind == "org":
+        return topic.owner
+    return FREE_CHANNELS if topic.kind == "free" else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ from hub.protocol import (
     encode_reply,
     is_event_name,
 )
-from hub.quotas import Quotas
+from hub.quotas import Quotas, quota_bucket
 
 PHOENIX: Final = "phoenix"
 
@@ -520,9 +520,15 @@ class Session:
                 authorize_write(sub.principal, sub.topic)
             except AuthError as exc:
                 raise Refused(exc.reason) from None
-        org = sub.topic.org
-        if org is not None and not sub.principal.is_service and not self.quotas.take_message(org):
-            raise Refused("RateLimitReached: Too many messages per second")
+        bucket = quota_bucket(sub.topic)
+        if (
+            bucket is not None
+            and not sub.principal.is_service
+            and not self.quotas.take_message(bucket)
+        ):
+            # Supabase's answer to a tenant over its events per second.
+            self._end_channel(sub, "Too many messages per second")
+            return
         if sub.ack:
             self._reply(msg, "ok", {})
         origin = None if sub.echo_self else sub
@@ -535,10 +541,11 @@ class Session:
         event = body.get("event")
         if event == "track":
             fields = body.get("payload", {})
+            # Supabase's own replies for a bad track.
             if not isinstance(fields, dict):
-                raise Refused("InvalidPayload: presence payload must be an object")
+                raise Refused("Presence track payload must be a map")
             if len(orjson.dumps(fields)) > self.limits.max_payload_bytes:
-                raise Refused("PayloadTooLarge: Payload size exceeds tenant limit")
+                raise Refused("Track message size exceeded")
             if sub.write_presence is not True:
                 topic = sub.topic.text
                 self._by_policy(

@@ -31,7 +31,7 @@ from hub.channels.fanout import Channels
 from hub.channels.topics import InvalidTopic, Topic, parse_topic
 from hub.errors import AuthError
 from hub.protocol import MAX_BINARY_FIELD, Broadcast, is_event_name
-from hub.quotas import Quotas
+from hub.quotas import Quotas, quota_bucket
 
 #: Messages one request may carry.
 MAX_MESSAGES: Final = 100
@@ -99,8 +99,8 @@ def _charge(quotas: Quotas, principal: Principal, topics: list[Topic]) -> None:
     if principal.is_service:
         return
     for topic in topics:
-        org = topic.org
-        if org is not None and not quotas.take_message(org):
+        bucket = quota_bucket(topic)
+        if bucket is not None and not quotas.take_message(bucket):
             raise Rejected(429, "You have exceeded your rate limit")
 
 

@@ -11,7 +11,7 @@ from hub.auth.tokens import TokenVerifier, issue_token
 from hub.channels.fanout import Channels
 from hub.errors import ConfigError
 from hub.outbox import ListOutbox
-from hub.quotas import OrgQuota, Quotas, parse_overrides
+from hub.quotas import FREE_CHANNELS, OrgQuota, Quotas, parse_overrides
 from hub.session import Session
 from tests.support.channels import local_channels
 
@@ -125,8 +125,36 @@ def test_session_refuses_over_quota_and_leaves_other_orgs_alone() -> None:
     _send(first, "realtime:org:a", "broadcast", body, "3")
     _send(first, "realtime:org:a", "broadcast", body, "4")
     replies = _replies(first_out)
-    assert "3" not in replies, "no ack asked, none sent for the admitted message"
-    assert replies["4"]["response"]["reason"] == "RateLimitReached: Too many messages per second"
+    assert "3" not in replies and "4" not in replies, "no ack asked, none sent"
+    # Over the org's messages per second: Supabase's answer, the channel ends.
+    system, close = (json.loads(frame.payload) for frame in first_out.frames[-2:])
+    assert (system["event"], close["event"]) == ("system", "phx_close")
+    assert system["payload"]["status"] == "error"
+    assert system["payload"]["message"] == "Too many messages per second"
     first.close()
     _send(second, "realtime:org:a", "phx_join", {}, "5")
     assert _replies(second_out)["5"]["status"] == "ok", "the slot is free once c1 left"
+
+
+def test_free_name_channels_share_one_bucket_with_supabases_answer() -> None:
+    """Free-name channels (ordinary Supabase channels) count against one
+    network-wide bucket, HUB_FREE_MESSAGES_PER_SECOND; over it the sender's
+    channel ends as Supabase ends it.  Org buckets are not touched."""
+    quotas = Quotas(OrgQuota(), {FREE_CHANNELS: OrgQuota(messages_per_second=2)})
+    channels = local_channels()
+    first, first_out = _session(quotas, "c1", channels)
+    second, second_out = _session(quotas, "c2", channels)
+    _send(first, "realtime:room:1", "phx_join", {}, "1")
+    _send(second, "realtime:room:2", "phx_join", {}, "1")
+    _send(first, "realtime:org:a", "phx_join", {}, "2")
+    body = {"type": "broadcast", "event": "e", "payload": {}}
+    _send(first, "realtime:room:1", "broadcast", body, "3")
+    _send(second, "realtime:room:2", "broadcast", body, "2")
+    _send(second, "realtime:room:2", "broadcast", body, "3")  # the third in this second
+    ended = [json.loads(f.payload) for f in second_out.frames[-2:]]
+    assert [m["event"] for m in ended] == ["system", "phx_close"]
+    assert ended[0]["payload"]["message"] == "Too many messages per second"
+    assert second.subs == {}
+    _send(first, "realtime:org:a", "broadcast", body, "4")  # org a has its own bucket
+    assert [json.loads(f.payload)["event"] for f in first_out.frames][-1] != "phx_close"
+    assert set(first.subs) == {"realtime:room:1", "realtime:org:a"}

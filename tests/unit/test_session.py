@@ -1414,3 +1414,16 @@ def test_a_socket_gone_during_the_read_check_admits_nothing(hub: Hub) -> None:
     client.session.close()
     check.resume({"broadcast": True, "presence": True}, "")
     assert client.session.subs == {} and hub.channels.subscriber_count("\x00room:secret") == 0
+
+
+def test_bad_tracks_get_supabases_replies(hub: Hub) -> None:
+    client = hub.client(VSN1, limits=SessionLimits(max_payload_bytes=50))
+    client.join(T42)
+    for ref, meta, reason in (
+        ("2", [1, 2], "Presence track payload must be a map"),
+        ("3", {"x": "y" * 100}, "Track message size exceeded"),
+    ):
+        client.send(
+            "1", ref, T42, "presence", {"type": "presence", "event": "track", "payload": meta}
+        )
+        same(client.take(), [error_reply("1", ref, T42, reason)])
