@@ -177,6 +177,8 @@ class Gateway:
     ) -> None:
         for check in checks:
             await self._authorize(session, check)
+        # A private join admitted by its check may have asked for a replay.
+        replays = [*replays, *session.take_replays()]
         for sub, request in replays:
             await self.durable.replay(sub, request)
 

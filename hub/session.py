@@ -395,12 +395,19 @@ class Session:
         if broadcast.get("replay") is not None:
             if topic.kind == "free" and not topic.private:
                 raise Refused("UnableToReplayMessages: Replay is not allowed for public channels")
-            if topic.kind != "org" or topic.name is not None:
-                raise Refused("InvalidJoinPayload: replay is only available on org:<id> topics")
+            if topic.kind != "free" and (topic.kind != "org" or topic.name is not None):
+                raise Refused(
+                    "InvalidJoinPayload: replay is only available on org:<id> topics "
+                    "and private channels"
+                )
             try:
                 replay = parse_replay(broadcast["replay"])
             except ValueError as exc:
                 raise Refused(f"InvalidJoinPayload: {exc}") from None
+            if topic.kind == "free" and replay.since is None:
+                # Supabase's replay of a private channel: realtime.messages
+                # rows since a time; they have no seq.
+                raise Refused("InvalidJoinPayload: replay on a private channel takes since (ms)")
         org = topic.org if not principal.is_service else None
         if org is not None:
             if not self.quotas.take_join(org):
@@ -421,8 +428,9 @@ class Session:
             presence_key=key if isinstance(key, str) else "",
             presence_enabled=presence.get("enabled", True) is not False,
             bindings=bindings,
-            # Live durable events wait here until the replay has run.
-            replay_buffer=[] if replay is not None else None,
+            # Live durable events wait here until the replay has run (org
+            # topics: a private channel's replay has no seq to join on).
+            replay_buffer=[] if replay is not None and topic.kind == "org" else None,
         )
         if by_policy:
             # Writes are checked at the first broadcast and the first track.
@@ -430,14 +438,19 @@ class Session:
             extensions = ("broadcast", "presence") if sub.presence_enabled else ("broadcast",)
 
             def resume(outcome: PolicyOutcome, error: str) -> None:
-                self._joined_by_policy(msg, sub, outcome, error)
+                self._joined_by_policy(msg, sub, outcome, error, replay)
 
             self._checks.append(PolicyCheck("read", topic.text, extensions, principal, resume))
             return
         self._admit(msg, sub, replay)
 
     def _joined_by_policy(
-        self, msg: Message, sub: Subscription, outcome: PolicyOutcome, error: str
+        self,
+        msg: Message,
+        sub: Subscription,
+        outcome: PolicyOutcome,
+        error: str,
+        replay: ReplayRequest | None,
     ) -> None:
         """The end of a private join: refused, or admitted with what the
         policies let it read."""
@@ -454,7 +467,7 @@ class Session:
             sub.read_presence = outcome.get("presence", False)
             sub.presence_enabled = sub.presence_enabled and sub.read_presence
             if msg.topic in self.subs or len(self.subs) < self.limits.max_channels:
-                self._admit(msg, sub, None)
+                self._admit(msg, sub, replay if sub.read_broadcast else None)
                 return
             reason = "ChannelRateLimitReached: Too many channels"
         self.channels.refused(topic, reason)

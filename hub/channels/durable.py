@@ -48,6 +48,9 @@ from hub.store.base import MAX_READ, EventStore, StoredEvent
 
 log = logging.getLogger(__name__)
 
+#: Most messages one replay of a private channel delivers (Supabase's cap).
+MAX_MESSAGE_REPLAY = 25
+
 
 @dataclass(frozen=True, slots=True)
 class ReplayRequest:
@@ -175,6 +178,9 @@ class DurableFeed:
 
     async def replay(self, sub: Subscription, request: ReplayRequest) -> None:
         """Deliver what ``sub`` missed, then switch it to the live stream."""
+        if sub.topic.kind == "free":
+            await self._replay_messages(sub, request)
+            return
         org = sub.topic.owner
         limit = min(request.limit or self.replay_max, self.replay_max)
         first_held = 0
@@ -243,6 +249,36 @@ class DurableFeed:
             return
         for event in buffered:
             self._offer_any(sub, event, replayed=False)
+
+    async def _replay_messages(self, sub: Subscription, request: ReplayRequest) -> None:
+        """Supabase's replay of a private channel: the broadcasts kept in
+        ``realtime.messages`` since ``since``, oldest first, at most
+        ``limit`` (at most :data:`MAX_MESSAGE_REPLAY`, Supabase's cap), each
+        with ``meta: {"id", "replayed": true}``.  They have no seq: a message
+        sent while the rows are read may arrive live and again replayed,
+        as in Supabase."""
+        assert request.since is not None  # the session asks for nothing else
+        limit = min(request.limit or MAX_MESSAGE_REPLAY, MAX_MESSAGE_REPLAY)
+        try:
+            messages = await self.store.read_messages(
+                sub.topic.text, private=sub.topic.private, since=request.since, limit=limit
+            )
+        except Exception:
+            log.exception("replay of %s failed", sub.topic.text)
+            if sub.active:
+                self._notice(
+                    sub, "ReplayFailed: the messages could not be read; rejoin to retry", 0
+                )
+            return
+        for message in messages:
+            if not sub.active:
+                return
+            meta = {"id": message.id, "replayed": True}
+            frame = Broadcast(sub.topic.key, message.event, message.payload, meta=meta).frame_for(
+                sub.vsn
+            )
+            if frame is not None:
+                sub.outbox.push(frame)
 
     def _stop(self, sub: Subscription, message: str, resume_after: int) -> None:
         """Tell the client, and stop durable delivery until it rejoins."""

@@ -141,6 +141,15 @@ class EventStore(abc.ABC):
         registration is kept and never called."""
         self._on_broadcast = on_broadcast
 
+    async def read_messages(
+        self, topic: str, *, private: bool, since: float, limit: int
+    ) -> list[DatabaseBroadcast]:
+        """The broadcasts kept in ``realtime.messages`` for ``topic`` (and
+        privacy) inserted at or after ``since`` (Unix seconds), oldest
+        first, at most ``limit``: what a private channel's replay sends.
+        Only a database store keeps them."""
+        return []
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect and start announcing; called once."""
 

@@ -64,6 +64,15 @@ _READ_BROADCAST: Final = (
     "WHERE id = $1 AND inserted_at = $2::text::timestamp AND extension = 'broadcast'"
 )
 
+#: A private channel's replay (Supabase's ``broadcast.replay``): the kept
+#: broadcasts of one topic since a time, oldest first.
+_READ_MESSAGES: Final = (
+    "SELECT id::text AS id, topic, event, coalesce(private, false) AS private, "
+    "payload::text AS payload FROM realtime.messages "
+    "WHERE topic = $1 AND private = $2 AND extension = 'broadcast' AND event IS NOT NULL "
+    "AND inserted_at >= (to_timestamp($3) AT TIME ZONE 'UTC') ORDER BY inserted_at LIMIT $4"
+)
+
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for name in ("json", "jsonb"):
@@ -240,6 +249,21 @@ class PostgresStore(EventStore):
         return self._listener.recovered
 
     # -- reads and writes --------------------------------------------------
+
+    async def read_messages(
+        self, topic: str, *, private: bool, since: float, limit: int
+    ) -> list[DatabaseBroadcast]:
+        rows = await self._require_pool().fetch(_READ_MESSAGES, topic, private, since, limit)
+        return [
+            DatabaseBroadcast(
+                id=row["id"],
+                topic=row["topic"],
+                event=row["event"],
+                private=row["private"],
+                payload=(row["payload"] or "{}").encode(),
+            )
+            for row in rows
+        ]
 
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:

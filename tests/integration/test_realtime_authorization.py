@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -164,3 +165,33 @@ async def test_rest_broadcast_to_a_private_topic_needs_write(hub: HubProcess) ->
     assert (await send(user(hub, BOB))).status_code == 403
     assert (await send(user(hub, ALICE))).status_code == 202
     await heard(listener, "rest")
+
+
+async def test_replay_of_a_private_channel_from_realtime_messages(
+    hub: HubProcess, policies_dsn: str
+) -> None:
+    """Supabase's replay of a private channel: the kept broadcasts since a
+    time, oldest first, at most ``limit``, with ``meta.replayed``."""
+    conn = await asyncpg.connect(policies_dsn)
+    try:
+        for i in range(3):
+            await conn.execute(
+                "select realtime.send($1::jsonb, 'old', 'room:a', true)", f'{{"i": {i}}}'
+            )
+        await conn.execute("select realtime.send('{\"x\": 1}'::jsonb, 'public', 'room:a', false)")
+    finally:
+        await conn.close()
+    alice = await connect(hub, user(hub, ALICE), V1)
+    config = {**private(), "broadcast": {"replay": {"since": 0, "limit": 2}}}
+    await alice.join("realtime:room:a", config)
+    first = await heard(alice, "old")
+    await asyncio.sleep(0.3)
+    replayed = [m for m in alice.messages if m.user_event == "old"]
+    assert [m.body["i"] for m in replayed] == [0, 1]  # oldest first, limit 2
+    assert first.meta["replayed"] is True and first.meta["id"] == first.body["id"]
+    await not_heard(alice, "public")  # the public channel's messages are not this channel's
+    bob = await connect(hub, user(hub, BOB), V1)
+    reason = await refused(
+        bob, "realtime:room:a", {"private": False, "broadcast": {"replay": {"since": 0}}}
+    )
+    assert reason == "UnableToReplayMessages: Replay is not allowed for public channels"

@@ -1427,3 +1427,25 @@ def test_bad_tracks_get_supabases_replies(hub: Hub) -> None:
             "1", ref, T42, "presence", {"type": "presence", "event": "track", "payload": meta}
         )
         same(client.take(), [error_reply("1", ref, T42, reason)])
+
+
+def test_a_private_join_asks_its_replay_once_admitted(hub: Hub) -> None:
+    client = policed(hub)
+    cfg = {**private_config(), "broadcast": {"replay": {"since": 1000, "limit": 5}}}
+    client.send("1", "1", PRIVATE, "phx_join", {"config": cfg})
+    assert client.session.take_replays() == []  # nothing before the policies answer
+    client.session.take_checks()[0].resume({"broadcast": True, "presence": True}, "")
+    [(sub, request)] = client.session.take_replays()
+    assert (sub.topic.text, request.since, request.limit) == ("room:secret", 1.0, 5)
+    assert sub.replay_buffer is None  # no seq to join a live stream on
+    client.send(
+        "2",
+        "2",
+        "realtime:other",
+        "phx_join",
+        {"config": {**cfg, "broadcast": {"replay": {"after": 3}}}},
+    )
+    [reply] = client.take()[-1:]
+    assert reply.payload["response"]["reason"] == (
+        "InvalidJoinPayload: replay on a private channel takes since (ms)"
+    )
