@@ -2,9 +2,10 @@
 
 * ``POST /realtime/v1/api/broadcast`` (also ``/api/broadcast``) with
   ``{"messages": [{"topic", "event", "payload", "private"?}]}``.
-* ``POST /realtime/v1/api/broadcast/{topic}/events/{event}`` with the payload
-  as the body (JSON, or raw bytes as ``application/octet-stream``): what
-  realtime-py's ``channel.http_send`` calls.
+* ``POST /realtime/v1/api/broadcast/{topic}/events/{event}[?private=true]``
+  with the payload as the body (JSON, or raw bytes as
+  ``application/octet-stream``): what realtime-py's ``channel.http_send``
+  and supabase-js's ``channel.httpSend`` call.
 
 The token comes from ``Authorization: Bearer`` or the ``apikey`` header.
 Answers: 202 (empty) when everything was published; 401 without a valid
@@ -180,13 +181,19 @@ class BroadcastApi:
                     orjson.loads(body)
                 except orjson.JSONDecodeError:
                     raise Rejected(422, "body is not valid JSON") from None
+            # supabase-js's httpSend and realtime-py's http_send name a
+            # private channel with ?private=true.
+            private = request.query_params.get("private", "").lower() == "true"
             topic, event = _check(
                 principal,
                 request.path_params["topic"],
                 request.path_params["event"],
                 body,
                 self.max_payload_bytes,
+                private,
+                self.policies,
             )
+            await _authorize_private(self.policies, principal, [topic])
             _charge(self.quotas, principal, [topic])
         except Rejected as rejected:
             return error_response(rejected.status, rejected.message)

@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -711,6 +712,46 @@ async def test_private_channels_with_supabase_policies_js_and_python(
         )
         await asyncio.sleep(0.3)
         assert not broadcasts(js, "alice", "from_bob")
+
+        # httpSend on the private channel (POST ...?private=true) is
+        # authorized by the write policy and reaches the private channel only.
+        assert (
+            await js.command(
+                "http_send", client="alice", chan="c", event="via_http", payload={"h": 1}
+            )
+            == "ok"
+        )
+        await wait_until(
+            lambda: any(m.get("event") == "via_http" for m in got), 10, lambda: str(got)
+        )
+
+        # A public channel of the same name, self and ack on: it hears itself,
+        # never the private channel, and realtime.send reaches each side.
+        await js.client(
+            "pub", hub.http_url, hub.token(sub=None, role="anon"), timeout=CLIENT_TIMEOUT_MS
+        )
+        await js.subscribe("pub", "c", "room:a", {"broadcast": {"self": True, "ack": True}})
+        assert await js.command("send", client="pub", chan="c", event="mine", payload={}) == "ok"
+        await js.wait_event(ev="broadcast", client="pub", event="mine")
+        conn = await asyncpg.connect(policies_dsn)
+        try:
+            await conn.execute(
+                "select realtime.send('{\"s\": 1}'::jsonb, 'from_sql', 'room:a', true)"
+            )
+            await conn.execute(
+                "select realtime.send('{\"s\": 2}'::jsonb, 'from_sql', 'room:a', false)"
+            )
+        finally:
+            await conn.close()
+        private_copy = await js.wait_event(ev="broadcast", client="alice", event="from_sql")
+        public_copy = await js.wait_event(ev="broadcast", client="pub", event="from_sql")
+        assert (private_copy["payload"]["s"], public_copy["payload"]["s"]) == (1, 2)
+        await wait_until(
+            lambda: any(m.get("event") == "from_sql" for m in got), 10, lambda: str(got)
+        )
+        await asyncio.sleep(0.3)
+        assert not broadcasts(js, "pub", "hi") and not broadcasts(js, "pub", "via_http")
+        assert [m["payload"]["s"] for m in got if m.get("event") == "from_sql"] == [1]
 
         # No policy lets anyone read `other`: supabase-js sees the refusal.
         await js.client(

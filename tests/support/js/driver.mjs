@@ -173,6 +173,11 @@ const ops = {
     )
   },
 
+  async http_send(cmd) {
+    const result = await getChannel(cmd).httpSend(cmd.event, fromWire(cmd.payload))
+    return result.success ? 'ok' : 'failed'
+  },
+
   async track(cmd) {
     return await getChannel(cmd).track(cmd.payload ?? {})
   },
