@@ -51,7 +51,16 @@ def _parser() -> argparse.ArgumentParser:
         "track", help="capture INSERT/UPDATE/DELETE of an app table as durable change events"
     )
     track.add_argument("table", help="SCHEMA.TABLE")
-    track.add_argument("--org-column", default="org_id", help="column holding the org id [org_id]")
+    columns = track.add_mutually_exclusive_group()
+    columns.add_argument(
+        "--org-column", default="org_id", help="column holding the org id [org_id]"
+    )
+    columns.add_argument(
+        "--no-org",
+        action="store_true",
+        help="the table has no org column: its rows go to postgres_changes bindings on "
+        "free-name channels (subject to the table's RLS policies), never to org: topics",
+    )
     untrack = commands.add_parser("untrack", help="stop capturing an app table")
     untrack.add_argument("table", help="SCHEMA.TABLE")
 
@@ -244,8 +253,12 @@ async def _database_command(args: argparse.Namespace) -> None:
         applied = await migrate(url)
         print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     elif args.command == "track":
-        await tracking.track(url, args.table, args.org_column)
-        print(f"tracking {args.table} (org column {args.org_column})")
+        if args.no_org:
+            await tracking.track(url, args.table, None)
+            print(f"tracking {args.table} (no org column)")
+        else:
+            await tracking.track(url, args.table, args.org_column)
+            print(f"tracking {args.table} (org column {args.org_column})")
     else:
         await tracking.untrack(url, args.table)
         print(f"no longer tracking {args.table}")

@@ -13,7 +13,9 @@ How the parts connect::
                          │ (transport │           │  └─ fan-out ──┼──> sinks ──> Flusher
                     HubHttpProtocol, HubSocket)   └─── deliver <──┘
     EventStore ── listener ──> DurableFeed ──> Channels.deliver_durable / deliver_change
-               └─ database broadcasts (realtime.send) ──> Channels.deliver, this node only
+               ├─ database broadcasts (realtime.send) ──> Channels.deliver, this node only
+               └─ rows of tables without an org column ──> RowFeed (RLS: RowSecurity)
+                                                           ──> Channels.deliver_rows
     Observers: Mother (the aggregator) hears Channels, Gateway and DurableFeed
 
 The HTTP side (:mod:`hub.app`) is built from the node's parts, each route
@@ -32,10 +34,12 @@ import anyio
 
 from hub.aggregator.mother import Mother
 from hub.auth.channel_policies import ChannelPolicies
+from hub.auth.row_security import RowSecurity
 from hub.auth.tokens import JwksCache, TokenVerifier
 from hub.channels.durable import DurableFeed
 from hub.channels.fanout import Channels
 from hub.channels.observer import Observers
+from hub.channels.rows import RowFeed
 from hub.channels.topics import InvalidTopic, parse_topic
 from hub.config import Settings
 from hub.counters import Counters
@@ -110,6 +114,12 @@ class Node:
         # hears them itself, so each delivers them to its own subscribers
         # only (through the engine every subscriber would get one per node).
         self.store.listen_broadcasts(functools.partial(_deliver_database_broadcast, self.channels))
+        # Rows of tables tracked without an org column (hub track --no-org,
+        # the publication supabase_realtime): to free-name channels only,
+        # through the tables' RLS policies, checked in the same database.
+        self.row_security = RowSecurity(settings.database_url) if settings.database_url else None
+        self.rows = RowFeed(self.channels, self.row_security)
+        self.store.listen_changes(self.rows.on_change)
         self.mother = Mother(
             channels=self.channels,
             store=self.store,
@@ -155,10 +165,13 @@ class Node:
         Start, in order (nothing is served before the last step):
 
         1. the JWKS keys, when tokens are checked against a JWKS URL;
-        2. the event store, with its listener (from here on every appended
+        2. the row feed and its checks' pool (it connects on first use), the
+           event store, with its listener (from here on every appended
            event is announced, in seq order per org, and broadcasts sent
-           from the database are delivered, best effort), and the policies'
-           pool (it connects on first use);
+           from the database and rows of tables without an org column are
+           delivered, best effort; the store follows the publication
+           supabase_realtime), and the policies' pool (it connects on first
+           use);
         3. the engine (subscriptions to other nodes);
         4. the write flusher, on this loop;
         5. the background tasks: the session ticker (token expiry, idle
@@ -175,10 +188,25 @@ class Node:
         3. wait up to ``HUB_DRAIN_TIMEOUT`` seconds for them to go, then cut
            the rest;
         4. cancel the background tasks (the mother removes its share);
-        5. stop the engine, then the policies' pool and the store.
+        5. stop the engine, then the policies' pool, the store, the row
+           feed and its checks' pool.
         """
         if self.verifier.jwks is not None:
             await self.verifier.jwks.load()
+        self.rows.start()
+        if self.row_security is not None:
+            await self.row_security.start()
+        try:
+            async with self._serving():
+                yield
+        finally:
+            await self.rows.stop()
+            if self.row_security is not None:
+                await self.row_security.stop()
+
+    @contextlib.asynccontextmanager
+    async def _serving(self) -> AsyncIterator[None]:
+        """Steps 2 (from the store on) to 5 of :meth:`running`, and their stop."""
         await self.store.start()
         try:
             if self.policies is not None:

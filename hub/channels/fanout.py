@@ -113,6 +113,9 @@ class Channels:
         self._bindings: dict[str, dict[Subscription, None]] = {}
         #: Free-name channels of service_role with bindings: every org's rows.
         self._all_bindings: dict[Subscription, None] = {}
+        #: Every free-name channel with bindings (public or private): the
+        #: rows of tables tracked without an org column go to these only.
+        self._free_bindings: dict[Subscription, None] = {}
         self._presence: dict[str, PresenceTable] = {}
         self.delivered = 0
 
@@ -155,7 +158,10 @@ class Channels:
     def _bind(self, sub: Subscription) -> None:
         """Index a subscription with bindings under the orgs whose rows it
         gets: its topic's org; for a free name, its principal's orgs (all of
-        them for service_role).  Never the orgs a client names itself."""
+        them for service_role).  Never the orgs a client names itself.  A
+        free name also gets the rows of tables without an org column."""
+        if sub.topic.kind == "free":
+            self._free_bindings[sub] = None
         if sub.topic.kind == "org":
             sub.bound_orgs = (sub.topic.owner,)
         elif sub.topic.kind == "free":
@@ -170,6 +176,7 @@ class Channels:
 
     def _unbind(self, sub: Subscription) -> None:
         self._all_bindings.pop(sub, None)
+        self._free_bindings.pop(sub, None)
         for org in sub.bound_orgs or ():
             bound = self._bindings.get(org)
             if bound is not None:
@@ -351,6 +358,51 @@ class Channels:
                 if subscribers is not None:
                     touched[sub.topic.key] = subscribers
                 else:  # not expected: bindings are indexed only while subscribed
+                    sub.outbox.schedule()
+        for subscribers in touched.values():
+            if not subscribers.scheduled:
+                subscribers.scheduled = True
+                self.schedule(subscribers)
+        return count
+
+    def free_matches(self, change: dict[str, Any]) -> list[tuple[Subscription, tuple[int, ...]]]:
+        """The subscriptions a row change of a table without an org column
+        may go to, with the ids of their matching bindings: free-name
+        channels only (public or private), never an ``org:`` topic."""
+        found = []
+        for sub in self._free_bindings:
+            ids = tuple(b.id for b in sub.bindings if matches(b, change))
+            if ids:
+                found.append((sub, ids))
+        return found
+
+    def deliver_rows(self, rows: list[tuple[Subscription, tuple[int, ...], dict[str, Any]]]) -> int:
+        """Fan out ``postgres_changes`` messages of a row change of a table
+        without an org column: to each subscription, its binding ids and the
+        ``data`` it may see (subscriptions that may read the same columns
+        share one ``data`` object).  One frame per (wire format, topic, ids,
+        data), appended through the sinks, one flush per topic; a
+        subscription that left meanwhile, or whose durable delivery is
+        paused, gets nothing.  Returns how many subscriptions got a frame."""
+        frames: dict[tuple[str, str, tuple[int, ...], int], bytes] = {}
+        touched: dict[str, _TopicSubscribers] = {}
+        count = 0
+        for sub, ids, data in rows:
+            if not sub.active or not sub.take_durable(0, None, own=False):
+                continue
+            frame_key = (sub.vsn, sub.topic.key, ids, id(data))
+            wire = frames.get(frame_key)
+            if wire is None:
+                payload = {"ids": list(ids), "data": data}
+                frame = encode(sub.vsn, None, None, sub.wire_topic, "postgres_changes", payload)
+                wire = frames[frame_key] = frame.wire
+            sub.outbox.sink(wire)
+            count += 1
+            if sub.topic.key not in touched:
+                subscribers = self._topics.get(sub.topic.key)
+                if subscribers is not None:
+                    touched[sub.topic.key] = subscribers
+                else:
                     sub.outbox.schedule()
         for subscribers in touched.values():
             if not subscribers.scheduled:

@@ -117,6 +117,10 @@ class DatabaseBroadcast:
 
 OnBroadcast = Callable[[DatabaseBroadcast], None]
 
+#: A row change of a table tracked without an org column (see
+#: :mod:`hub.store.rowchanges` for its keys).
+OnChange = Callable[[dict[str, Any]], None]
+
 
 class EventStore(abc.ABC):
     """An append-only log per org.
@@ -130,6 +134,7 @@ class EventStore(abc.ABC):
     def __init__(self) -> None:
         self._on_event: OnEvent | None = None
         self._on_broadcast: OnBroadcast | None = None
+        self._on_change: OnChange | None = None
 
     def listen(self, on_event: OnEvent) -> None:
         self._on_event = on_event
@@ -149,6 +154,13 @@ class EventStore(abc.ABC):
         first, at most ``limit``: what a private channel's replay sends.
         Only a database store keeps them."""
         return []
+
+    def listen_changes(self, on_change: OnChange) -> None:
+        """Hand every row change of a table tracked without an org column
+        (``hub track --no-org``, the publication ``supabase_realtime``) to
+        ``on_change`` (best effort, in commit order; it runs on the event
+        loop and must not block).  Only a database store has such tables."""
+        self._on_change = on_change
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect and start announcing; called once."""

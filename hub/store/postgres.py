@@ -11,7 +11,20 @@ for the ordering guarantees, gap fills and catch-ups).
 The same LISTEN connection carries the broadcasts sent from the database
 (``realtime.send()``, see ``migrations/0005_database_broadcast.sql``): a
 :class:`~hub.store.broadcasts.BroadcastRelay` hands them to the callback of
-:meth:`~hub.store.base.EventStore.listen_broadcasts`, best effort.
+:meth:`~hub.store.base.EventStore.listen_broadcasts`, best effort.  It also
+carries the row changes of tables tracked without an org column
+(``migrations/0006_orgless_changes.sql``): a
+:class:`~hub.store.rowchanges.ChangeRelay` hands them to the callback of
+:meth:`~hub.store.base.EventStore.listen_changes`, best effort.
+
+Supabase's switch, the publication ``supabase_realtime``, is followed by
+polling: once a second the store calls ``hub.sync_realtime_publication()``,
+which tracks (without an org column) the tables added to the publication
+and untracks those removed, so ``alter publication supabase_realtime add
+table todos`` takes effect within about a second, with no hub command and
+no restart.  Polling rather than an event trigger: creating an event
+trigger needs a superuser, which the hub's role on a Supabase database is
+not.  The same task prunes ``hub.change_overflow``.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from hub.store.base import (
 from hub.store.broadcasts import BROADCAST_CHANNEL, BroadcastRelay, key_of
 from hub.store.listener import Listener
 from hub.store.pgjson import dumps, loads
+from hub.store.rowchanges import CHANGES_CHANNEL, ChangeRelay, check_change
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +70,16 @@ _READ_SINCE: Final = (
     "ORDER BY seq LIMIT $3"
 )
 _ORG_SEQS: Final = "SELECT org, seq FROM hub.org_seq"
+#: How often the publication supabase_realtime is followed (seconds).
+PUBLICATION_INTERVAL: Final = 1.0
+#: Changes too large for their NOTIFY are kept this long (seconds) for
+#: every node to read them back, then pruned.
+OVERFLOW_RETENTION: Final = 300.0
+_READ_CHANGE: Final = "SELECT change::text FROM hub.change_overflow WHERE id = $1"
+_PRUNE_OVERFLOW: Final = (
+    "DELETE FROM hub.change_overflow WHERE created_at < now() - make_interval(secs => $1)"
+)
+
 #: A database broadcast too large for its NOTIFY, by its key.  $1 takes the
 #: id column's type (uuid, or bigint in an older Supabase schema).
 _READ_BROADCAST: Final = (
@@ -121,6 +145,7 @@ class PostgresStore(EventStore):
         reconnect_min: float = 0.05,
         reconnect_max: float = 5.0,
         queue_size: int = 100_000,
+        publication_interval: float = PUBLICATION_INTERVAL,
     ) -> None:
         super().__init__()
         self._dsn = dsn
@@ -139,9 +164,12 @@ class PostgresStore(EventStore):
             read=self.read,
             org_seqs=self._org_seqs,
             deliver=self._deliver,
-            also={BROADCAST_CHANNEL: self._relay_notify},
+            also={BROADCAST_CHANNEL: self._relay_notify, CHANGES_CHANNEL: self._change_notify},
         )
         self._relay = BroadcastRelay(self._read_broadcast, self._deliver_broadcast)
+        self._changes = ChangeRelay(self._read_change, self._deliver_change)
+        self._publication_interval = publication_interval
+        self._publication: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -170,12 +198,15 @@ class PostgresStore(EventStore):
                 rows = await conn.fetch(_ORG_SEQS)
             self._pool = pool
             self._relay.start()
+            self._changes.start()
             await self._listener.start({row["org"]: row["seq"] for row in rows})
         except BaseException:
             self._pool = None
             await self._relay.stop()
+            await self._changes.stop()
             await pool.close()
             raise
+        self._publication = asyncio.create_task(self._follow_publication(), name="hub-publication")
 
     async def stop(self) -> None:
         """Stop announcing, close the listener and the pool."""
@@ -183,11 +214,19 @@ class PostgresStore(EventStore):
         # asyncpg to release the connection, which waits for the server to
         # confirm the cancel and can take forever on a sick server.
         # Terminating the pool below unblocks it.
+        publication, self._publication = self._publication, None
+        if publication is not None:
+            publication.cancel()
+            await asyncio.wait({publication}, timeout=STOP_TIMEOUT)
         stuck = await self._listener.stop(STOP_TIMEOUT)
         try:
             await asyncio.wait_for(self._relay.stop(), STOP_TIMEOUT)
         except TimeoutError:
             log.warning("database broadcasts still stopping after %.0f s", STOP_TIMEOUT)
+        try:
+            await asyncio.wait_for(self._changes.stop(), STOP_TIMEOUT)
+        except TimeoutError:
+            log.warning("row changes still stopping after %.0f s", STOP_TIMEOUT)
         pool, self._pool = self._pool, None
         if pool is not None:
             if stuck:
@@ -368,3 +407,55 @@ class PostgresStore(EventStore):
     def _deliver_broadcast(self, message: DatabaseBroadcast) -> None:
         if self._on_broadcast is not None:
             self._on_broadcast(message)
+
+    # -- tables tracked without an org column ----------------------------------
+
+    @property
+    def changes_received(self) -> int:
+        """Row changes of tables tracked without an org column received."""
+        return self._changes.received
+
+    @property
+    def changes_dropped(self) -> int:
+        """Such row changes lost (queue full, malformed, overflow row gone)."""
+        return self._changes.dropped
+
+    def _change_notify(self, payload: str) -> None:
+        self._changes.on_notify(payload)
+
+    async def _read_change(self, change_id: int) -> dict[str, Any] | None:
+        text = await self._require_pool().fetchval(_READ_CHANGE, change_id)
+        if text is None:
+            return None
+        return check_change(loads(text))
+
+    def _deliver_change(self, change: dict[str, Any]) -> None:
+        if self._on_change is not None:
+            self._on_change(change)
+
+    async def sync_publication(self) -> list[str]:
+        """Track the tables of the publication supabase_realtime without an
+        org column, untrack those that left it; return what changed."""
+        rows = await self._require_pool().fetch("SELECT hub.sync_realtime_publication() AS line")
+        return [str(row["line"]) for row in rows]
+
+    async def _follow_publication(self) -> None:
+        """Every ``publication_interval`` seconds: follow the publication;
+        about once a minute: prune hub.change_overflow.  Failures are logged
+        and retried (the database may be down for a while)."""
+        turns = 0
+        failing = False
+        while True:
+            try:
+                for line in await self.sync_publication():
+                    log.info("%s", line)
+                if turns % max(1, round(60 / self._publication_interval)) == 0:
+                    await self._require_pool().execute(_PRUNE_OVERFLOW, OVERFLOW_RETENTION)
+                failing = False
+            except Exception as exc:
+                # One line per outage, not one a second.
+                if not failing:
+                    log.warning("cannot follow the publication supabase_realtime: %r", exc)
+                failing = True
+            turns += 1
+            await asyncio.sleep(self._publication_interval)

@@ -9,6 +9,17 @@ payload is ``{"schema", "table", "type", "record", "old_record", "columns",
 "commit_timestamp"}``.  Rows whose org column is NULL are not captured; an
 UPDATE that moves a row to another org becomes a DELETE for the old org and
 an INSERT for the new one.  TRUNCATE is not captured.
+
+``track(..., org_column=None)`` (``hub track TABLE --no-org``) tracks a
+table without an org column instead: its trigger, ``hub_capture_public``,
+runs ``hub.capture_public()`` (``migrations/0006_orgless_changes.sql``),
+which never writes the event log: each change is one NOTIFY for the
+``postgres_changes`` bindings of free-name channels, best effort, never for
+an ``org:`` topic.  Tables added to the publication ``supabase_realtime``
+get the same function under the trigger ``hub_capture_publication``,
+installed and removed by the hub itself (:mod:`hub.store.postgres`).  A
+table carries at most one of the three: tracking replaces the others, and
+the publication leaves a table tracked by ``hub track`` alone.
 """
 
 from __future__ import annotations
@@ -18,8 +29,13 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 from hub.store.base import StoreError
 from hub.store.migrate import migrate
 
-#: The trigger's name on every tracked table.
+#: The trigger's name on every table tracked with an org column.
 TRIGGER = "hub_capture_change"
+#: The trigger of a table tracked without an org column (``--no-org``).
+PUBLIC_TRIGGER = "hub_capture_public"
+#: The trigger the publication supabase_realtime puts on its tables.
+PUBLICATION_TRIGGER = "hub_capture_publication"
+_TRIGGERS = (TRIGGER, PUBLIC_TRIGGER, PUBLICATION_TRIGGER)
 
 
 class TrackingError(StoreError):
@@ -51,10 +67,12 @@ async def _resolve(conn: asyncpg.Connection, table: str) -> tuple[int, str]:
     return int(oid), str(row["name"])
 
 
-async def track(dsn: str, table: str, org_column: str = "org_id") -> str:
+async def track(dsn: str, table: str, org_column: str | None = "org_id") -> str:
     """Capture the row changes of ``table`` into the event store, grouped by
-    ``org_column``.  Idempotent: tracking again replaces the trigger (so the
-    org column can change).  Applies pending migrations first.
+    ``org_column``; with ``org_column`` None, as changes without an org for
+    free-name channels only.  Idempotent: tracking again replaces the
+    trigger (so the org column can change).  Applies pending migrations
+    first.
 
     Returns the quoted ``schema.table``.  Raises TrackingError when the table
     or the column does not exist.
@@ -64,6 +82,14 @@ async def track(dsn: str, table: str, org_column: str = "org_id") -> str:
     try:
         async with conn.transaction():
             oid, name = await _resolve(conn, table)
+            for trigger in _TRIGGERS:
+                await conn.execute(f"DROP TRIGGER IF EXISTS {trigger} ON {name}")
+            if org_column is None:
+                await conn.execute(
+                    f"CREATE TRIGGER {PUBLIC_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {name} "
+                    "FOR EACH ROW EXECUTE FUNCTION hub.capture_public()"
+                )
+                return name
             has_column = await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1 "
                 "AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
@@ -73,7 +99,6 @@ async def track(dsn: str, table: str, org_column: str = "org_id") -> str:
             if not has_column:
                 raise TrackingError(f"table {name} has no column {org_column!r}")
             argument = await conn.fetchval("SELECT quote_literal($1)", org_column)
-            await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {name}")
             await conn.execute(
                 f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {name} "
                 f"FOR EACH ROW EXECUTE FUNCTION hub.capture_change({argument})"
@@ -85,6 +110,8 @@ async def track(dsn: str, table: str, org_column: str = "org_id") -> str:
 
 async def untrack(dsn: str, table: str) -> str:
     """Stop capturing ``table``'s changes (a no-op when it was not tracked).
+    A table in the publication supabase_realtime is tracked again (without
+    an org column) until it leaves the publication.
 
     Returns the quoted ``schema.table``; raises TrackingError when the table
     does not exist.
@@ -93,24 +120,26 @@ async def untrack(dsn: str, table: str) -> str:
     try:
         async with conn.transaction():
             _, name = await _resolve(conn, table)
-            await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {name}")
+            for trigger in (TRIGGER, PUBLIC_TRIGGER):
+                await conn.execute(f"DROP TRIGGER IF EXISTS {trigger} ON {name}")
         return name
     finally:
         await conn.close()
 
 
-async def tracked(dsn: str) -> list[tuple[str, str]]:
-    """Every tracked table as ``(quoted schema.table, org column)``."""
+async def tracked(dsn: str) -> list[tuple[str, str | None]]:
+    """Every tracked table as ``(quoted schema.table, org column)``; the
+    org column is None for a table tracked without one."""
     conn = await _connect(dsn)
     try:
         rows = await conn.fetch(
             "SELECT format('%I.%I', n.nspname, c.relname) AS name, t.tgargs AS args "
             "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE t.tgname = $1 ORDER BY 1",
-            TRIGGER,
+            "WHERE t.tgname = ANY($1::text[]) ORDER BY 1",
+            list(_TRIGGERS),
         )
     finally:
         await conn.close()
-    # tgargs holds each argument followed by a NUL byte.
-    return [(str(row["name"]), bytes(row["args"]).split(b"\0")[0].decode()) for row in rows]
+    # tgargs holds each argument followed by a NUL byte (none: no org column).
+    return [(str(row["name"]), bytes(row["args"]).split(b"\0")[0].decode() or None) for row in rows]

@@ -38,6 +38,7 @@ VERSIONS = [
     "0003_event_id_index",
     "0004_realtime_authorization",
     "0005_database_broadcast",
+    "0006_orgless_changes",
 ]
 
 
