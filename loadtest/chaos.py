@@ -15,6 +15,11 @@ and dropped by the run), then, for ``--duration`` seconds:
   per org) join ``realtime:org:<org>`` and remember the last ``meta.seq``
   they saw; after *every* disconnect they reconnect to a random live node and
   rejoin with ``config.broadcast.replay = {"after": last_seq}``;
+* ``--public-subscribers`` clients of a **public channel on a free name**
+  (``realtime:room:chaos-public``, ``config.private = false``, as an
+  ordinary Supabase app joins it) reconnect the same way (no replay: public
+  channels have none), while a publisher sends REST broadcasts to it, each
+  with its own number, through any live node;
 * a seeded schedule of faults, every ``--fault-interval`` seconds on average,
   cycling through all kinds in a seeded order:
 
@@ -38,18 +43,23 @@ Then the publishers stop, killed nodes come back, and the run checks:
 2. **exactly once, in order**: every subscriber received exactly the seqs
    1..N of its org, each once, ascending, with the ids of the history, and
    nothing of any other org (within ``--settle`` seconds after the end);
-3. **nodes ready**: every node answers ``/readyz`` 200 (engine and store
+3. **public free-name channel**: live messages of a public channel have no
+   delivery guarantee through a fault, but none may arrive twice or carry a
+   durable ``meta.seq``, none may come from another topic, and once every
+   node is back a probe broadcast sent through *each* node reaches every
+   public subscriber, whichever node it is on (within ``--settle``);
+4. **nodes ready**: every node answers ``/readyz`` 200 (engine and store
    links are back);
-4. **connections back to baseline**: after the subscribers close, every
+5. **connections back to baseline**: after the subscribers close, every
    node's ``hub_connections`` and ``hub_channels`` (``/metrics``) return to
    their value before any client connected (0) within 10 s;
-5. **memory back to baseline**: each node's RSS after the subscribers closed
+6. **memory back to baseline**: each node's RSS after the subscribers closed
    is at most its baseline plus ``max(--rss-slack-mb, --rss-slack-ratio x
    baseline)``.  The baseline is the RSS at the end of the warm-up (every
    subscriber connected and events flowing for ``--warmup`` seconds), taken
    for every node incarnation alive then; a node restarted later is held to
    the anchor's baseline;
-6. **no tracebacks** in any node's log.
+7. **no tracebacks** in any node's log.
 
 It prints every fault as it happens and one line per invariant; the exit
 code is 0 only when every invariant holds (1 otherwise, 2 on a setup error).
@@ -91,6 +101,8 @@ from hub.store.migrate import migrate
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("HUB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FAULTS = ("kill", "term", "listen", "pubsub", "drop")
+#: The public channel on a free name (a topic outside the reserved namespaces).
+PUBLIC_TOPIC = "room:chaos-public"
 
 
 def free_port() -> int:
@@ -378,6 +390,70 @@ class Subscriber:
         self.progress.set()
 
 
+class PublicSubscriber(Subscriber):
+    """A client of the public free-name channel :data:`PUBLIC_TOPIC`: it
+    rejoins after every disconnect (no replay: public channels have none)
+    and records every numbered message it gets, which must never repeat."""
+
+    def __init__(self, index: int, token: str, vsn: str, seed: int) -> None:
+        super().__init__(index, "", token, vsn, seed)
+        self.topic = f"realtime:{PUBLIC_TOPIC}"
+        self.received: set[str] = set()
+
+    async def _session(self, ws: ClientConnection) -> None:
+        join_ref = str(self.connects)
+        config = {
+            "broadcast": {"self": False, "ack": False},
+            "presence": {"key": "", "enabled": False},
+            "postgres_changes": [],
+            "private": False,
+        }
+        await ws.send(self._frame("phx_join", {"config": config}, join_ref, join_ref))
+        beat = asyncio.get_running_loop().time() + 15
+        while True:
+            now = asyncio.get_running_loop().time()
+            if now >= beat:
+                await ws.send(self._frame("heartbeat", {}, f"hb{now:.0f}", None))
+                beat = now + 15
+            try:
+                data = await asyncio.wait_for(ws.recv(), max(0.1, beat - now))
+            except TimeoutError:
+                continue
+            msg = decode(data)
+            if msg.event == "broadcast" and isinstance(msg.payload, dict):
+                self._public(msg.topic, msg.payload)
+            elif msg.event == "phx_reply" and msg.ref == join_ref:
+                if msg.payload.get("status") != "ok":
+                    self.refused_joins += 1
+                    await asyncio.sleep(0.5)
+                    return
+                self.joined.set()
+            elif msg.event == "system" and isinstance(msg.payload, dict):
+                if msg.payload.get("status") == "error":
+                    return
+            elif msg.event == "phx_close":
+                return
+
+    def _public(self, topic: str, payload: dict[str, Any]) -> None:
+        event = str(payload.get("event"))
+        if topic != self.topic:
+            self.violations.append(f"received a message of {topic} ({event})")
+            return
+        meta = payload.get("meta")
+        if isinstance(meta, dict) and "seq" in meta:
+            self.violations.append(f"a public broadcast {event!r} with a durable meta.seq")
+        body = payload.get("payload")
+        key = str(body.get("k")) if isinstance(body, dict) else None
+        if key is None:
+            self.violations.append(f"a public broadcast {event!r} without its number")
+            return
+        if key in self.received:
+            self.violations.append(f"public message {key} received twice")
+            return
+        self.received.add(key)
+        self.progress.set()
+
+
 # -- the run ---------------------------------------------------------------------
 
 
@@ -416,6 +492,9 @@ class Chaos:
         self.publishing = True
         self.cluster: Cluster | None = None
         self.subscribers: list[Subscriber] = []
+        self.public_subscribers: list[PublicSubscriber] = []
+        self.public_sent = 0
+        self.public_failures = 0
         self.restarts: list[asyncio.Task[None]] = []
 
     # -- setup and teardown --------------------------------------------------
@@ -506,6 +585,37 @@ class Chaos:
                 self.publish_failures += 1
             await asyncio.sleep(rng.expovariate(per_task / 3.0))
 
+    async def public_broadcast(
+        self, http: httpx.AsyncClient, node: Node, key: str, event: str = "chaos"
+    ) -> bool:
+        """One REST broadcast to the public free-name channel through ``node``."""
+        message = {"topic": PUBLIC_TOPIC, "event": event, "payload": {"k": key}, "private": False}
+        response = await http.post(
+            f"{node.url}/realtime/v1/api/broadcast",
+            json={"messages": [message]},
+            headers={"Authorization": f"Bearer {self.service}"},
+            timeout=5,
+        )
+        return response.status_code == 202
+
+    async def public_publisher(self, http: httpx.AsyncClient) -> None:
+        """Numbered live messages to the public channel, ~10 a second, through
+        any live node; lost ones are allowed (a public channel has no replay)."""
+        assert self.cluster is not None
+        rng = random.Random(self.args.seed * 31 + 5)
+        while self.publishing:
+            live = self.cluster.live()
+            if live:
+                self.public_sent += 1
+                try:
+                    if not await self.public_broadcast(
+                        http, rng.choice(live), f"m{self.public_sent}"
+                    ):
+                        self.public_failures += 1
+                except httpx.HTTPError:
+                    self.public_failures += 1
+            await asyncio.sleep(0.1)
+
     # -- faults ----------------------------------------------------------------
 
     async def fault(self, kind: str, http: httpx.AsyncClient) -> bool:
@@ -537,7 +647,9 @@ class Chaos:
             killed = await self._kill_pubsub(cluster)
             self.log(f"pubsub: CLIENT KILL of {killed} Redis pub/sub connections")
         elif kind == "drop":
-            connected = [s for s in self.subscribers if s.ws is not None]
+            connected = [
+                s for s in [*self.subscribers, *self.public_subscribers] if s.ws is not None
+            ]
             count = max(1, len(connected) // 4) if connected else 0
             for sub in self.rng.sample(connected, count):
                 sub.drop()
@@ -632,12 +744,23 @@ class Chaos:
                 self.subscribers.append(
                     Subscriber(i, org, tokens[org], vsn, args.seed * 104729 + i)
                 )
-            tasks = [asyncio.create_task(s.run(cluster)) for s in self.subscribers]
-            await asyncio.wait_for(asyncio.gather(*(s.joined.wait() for s in self.subscribers)), 30)
-            self.log(f"{len(self.subscribers)} subscribers joined {args.orgs} orgs")
+            anyone = issue_token(self.secret, sub="chaos-public", ttl=7200)
+            for i in range(args.public_subscribers):
+                vsn = "2.0.0" if i % 2 == 0 else "1.0.0"
+                self.public_subscribers.append(
+                    PublicSubscriber(i, anyone, vsn, args.seed * 7561 + i)
+                )
+            everyone = [*self.subscribers, *self.public_subscribers]
+            tasks = [asyncio.create_task(s.run(cluster)) for s in everyone]
+            await asyncio.wait_for(asyncio.gather(*(s.joined.wait() for s in everyone)), 30)
+            self.log(
+                f"{len(self.subscribers)} subscribers joined {args.orgs} orgs, "
+                f"{len(self.public_subscribers)} the public channel {PUBLIC_TOPIC}"
+            )
             publishers = [
                 asyncio.create_task(self.publisher(i, http)) for i in range(args.publishers)
             ]
+            publishers.append(asyncio.create_task(self.public_publisher(http)))
             await asyncio.sleep(args.warmup)
             for node in cluster.live():
                 node.baseline_rss, node.baseline_pid = node.rss(), node.pid
@@ -662,9 +785,9 @@ class Chaos:
                         raise RuntimeError(f"{node.name} did not come back")
                     await asyncio.sleep(0.1)
             await self.verify(http, baseline_metrics)
-            for sub in self.subscribers:
+            for sub in everyone:
                 sub.stopping = True
-            for sub in self.subscribers:
+            for sub in everyone:
                 if sub.ws is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(sub.ws.close(), 2)
@@ -742,6 +865,8 @@ class Chaos:
                     not_ready.append(node.name)
                     break
                 await asyncio.sleep(0.2)
+        await self.verify_public(http)
+
         report.check(
             log,
             "every node is ready (engine and store links back)",
@@ -758,6 +883,67 @@ class Chaos:
             reconnects=sum(s.connects - 1 for s in self.subscribers),
             refused_joins=sum(s.refused_joins for s in self.subscribers),
             truncations=sum(s.truncations for s in self.subscribers),
+        )
+
+    async def verify_public(self, http: httpx.AsyncClient) -> None:
+        """No duplicate, foreign or durable message on the public channel, and
+        a probe through each node reaches every public subscriber."""
+        cluster = self.cluster
+        assert cluster is not None
+        subs = self.public_subscribers
+        problems: list[str] = []
+        deadline = time.monotonic() + self.args.settle
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(s.joined.wait() for s in subs)),
+                max(0.1, deadline - time.monotonic()),
+            )
+        # A probe through each node, again every second until every public
+        # subscriber has one of each node's (a subscriber that joined a
+        # moment ago may miss the first); each probe has its own number, so
+        # the no-duplicate rule still holds.
+        missing: list[str] = []
+        rounds = 0
+        while True:
+            rounds += 1
+            for node in cluster.nodes:
+                try:
+                    ok = await self.public_broadcast(
+                        http, node, f"probe-{node.name}-{rounds}", "probe"
+                    )
+                except httpx.HTTPError:
+                    ok = False
+                if not ok and rounds == 1:
+                    problems.append(f"probe through {node.name} was not accepted")
+            step = time.monotonic() + 1.0
+            while True:
+                missing = [
+                    f"sub {s.index} got no probe through {n.name}"
+                    for s in subs
+                    for n in cluster.nodes
+                    if not any(k.startswith(f"probe-{n.name}-") for k in s.received)
+                ]
+                if not missing or time.monotonic() > min(step, deadline):
+                    break
+                await asyncio.sleep(0.05)
+            if not missing or time.monotonic() > deadline:
+                break
+        problems += missing
+        problems += [f"sub {s.index}: {s.violations[:3]}" for s in subs if s.violations]
+        received = sum(len(s.received) for s in subs)
+        self.report.check(
+            self.log,
+            "public free-name channel: no duplicate or foreign message, probes reach everyone",
+            not problems,
+            "; ".join(problems[:5])
+            or f"{len(subs)} subscribers, {self.public_sent} messages sent "
+            f"({self.public_failures} refused while nodes died), {received} received, "
+            f"probes through {len(cluster.nodes)} nodes reached all ({rounds} round(s))",
+        )
+        self.report.stats.update(
+            public_sent=self.public_sent,
+            public_received=received,
+            public_reconnects=sum(s.connects - 1 for s in subs),
         )
 
     async def verify_baseline(
@@ -829,6 +1015,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--orgs", type=int, default=8)
     parser.add_argument("--subscribers", type=int, default=3, help="subscribers per org")
     parser.add_argument("--publishers", type=int, default=4, help="concurrent publishers")
+    parser.add_argument(
+        "--public-subscribers",
+        type=int,
+        default=4,
+        help=f"subscribers of the public free-name channel {PUBLIC_TOPIC}",
+    )
     parser.add_argument("--rate", type=float, default=60.0, help="target events per second")
     parser.add_argument("--fault-interval", type=float, default=3.0, help="mean seconds")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before faults")

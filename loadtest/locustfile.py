@@ -1,6 +1,6 @@
 """Locust scenarios for the hub.
 
-Four kinds of users, all configurable from the command line:
+Six kinds of users, all configurable from the command line:
 
 * ``MemberUser``: a WebSocket client speaking the Supabase protocol.  It
   connects, joins ``realtime:org:<its org>`` (``broadcast.ack`` on), tracks
@@ -15,6 +15,21 @@ Four kinds of users, all configurable from the command line:
   ``service_role`` token and reports every update it receives.
 * ``ChurnUser``: connects, joins, holds the connection a little, disconnects,
   again and again.
+* ``PublicRoomUser``: an ordinary Supabase app's client on a **public**
+  channel with a free name, ``realtime:room:<--room-prefix><n % --rooms>``
+  (``config.private = false``, any valid token): tracks its presence and
+  publishes acked broadcasts; receipts are ``public broadcast latency``.
+* ``PrivateRoomUser``: the same free names joined **private**
+  (``config.private = true``), authorized by Realtime Authorization: its
+  token's ``sub`` is a member uuid of ``loadtest/policies.py`` and the
+  hub's database must hold those policies and members
+  (``python -m loadtest.policies DSN`` with the same ``--private-users``,
+  ``--rooms`` and ``--room-prefix``; the soak run and the short locust test
+  install them).  Publishes acked broadcasts; receipts are ``private
+  broadcast latency``.  A public and a private channel of one name are two
+  channels: a room user that receives a message of the other kind reports
+  a ``public/private mix`` failure.  Without the policies (or without a
+  database) give ``--private-weight 0``.
 
 Run it headless (the README's load-testing section says the same)::
 
@@ -30,8 +45,9 @@ tokens.  A given member token is used for every org, so pair it with
 Options (``locust -f loadtest/locustfile.py --help`` lists them under
 "Custom arguments"): ``--orgs``, ``--org-prefix``, ``--vsn``,
 ``--publish-rate``, ``--payload-bytes``, ``--rest-rate``, ``--rest-batch``,
-``--churn-hold``, ``--member-weight``, ``--rest-weight``,
-``--dashboard-weight``, ``--churn-weight``.
+``--churn-hold``, ``--rooms``, ``--room-prefix``, ``--private-users``,
+``--member-weight``, ``--rest-weight``, ``--dashboard-weight``,
+``--churn-weight``, ``--public-weight``, ``--private-weight``.
 
 A WebSocket that closes without being asked to, a refused join and a missed
 reply count as failures.
@@ -52,9 +68,11 @@ from locust.env import Environment
 from locust.exception import StopUser
 
 try:
+    from loadtest import policies
     from loadtest.supabase_ws import Disconnected, HubSocket, Message, Refused, sign
 except ModuleNotFoundError:  # locust started from outside the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from loadtest import policies
     from loadtest.supabase_ws import Disconnected, HubSocket, Message, Refused, sign
 
 WS = "WS"
@@ -92,10 +110,29 @@ def _options(parser: Any) -> None:
     )
     group.add_argument("--rest-batch", type=int, default=1, help="durable events per request")
     group.add_argument("--churn-hold", type=float, default=2.0, help="seconds a churn user stays")
+    group.add_argument(
+        "--rooms", type=int, default=policies.ROOMS, help="free-name rooms of the room users"
+    )
+    group.add_argument(
+        "--room-prefix", default=policies.ROOM_PREFIX, help="rooms are room:<prefix><n>"
+    )
+    group.add_argument(
+        "--private-users",
+        type=int,
+        default=policies.USERS,
+        help="members installed by loadtest/policies.py (private users cycle over them)",
+    )
     group.add_argument("--member-weight", type=int, default=10)
     group.add_argument("--rest-weight", type=int, default=1)
     group.add_argument("--dashboard-weight", type=int, default=1)
     group.add_argument("--churn-weight", type=int, default=2)
+    group.add_argument("--public-weight", type=int, default=2)
+    group.add_argument(
+        "--private-weight",
+        type=int,
+        default=2,
+        help="private room users (need the policies of loadtest/policies.py; 0: none)",
+    )
 
 
 @events.init.add_listener
@@ -107,10 +144,17 @@ def _configure(environment: Environment, **_: Any) -> None:
     RestPublisher.weight = options.rest_weight
     DashboardWatcher.weight = options.dashboard_weight
     ChurnUser.weight = options.churn_weight
+    PublicRoomUser.weight = options.public_weight
+    PrivateRoomUser.weight = options.private_weight
     if not options.hub_secret and not (options.member_token and options.admin_token):
         raise SystemExit(
             "locustfile: give --hub-secret (or HUB_JWT_SECRET), or both --member-token "
             "and --admin-token"
+        )
+    if options.private_weight > 0 and not options.hub_secret:
+        raise SystemExit(
+            "locustfile: private room users sign their own tokens (sub = a member uuid): "
+            "give --hub-secret, or --private-weight 0"
         )
 
 
@@ -375,6 +419,114 @@ class ChurnUser(_SocketUser):
             sock.join(f"realtime:org:{org}", {"presence": {"key": sub}})
         time.sleep(random.uniform(0.5, 1.5) * options.churn_hold)
         self.close_socket()
+
+
+class _RoomUser(_SocketUser):
+    """A client of a free-name room (``realtime:room:...``), public or
+    private: publishes acked broadcasts, reports what it receives under its
+    own names, and fails on a message of the other kind."""
+
+    abstract = True
+    private = False
+    kind = "public"
+    #: The token's ``sub`` (set by :meth:`token`).
+    sub = ""
+
+    def wait_time(self) -> float:
+        rate = _options_of(self).publish_rate
+        return 1.0 / rate if rate > 0 else 5.0
+
+    def token(self, options: Any) -> str:
+        raise NotImplementedError
+
+    def on_start(self) -> None:
+        options = _options_of(self)
+        self.slot = self.n % max(1, options.private_users)
+        self.topic = "realtime:" + policies.room_topic(
+            options.room_prefix, options.rooms, self.slot
+        )
+        self.pad = "x" * max(0, options.payload_bytes)
+        self.sent = 0
+        sock = self.open_socket(self.token(options), _vsn(options, self.n), f"{self.kind} connect")
+        config = {
+            "broadcast": {"self": False, "ack": True},
+            "presence": {"key": self.sub, "enabled": not self.private},
+            "postgres_changes": [],
+            "private": self.private,
+        }
+        with _Timed(self.environment, f"{self.kind} join"):
+            sock.join(self.topic, config)
+        if not self.private:
+            with _Timed(self.environment, f"{self.kind} presence track"):
+                sock.track(self.topic, {"user": self.sub, "online_at": time.time()})
+
+    def on_message(self, message: Message) -> None:
+        if message.event == "broadcast" and isinstance(message.payload, dict):
+            body = message.payload.get("payload")
+            if isinstance(body, dict) and "kind" in body:
+                self.received += 1
+                if body["kind"] != self.kind or message.topic != self.topic:
+                    fire(
+                        self.environment,
+                        "public/private mix",
+                        time.perf_counter(),
+                        exception=Exception(
+                            f"a {self.kind} user of {self.topic} received a {body['kind']} "
+                            f"message of {message.topic}"
+                        ),
+                    )
+                    return
+                sent = body.get("t")
+                if isinstance(sent, int | float):
+                    fire(
+                        self.environment,
+                        f"{self.kind} broadcast latency",
+                        0.0,
+                        length=message.size,
+                        elapsed_ms=max(0.0, (message.received_at - sent) * 1000.0),
+                    )
+                return
+        super().on_message(message)
+
+    @task
+    def publish(self) -> None:
+        if _options_of(self).publish_rate <= 0 or self.sock is None:
+            return
+        self.sent += 1
+        payload = {
+            "t": time.time(),
+            "kind": self.kind,
+            "from": self.sub,
+            "n": self.sent,
+            "pad": self.pad,
+        }
+        with _Timed(self.environment, f"{self.kind} publish (ack)"):
+            self.sock.acked_broadcast(self.topic, "room", payload)
+
+
+class PublicRoomUser(_RoomUser):
+    """A public channel on a free name: any valid token may join it."""
+
+    weight = 2
+
+    def token(self, options: Any) -> str:
+        self.sub = f"public-{self.n}"
+        if options.member_token:
+            return str(options.member_token)
+        return sign(options.hub_secret, sub=self.sub)
+
+
+class PrivateRoomUser(_RoomUser):
+    """The same free names, private: the hub asks the app's policies
+    (loadtest/policies.py) at the join and at the first broadcast."""
+
+    weight = 2
+    private = True
+    kind = "private"
+
+    def token(self, options: Any) -> str:
+        self.sub = policies.member_id(self.slot)
+        return sign(options.hub_secret, sub=self.sub)
 
 
 class RestPublisher(HttpUser):

@@ -4,11 +4,13 @@ One command (10 minutes by default; at least 10 for a real soak)::
 
     python -m loadtest.soak --duration 600
 
-starts one ``hub serve`` on a fresh PostgreSQL database (created, migrated
-and dropped by the run; ``--no-database`` uses the in-memory store), drives it
-with the locust scenarios of ``loadtest/locustfile.py`` (members that
-publish and track presence, REST publishers of durable events, ``mother``
-watchers, connection churn) and samples the hub every ``--sample`` seconds
+starts one ``hub serve`` on a fresh PostgreSQL database (created, migrated,
+given the Realtime Authorization policies of ``loadtest/policies.py`` and
+dropped by the run; ``--no-database`` uses the in-memory store and no
+private room users), drives it with the locust scenarios of
+``loadtest/locustfile.py`` (members that publish and track presence, REST
+publishers of durable events, ``mother`` watchers, connection churn, users
+of public and of private free-name rooms) and samples the hub every ``--sample`` seconds
 (RSS, CPU, connections, channels, frames out, closes by code, from
 ``/metrics`` and ``/proc``).  At the end it writes ``docs/reliability.md``
 (``--report``): the configuration, errors, latency over time (per minute,
@@ -46,6 +48,7 @@ import httpx
 import psutil
 
 from hub.store.migrate import migrate
+from loadtest import policies
 from loadtest.commands import repeatable_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +59,9 @@ LATENCY_NAMES = (
     ("WS", "durable latency"),
     ("WS", "publish (ack)"),
     ("WS", "join"),
+    ("WS", "public broadcast latency"),
+    ("WS", "private broadcast latency"),
+    ("WS", "private join"),
     ("POST", "POST /api/orgs/[org]/events"),
 )
 _METRIC = re.compile(r"^(hub_[a-z_]+)\{([^}]*)\} ([0-9.e+-]+)$", re.MULTILINE)
@@ -321,6 +327,8 @@ async def run(args: argparse.Namespace) -> int:
             await conn.close()
         dsn = ADMIN_DSN.rpartition("/")[0] + "/" + database
         await migrate(dsn)
+        # The private room users' policies and members (loadtest/policies.py).
+        await policies.install(dsn)
         env["HUB_DATABASE_URL"] = dsn
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -371,6 +379,8 @@ async def run(args: argparse.Namespace) -> int:
             str(args.publish_rate),
             "--rest-rate",
             str(args.rest_rate),
+            # Private channels need the database's policies.
+            *(["--private-weight", "0"] if args.no_database else []),
         ]
         print(f"soak: {args.duration:.0f}s against {url}; work files in {workdir}", flush=True)
         started_at, started = time.time(), time.monotonic()

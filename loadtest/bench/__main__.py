@@ -1,6 +1,6 @@
 """``python -m loadtest.bench``: run the benchmark scenarios, print a table and JSON.
 
-    python -m loadtest.bench [--scenarios fanout,many_orgs,capacity,multinode]
+    python -m loadtest.bench [--scenarios fanout,many_orgs,capacity,multinode,private_joins]
                              [--servers hub,hub-inproc,limit,socketio,channels,broadcaster]
                              [--quick] [--runs N] [--json out.json] [--profile] [--no-docs]
 
@@ -26,7 +26,10 @@ import uvloop
 from loadtest.bench import envs, procs, report, scenarios, servers
 from loadtest.commands import repeatable_command
 
-SCENARIOS = ["fanout", "many_orgs", "capacity", "multinode"]
+SCENARIOS = ["fanout", "many_orgs", "capacity", "multinode", "private_joins"]
+#: Scenarios that need the hub's database (a fresh one unless --database-url).
+DATABASE_SCENARIOS = ("many_orgs", "private_joins")
+HUB_KINDS = ("hub", "hub-inproc")
 #: Measured --runs times; the peers, 10 to 500 times slower and minutes per
 #: run, once.
 REPEATED = ("hub", "hub-inproc", "limit")
@@ -100,6 +103,14 @@ def _brief(r: dict[str, Any]) -> str:
     out = {}
     for src in (r, r.get("saturated", {})):
         out.update({k: src[k] for k in keys if k in src})
+    for kind in ("public", "private"):
+        if kind in r:
+            out[kind] = {
+                k: r[kind][k]
+                for k in ("joined", "joins_per_server_cpu_s", "joins_per_wall_s", "pg_cpu_s")
+            }
+    if "policy_cost" in r:
+        out["policy_cost"] = r["policy_cost"]
     if "fixed_rate" in r:
         out["fixed_latency_ms"] = r["fixed_rate"]["latency_ms"]
     return orjson.dumps(out).decode()
@@ -123,6 +134,9 @@ async def _measure(
             return await scenarios.many_orgs(
                 name, cfg, database_url=db_url, redis_pid=redis_pid, profile=profile
             )
+        if scen == "private_joins":
+            assert db_url is not None
+            return await scenarios.private_joins(name, cfg, database_url=db_url, profile=profile)
         return await scenarios.capacity(name, cfg, profile=profile)
     except Exception as exc:
         traceback.print_exc()
@@ -165,11 +179,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for scen in chosen:
             out: dict[str, Any] = {}
             results["scenarios"][scen] = out
-            if (
-                scen == "many_orgs"
-                and db_url is None
-                and any(n in ("hub", "hub-inproc") for n in names)
-            ):
+            if scen in DATABASE_SCENARIOS and db_url is None and any(n in HUB_KINDS for n in names):
                 db_url = args.database_url or await _create_db(args.pg_admin)
             measured: dict[str, list[dict[str, Any]]] = {}
             # Rounds go over every server in turn, so a change in the
@@ -181,10 +191,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if scen == "multinode" and name not in servers.MULTINODE:
                         out[name] = {"error": "single process only (no broker to share rooms)"}
                         continue
+                    if scen == "private_joins" and name not in HUB_KINDS:
+                        out[name] = {
+                            "error": "no equivalent (no private channels authorized by "
+                            "database policies)"
+                        }
+                        continue
                     label = f"{scen} / {name}" + (f" (run {rnd + 1})" if args.runs > 1 else "")
                     _say(f"{label} ...")
                     # py-spy slows what it samples: only the first run.
-                    profile = args.profile and rnd == 0 and name in ("hub", "hub-inproc")
+                    profile = args.profile and rnd == 0 and name in HUB_KINDS
                     r = await _measure(scen, name, cfg, db_url, redis_pid, profile)
                     if "profile" in r:
                         results.setdefault("profiles", {})[f"{scen}/{name}"] = r.pop("profile")

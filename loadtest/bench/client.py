@@ -25,8 +25,13 @@ spec names the connections to open; the process talks to the harness on
 stdin/stdout with one JSON object per line:
 
 * it prints ``{"ev": "ready", ...}`` once every connection is joined (or
-  failed), then ``{"ev": "n", "n": COUNT, "a": ACTIVE}`` every 20 ms while
-  the count moves (ACTIVE: connections that have received something);
+  failed); with ``"defer_join": true`` in the spec it first prints
+  ``{"ev": "connected", ...}`` once every connection is upgraded, waits for
+  a ``join`` line, joins them (``concurrency`` in flight, ``"private"``
+  from the spec in the join's config) and then prints ``ready`` with each
+  join's round trip in ms (``join_ms``); then ``{"ev": "n", "n": COUNT,
+  "a": ACTIVE}`` every 20 ms while the count moves (ACTIVE: connections
+  that have received something);
 * it obeys ``reset`` (zero the counters and samples), ``sample K``,
   ``stats`` (answers ``{"ev": "stats", ...}`` with counters, latency
   samples and its own CPU seconds) and ``quit`` (resets every socket with
@@ -98,6 +103,8 @@ class Conn(asyncio.Protocol):
         room: str,
         token: str | None,
         join_token: bool,
+        private: bool = False,
+        defer_join: bool = False,
     ) -> None:
         self.st = shared
         self.proto = proto
@@ -108,6 +115,7 @@ class Conn(asyncio.Protocol):
         self.url = ""
         self.token = token
         self.join_token = join_token
+        self.private = private
         self.t: asyncio.Transport | None = None
         key = base64.b64encode(os.urandom(16)).decode()
         self.req = (
@@ -115,7 +123,10 @@ class Conn(asyncio.Protocol):
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
             "Sec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
-        self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[bool] = loop.create_future()
+        #: With ``defer_join``: set once upgraded; the join waits for :meth:`join`.
+        self.upgraded: asyncio.Future[bool] | None = loop.create_future() if defer_join else None
         # the byte that starts a counted frame: FIN + binary (phx) or text
         self.want = 0x82 if proto == "phx" else 0x81
 
@@ -129,12 +140,19 @@ class Conn(asyncio.Protocol):
         if self.state != 3:
             self.state = 3
             self.st.closed += 1
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError(f"lost while joining: {exc!r}"))
+        self._set_error(ConnectionError(f"lost while joining: {exc!r}"))
+
+    def _set_error(self, exc: Exception) -> None:
+        if self.upgraded is not None and not self.upgraded.done():
+            self.upgraded.set_exception(exc)
+            # Nobody awaits ``ready`` before the upgrade: do not leave an
+            # unretrieved exception behind.
+            self.ready.cancel()
+        elif not self.ready.done():
+            self.ready.set_exception(exc)
 
     def fail(self, why: str) -> None:
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError(why))
+        self._set_error(ConnectionError(why))
         if self.t is not None:
             self.t.abort()
 
@@ -155,6 +173,11 @@ class Conn(asyncio.Protocol):
 
     # -- joining (few frames, full parsing) ------------------------------------
 
+    def join(self) -> None:
+        """Send the join of a ``defer_join`` connection (upgraded by now)."""
+        if self.state == 1:
+            self._join()
+
     def _join(self) -> None:
         if self.proto == "phx":
             payload: dict[str, object] = {
@@ -162,7 +185,7 @@ class Conn(asyncio.Protocol):
                     "broadcast": {"ack": False, "self": False},
                     "presence": {"key": "", "enabled": False},
                     "postgres_changes": [],
-                    "private": False,
+                    "private": self.private,
                 }
             }
             if self.join_token and self.token:
@@ -219,7 +242,10 @@ class Conn(asyncio.Protocol):
                 return
             del b[: i + 4]
             self.state = 1
-            self._join()
+            if self.upgraded is not None:
+                self.upgraded.set_result(True)
+            else:
+                self._join()
         # joining: parse whole frames one by one until ready
         while self.state == 1 and len(b) >= 2:
             ln = b[1] & 0x7F
@@ -308,6 +334,8 @@ async def open_all(spec: dict, st: Shared) -> tuple[list[Conn], dict[str, int], 
     sem = asyncio.Semaphore(int(spec.get("concurrency", 100)))
     timeout = float(spec.get("join_timeout", 30.0))
     join_token = bool(spec.get("join_token", True))
+    private = bool(spec.get("private", False))
+    defer = bool(spec.get("defer_join", False))
 
     async def one(target: dict, room: str, token: str | None) -> None:
         url = target["url"]
@@ -316,11 +344,14 @@ async def open_all(spec: dict, st: Shared) -> tuple[list[Conn], dict[str, int], 
         path = "/" + rest.replace("{room}", room).replace("{token}", token or "")
         async with sem:
             for attempt in range(3):
-                conn = Conn(st, target["proto"], hostport, path, room, token, join_token)
+                conn = Conn(
+                    st, target["proto"], hostport, path, room, token, join_token, private, defer
+                )
                 conn.url = url
                 try:
                     await loop.create_connection(lambda c=conn: c, host, int(port))
-                    await asyncio.wait_for(asyncio.shield(conn.ready), timeout)
+                    waited = conn.upgraded if conn.upgraded is not None else conn.ready
+                    await asyncio.wait_for(asyncio.shield(waited), timeout)
                     conns.append(conn)
                     return
                 except (TimeoutError, OSError, ConnectionError) as exc:
@@ -342,6 +373,36 @@ async def open_all(spec: dict, st: Shared) -> tuple[list[Conn], dict[str, int], 
     return conns, failures, time.perf_counter() - t0
 
 
+async def join_all(
+    conns: list[Conn], concurrency: int, join_timeout: float
+) -> tuple[list[Conn], dict[str, int], float, list[float]]:
+    """Join upgraded ``defer_join`` connections, at most ``concurrency`` in
+    flight; the ones refused or lost are reset and left out.  Also returns
+    each successful join's time from sending ``phx_join`` to the ``ok``
+    reply, in ms."""
+    sem = asyncio.Semaphore(concurrency)
+    joined: list[Conn] = []
+    failures: dict[str, int] = {}
+    join_ms: list[float] = []
+
+    async def one(conn: Conn) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            conn.join()
+            try:
+                await asyncio.wait_for(asyncio.shield(conn.ready), join_timeout)
+                join_ms.append((time.perf_counter() - t0) * 1000.0)
+                joined.append(conn)
+            except (TimeoutError, OSError, ConnectionError) as exc:
+                conn.reset()
+                why = type(exc).__name__ + (f": {str(exc)[:120]}" if str(exc) else "")
+                failures[why] = failures.get(why, 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(c) for c in conns))
+    return joined, failures, time.perf_counter() - t0, join_ms
+
+
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -355,8 +416,30 @@ def emit(obj: dict) -> None:
 async def main(spec: dict) -> None:
     loop = asyncio.get_running_loop()
     st = Shared(int(spec.get("sample", 16)))
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     cpu0 = cpu_seconds()
     conns, failures, secs = await open_all(spec, st)
+    if spec.get("defer_join"):
+        # Two phases: connect (upgrade) everything, then join on command, so
+        # that the joins are measured on their own.
+        emit(
+            {
+                "ev": "connected",
+                "connected": len(conns),
+                "failed": failures,
+                "secs": secs,
+                "cpu": cpu_seconds() - cpu0,
+            }
+        )
+        if (await reader.readline()).decode().strip() != "join":
+            return
+        cpu0 = cpu_seconds()
+        conns, failures, secs, join_ms = await join_all(
+            conns, int(spec.get("concurrency", 100)), float(spec.get("join_timeout", 30.0))
+        )
+    else:
+        join_ms = []
     emit(
         {
             "ev": "ready",
@@ -364,6 +447,7 @@ async def main(spec: dict) -> None:
             "failed": failures,
             "secs": secs,
             "cpu": cpu_seconds() - cpu0,
+            "join_ms": join_ms,
         }
     )
 
@@ -385,8 +469,6 @@ async def main(spec: dict) -> None:
                 emit({"ev": "n", "n": last, "a": st.active})
 
     tasks = [asyncio.create_task(heartbeats()), asyncio.create_task(progress())]
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     base_cpu = cpu_seconds()
     while True:
         line = (await reader.readline()).decode().strip()

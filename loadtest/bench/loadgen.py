@@ -50,6 +50,7 @@ class ClientPool:
         self._readers: list[asyncio.Task[None]] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-clients-")
         self.ready: dict[str, Any] = {}
+        self._join_timeout = 60.0
 
     @property
     def count(self) -> int:
@@ -69,11 +70,16 @@ class ClientPool:
         join_token: bool = True,
         join_timeout: float = 60.0,
         processes: int | None = None,
+        private: bool = False,
+        defer_join: bool = False,
     ) -> dict[str, Any]:
         """Open ``conns`` (dicts of url, proto, room, token) and join them all.
 
         Returns what the processes reported: joined, failures, wall seconds
         of the connect phase (the slowest process), client CPU seconds.
+        ``private``: join with ``config.private = true`` (phx).  ``defer_join``:
+        only connect (upgrade) now and return ``connected`` instead of
+        ``joined``; :meth:`join` then joins them all, ``concurrency`` in flight.
         """
         nproc = processes or max(1, math.ceil(len(conns) / PER_PROCESS))
         chunks = [conns[i::nproc] for i in range(nproc)]
@@ -94,6 +100,8 @@ class ClientPool:
                 "concurrency": max(1, concurrency // nproc),
                 "join_token": join_token,
                 "join_timeout": join_timeout,
+                "private": private,
+                "defer_join": defer_join,
             }
             path = Path(self._tmp.name) / f"spec-{i}.json"
             path.write_bytes(orjson.dumps(spec))
@@ -112,19 +120,38 @@ class ClientPool:
             self.actives.append(0)
             self.queues.append(asyncio.Queue())
             self._readers.append(asyncio.create_task(self._read(i, p)))
-        readies = [await self._expect(i, "ready", join_timeout * 3 + 60) for i in range(nproc)]
+        ev = "connected" if defer_join else "ready"
+        readies = [await self._expect(i, ev, join_timeout * 3 + 60) for i in range(nproc)]
+        self.ready = self._sum(readies, ev if defer_join else "joined", t0)
+        self._join_timeout = join_timeout
+        return self.ready
+
+    async def join(self) -> dict[str, Any]:
+        """Join the connections of a ``defer_join`` start; what :meth:`start`
+        returns otherwise, ``secs`` being the join phase's wall time (until
+        the slowest process has every answer)."""
+        t0 = time.perf_counter()
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write(b"join\n")
+        within = self._join_timeout * 3 + 60
+        readies = [await self._expect(i, "ready", within) for i in range(len(self.procs))]
+        self.ready = self._sum(readies, "joined", t0)
+        return self.ready
+
+    def _sum(self, readies: list[dict[str, Any]], key: str, t0: float) -> dict[str, Any]:
         failed: dict[str, int] = {}
         for r in readies:
             for k, v in r["failed"].items():
                 failed[k] = failed.get(k, 0) + v
-        self.ready = {
-            "joined": sum(r["joined"] for r in readies),
+        return {
+            key: sum(r[key] for r in readies),
+            "join_ms": [x for r in readies for x in r.get("join_ms", ())],
             "failed": failed,
             "secs": time.perf_counter() - t0,
             "client_cpu": sum(r["cpu"] for r in readies),
-            "processes": nproc,
+            "processes": len(readies),
         }
-        return self.ready
 
     async def _read(self, i: int, p: asyncio.subprocess.Process) -> None:
         assert p.stdout is not None

@@ -31,6 +31,12 @@ RUN_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     ],
 }
 RUN_METRICS["multinode"] = RUN_METRICS["fanout"]
+RUN_METRICS["private_joins"] = [
+    ("private joins / hub CPU-s", ("private", "joins_per_server_cpu_s")),
+    ("private joins / wall s", ("private", "joins_per_wall_s")),
+    ("public joins / hub CPU-s", ("public", "joins_per_server_cpu_s")),
+    ("public joins / wall s", ("public", "joins_per_wall_s")),
+]
 
 
 def _get(r: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -262,6 +268,69 @@ def capacity_table(runs: dict[str, Any]) -> list[str]:
     return ["### Capacity (idle joined connections)", "", *_table(head, rows), "", *_errors(runs)]
 
 
+def private_joins_table(runs: dict[str, Any]) -> list[str]:
+    ok = _ok(runs)
+    rows = []
+    first: dict[str, Any] = next(iter(ok.values()), {})
+    for name, r in ok.items():
+        pub = r.get("public", {})
+        for kind in ("public", "private"):
+            k = r.get(kind)
+            if not k:
+                continue
+            rows.append(
+                [
+                    f"`{name}`",
+                    kind,
+                    f"{_n(k['joined'])} / {_n(k['target'])}",
+                    _n(k.get("joins_per_server_cpu_s")),
+                    _n(k.get("joins_per_wall_s")),
+                    _ratio(k.get("joins_per_wall_s"), pub.get("joins_per_wall_s")),
+                    _lat(k.get("join_ms")),
+                    _n(k.get("server_cpu_us_per_join"), 1),
+                    _n(k.get("pg_cpu_us_per_join"), 1),
+                    _n(k.get("joins_per_cpu_s_incl_pg")),
+                    f"{_n(k['server_cpu_s'], 2)} / {_n(k['pg_cpu_s'], 2)} / "
+                    f"{_n(k['loadgen_cpu_s'], 2)}",
+                    f"{_n(k.get('server_busy_pct'))} / {_n(k.get('pg_busy_pct'))}",
+                    ", ".join(f"{e}: {v}" for e, v in k.get("failed", {}).items()) or "none",
+                ]
+            )
+    head = [
+        "server",
+        "channel",
+        "joined / target",
+        "joins / hub CPU-s",
+        "joins / wall s",
+        "wall vs public",
+        "join ms p50 / p99 / max",
+        "hub CPU us / join",
+        "PostgreSQL CPU us / join",
+        "joins / CPU-s (hub + PostgreSQL)",
+        "CPU s hub / PostgreSQL / load gen",
+        "busy % hub / PostgreSQL",
+        "failures",
+    ]
+    title = (
+        f"### Private joins ({_n(first.get('connections'))} joins of free names over "
+        f"{_n(first.get('rooms'))} rooms, a read policy joining an app table of "
+        f"{_n(first.get('app_table_rows'))} rows; the same names joined public for comparison)"
+        if first
+        else "### Private joins"
+    )
+    notes = []
+    for name, r in ok.items():
+        c = r.get("policy_cost")
+        if c:
+            notes.append(
+                f"- `{name}`: the policy check costs {_n(c['server_cpu_us_per_join'], 1)} us of "
+                f"hub CPU and {_n(c['pg_cpu_us_per_join'], 1)} us of PostgreSQL CPU per join "
+                f"(hub CPU per join {c['server_cpu_ratio']:.2f}x public; wall rate "
+                f"{_n(c.get('wall_ratio'), 2)}x lower)."
+            )
+    return [title, "", *_table(head, rows), "", *notes, *_errors(runs)]
+
+
 def _runs_note(runs: int) -> str:
     if runs <= 1:
         return ", one run of each"
@@ -289,6 +358,9 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     if "capacity" in sc:
         lines += capacity_table(sc["capacity"])
+        lines.append("")
+    if "private_joins" in sc:
+        lines += private_joins_table(sc["private_joins"])
         lines.append("")
     if "multinode" in sc:
         lines += fanout_table(

@@ -1,4 +1,5 @@
-"""The four scenarios of issue 6, each run against one server kind.
+"""The four scenarios of issue 6 (and ``private_joins``, issue 12), each run
+against one server kind.
 
 Each function deploys the server, opens and joins the connections, runs the
 measured phase(s) and returns a flat dict of results.  CPU seconds come from
@@ -9,10 +10,12 @@ harness); the load generator's CPU is clients + harness.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,12 @@ class Config:
     #: Longer than the clients' 25 s heartbeat, so every socket sends one.
     capacity_idle_s: float = 30.0
     connect_concurrency: int = 256
+    #: private_joins: connections joined per phase (public, then private),
+    #: rows (users) in the app table, free-name rooms, joins in flight.
+    join_conns: int = 10_000
+    join_users: int = 10_000
+    join_rooms: int = 100
+    join_concurrency: int = 64
 
     @classmethod
     def make(cls, quick: bool, capacity: int | None = None) -> Config:
@@ -54,6 +63,7 @@ class Config:
                 org_seconds=3.0,
                 capacity=capacity or 5_000,
                 capacity_idle_s=3.0,
+                join_conns=1000,
             )
         return cls(quick=False, capacity=capacity or 19_000)
 
@@ -347,6 +357,201 @@ async def capacity(name: str, cfg: Config, *, profile: bool = False) -> dict[str
     finally:
         await rest.close()
         await warm.close()
+        await dep.stop()
+    return result
+
+
+# -- private joins (Realtime Authorization) ------------------------------------------
+
+#: The app's side, as a Supabase app writes it (tests/support/policies.py):
+#: a membership table and a read policy on realtime.messages that joins it.
+#: The table has the primary key an app would give it.
+POLICY_SQL = """
+create table if not exists public.rooms_users (
+  user_id uuid not null,
+  room_topic text not null,
+  primary key (user_id, room_topic)
+);
+grant select on public.rooms_users to authenticated, anon;
+drop policy if exists "bench room members read" on realtime.messages;
+create policy "bench room members read" on realtime.messages
+  for select to authenticated using (
+    exists (
+      select 1 from public.rooms_users
+      where user_id = auth.uid() and room_topic = realtime.topic()
+    )
+  );
+"""
+ROOM_PREFIX = "bench-room:"
+
+
+async def _policy_setup(database_url: str, users: list[str], rooms: int) -> None:
+    """The table, the policy, and one row per user (user i in room i % rooms);
+    the bench's rows of an earlier run are replaced."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(POLICY_SQL)
+        async with conn.transaction():
+            await conn.execute(
+                "delete from public.rooms_users where room_topic like $1", ROOM_PREFIX + "%"
+            )
+            await conn.copy_records_to_table(
+                "rooms_users",
+                schema_name="public",
+                records=[(uuid.UUID(u), f"{ROOM_PREFIX}{i % rooms}") for i, u in enumerate(users)],
+            )
+        await conn.execute("analyze public.rooms_users")
+    finally:
+        await conn.close()
+
+
+class PgBackends:
+    """CPU seconds of the PostgreSQL backends of one database (the hub's
+    policy pool, its store and listener), read from /proc around a phase.
+    A backend that exits during the phase takes its CPU with it."""
+
+    def __init__(self, database_url: str) -> None:
+        self.url = database_url
+
+    async def __aenter__(self) -> PgBackends:
+        import asyncpg
+
+        self.conn = await asyncpg.connect(self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.conn.close()
+
+    async def cpu(self) -> dict[int, float]:
+        rows = await self.conn.fetch(
+            "select pid from pg_stat_activity "
+            "where datname = current_database() and pid <> pg_backend_pid()"
+        )
+        out = {}
+        for r in rows:
+            with contextlib.suppress(OSError):
+                out[r["pid"]] = procs.cpu_seconds(r["pid"])
+        return out
+
+    @staticmethod
+    def spent(before: dict[int, float], after: dict[int, float]) -> float:
+        return sum(c - before.get(pid, 0.0) for pid, c in after.items())
+
+
+async def private_joins(
+    name: str, cfg: Config, *, database_url: str, profile: bool = False
+) -> dict[str, Any]:
+    """Joins of free-name channels, public then private (authorized by a
+    policy joining an app table), by the same users on the same names."""
+    from hub.auth.tokens import issue_token
+
+    users = [str(uuid.uuid4()) for _ in range(cfg.join_users)]
+    await _policy_setup(database_url, users, cfg.join_rooms)
+    dep = await deploy(name, database_url=database_url)
+    assert dep.secret is not None
+    n = cfg.join_conns
+    conns = [
+        {
+            "url": dep.urls[0],
+            "proto": "phx",
+            "room": f"realtime:{ROOM_PREFIX}{i % cfg.join_rooms}",
+            "token": issue_token(dep.secret, sub=users[i], ttl=7200),
+        }
+        for i in range(n)
+    ]
+    result: dict[str, Any] = {
+        "server": name,
+        "connections": n,
+        "app_table_rows": cfg.join_users,
+        "rooms": cfg.join_rooms,
+        "join_concurrency": cfg.join_concurrency,
+        "policy": "exists (select 1 from rooms_users where user_id = auth.uid() "
+        "and room_topic = realtime.topic())",
+    }
+    try:
+        # Warm-up: code paths, the policy pool's connections, their
+        # prepared statements and the table's pages.
+        for private in (False, True):
+            warm = ClientPool()
+            try:
+                ready = await warm.start(
+                    conns[: cfg.capacity_warm], private=private, concurrency=32
+                )
+                _joined_ok(ready, cfg.capacity_warm)
+            finally:
+                await warm.close()
+        await asyncio.sleep(1.0)
+        async with PgBackends(database_url) as pg:
+            for kind in ("public", "private"):
+                pool = ClientPool()
+                try:
+                    ready = await pool.start(
+                        conns,
+                        private=kind == "private",
+                        defer_join=True,
+                        concurrency=cfg.join_concurrency,
+                        join_timeout=60.0,
+                    )
+                    if ready["connected"] < n:
+                        raise RuntimeError(
+                            f"{kind}: only {ready['connected']} of {n} connected: {ready['failed']}"
+                        )
+                    await asyncio.sleep(0.5)
+                    spy = (
+                        _start_profile(dep, name, "private_joins")
+                        if profile and kind == "private"
+                        else None
+                    )
+                    cpu0, h0, pg0 = sum(dep.cpu()), procs.self_cpu(), await pg.cpu()
+                    ready = await pool.join()
+                    server_cpu = sum(dep.cpu()) - cpu0
+                    pg_cpu = PgBackends.spent(pg0, await pg.cpu())
+                    loadgen = ready["client_cpu"] + procs.self_cpu() - h0
+                    if spy is not None:
+                        result["profile"] = _stop_profile(*spy)
+                    joined, secs = ready["joined"], ready["secs"]
+                    result[kind] = {
+                        "joined": joined,
+                        "target": n,
+                        "failed": ready["failed"],
+                        "wall_s": round(secs, 3),
+                        "joins_per_wall_s": _rate(joined, secs),
+                        "server_cpu_s": round(server_cpu, 3),
+                        "joins_per_server_cpu_s": _rate(joined, server_cpu),
+                        "server_cpu_us_per_join": round(1e6 * server_cpu / joined, 1)
+                        if joined
+                        else None,
+                        "pg_cpu_s": round(pg_cpu, 3),
+                        "pg_cpu_us_per_join": round(1e6 * pg_cpu / joined, 1) if joined else None,
+                        "joins_per_cpu_s_incl_pg": _rate(joined, server_cpu + pg_cpu),
+                        "server_busy_pct": round(100 * server_cpu / secs, 1) if secs else None,
+                        "pg_busy_pct": round(100 * pg_cpu / secs, 1) if secs else None,
+                        "loadgen_cpu_s": round(loadgen, 3),
+                        "join_ms": percentiles(ready["join_ms"]),
+                    }
+                finally:
+                    await pool.close()
+                # Let the hub close the phase's sockets before the next one.
+                await asyncio.sleep(2.0)
+        pub, priv = result["public"], result["private"]
+        if pub["server_cpu_us_per_join"] and priv["server_cpu_us_per_join"]:
+            result["policy_cost"] = {
+                "server_cpu_us_per_join": round(
+                    priv["server_cpu_us_per_join"] - pub["server_cpu_us_per_join"], 1
+                ),
+                "pg_cpu_us_per_join": round(
+                    priv["pg_cpu_us_per_join"] - pub["pg_cpu_us_per_join"], 1
+                ),
+                "server_cpu_ratio": round(
+                    priv["server_cpu_us_per_join"] / pub["server_cpu_us_per_join"], 2
+                ),
+                "wall_ratio": round(pub["joins_per_wall_s"] / priv["joins_per_wall_s"], 2)
+                if priv["joins_per_wall_s"]
+                else None,
+            }
+    finally:
         await dep.stop()
     return result
 

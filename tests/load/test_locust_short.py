@@ -1,7 +1,10 @@
 """A short headless locust run against a real hub: every scenario of
 ``loadtest/locustfile.py`` runs for about 20 s; no request may fail, the
-members must receive broadcasts and durable events, and locust must write its
-CSV and HTML reports."""
+members must receive broadcasts and durable events, the users of public and
+of private free-name rooms must join, publish and receive (the private ones
+authorized by the Supabase-style policies of ``loadtest/policies.py``, in the
+hub's own fresh database, as the soak run sets it up), and locust must write
+its CSV and HTML reports."""
 
 from __future__ import annotations
 
@@ -9,10 +12,16 @@ import csv
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from hub.store.migrate import migrate
+from loadtest import policies
 from tests.support.hubs import ROOT
+from tests.support.pg import create_database, drop_database, new_database_name, run_sync
 
 RUN_SECONDS = 20
 
@@ -22,8 +31,26 @@ def _stats(path: Path) -> dict[tuple[str, str], dict[str, str]]:
         return {(row["Type"], row["Name"]): row for row in csv.DictReader(handle)}
 
 
-def test_locust_headless_run(make_hub: Any, tmp_path: Path) -> None:
-    hub = make_hub({"HUB_LOG_LEVEL": "warning"})
+@pytest.fixture
+def policy_dsn() -> Iterator[str]:
+    """A fresh migrated database with the private rooms' policies and
+    members (loadtest/policies.py's defaults, as the locust run uses them)."""
+    name = new_database_name()
+
+    async def setup() -> str:
+        dsn = await create_database(name)
+        await migrate(dsn)
+        await policies.install(dsn, rooms=1)
+        return dsn
+
+    try:
+        yield run_sync(setup)
+    finally:
+        run_sync(lambda: drop_database(name))
+
+
+def test_locust_headless_run(make_hub: Any, policy_dsn: str, tmp_path: Path) -> None:
+    hub = make_hub({"HUB_LOG_LEVEL": "warning", "HUB_DATABASE_URL": policy_dsn})
     out = tmp_path / "out"
     locust = Path(sys.executable).with_name("locust")
     command = [
@@ -50,6 +77,15 @@ def test_locust_headless_run(make_hub: Any, tmp_path: Path) -> None:
         "2",
         "--rest-rate",
         "4",
+        # One room: the public and the private users share its name (two
+        # channels that must never exchange a message), and each kind has
+        # at least two users to hear each other.
+        "--rooms",
+        "1",
+        "--public-weight",
+        "3",
+        "--private-weight",
+        "3",
     ]
     env = {**os.environ, "HUB_JWT_SECRET": hub.secret, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -76,6 +112,18 @@ def test_locust_headless_run(make_hub: Any, tmp_path: Path) -> None:
     received = int(stats[("WS", "broadcast latency")]["Request Count"])
     assert received > int(stats[("WS", "publish (ack)")]["Request Count"])
     assert float(stats[("WS", "broadcast latency")]["99%"]) < 1000, report
+    # Public and private free-name rooms: joined, published (acked, so the
+    # private users' write policy allowed it), and received by the others of
+    # their kind; a message of the other kind would be a failure (counted
+    # above, and named here).
+    for kind in ("public", "private"):
+        for name in (f"{kind} join", f"{kind} publish (ack)", f"{kind} broadcast latency"):
+            row = stats.get(("WS", name))
+            assert row is not None and int(row["Request Count"]) > 0, (name, report)
+            assert int(row["Failure Count"]) == 0, (name, report)
+        assert float(stats[("WS", f"{kind} broadcast latency")]["99%"]) < 1000, report
+    assert int(stats[("WS", "public presence track")]["Request Count"]) > 0, report
+    assert ("WS", "public/private mix") not in stats, report
 
     with Path(f"{out}_failures.csv").open() as handle:
         assert len(handle.read().strip().splitlines()) == 1  # header only
