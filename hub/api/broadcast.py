@@ -52,7 +52,7 @@ def _check(
     if not is_event_name(event):
         raise Rejected(422, f"event must be a string of 1 to {MAX_BINARY_FIELD} bytes")
     try:
-        topic = parse_topic(topic_text, private=private is True)
+        topic = parse_topic(topic_text, private=_private(private))
     except InvalidTopic as exc:
         raise Rejected(422, f"invalid topic: {exc}") from None
     if topic.private and not principal.is_service:
@@ -70,6 +70,20 @@ def _check(
     if len(payload) > max_payload_bytes:
         raise Rejected(422, "Payload size exceeds tenant limit")
     return topic, event
+
+
+def _private(value: Any) -> bool:
+    """A message's ``private``: true or false, or those words as strings in
+    any case (as the join reads ``config.private``, and as Supabase casts
+    it); absent means public, anything else is refused: a private message
+    must never go to the public channel of its name by a misreading."""
+    if value is None:
+        return False
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise Rejected(422, "private must be a boolean")
+    return value
 
 
 async def _authorize_private(
@@ -183,7 +197,7 @@ class BroadcastApi:
                     raise Rejected(422, "body is not valid JSON") from None
             # supabase-js's httpSend and realtime-py's http_send name a
             # private channel with ?private=true.
-            private = request.query_params.get("private", "").lower() == "true"
+            private = request.query_params.get("private")
             topic, event = _check(
                 principal,
                 request.path_params["topic"],
