@@ -3,7 +3,7 @@
 :class:`Node`'s constructor builds every part of the node and connects
 them; nothing else in the package reaches for a part it was not handed.
 Constructors of the parts have no side effects: the connections between
-them are made here, and every I/O starts in :meth:`Node.start`.
+them are made here, and every I/O starts in :meth:`Node.running`.
 
 How the parts connect::
 
@@ -36,11 +36,11 @@ from hub.aggregator.mother import Mother
 from hub.auth.channel_policies import ChannelPolicies
 from hub.auth.row_security import RowSecurity
 from hub.auth.tokens import JwksCache, TokenVerifier
+from hub.channels.database import deliver_database_broadcast
 from hub.channels.durable import DurableFeed
 from hub.channels.fanout import Channels
 from hub.channels.observer import Observers
 from hub.channels.rows import RowFeed
-from hub.channels.topics import InvalidTopic, parse_topic
 from hub.config import Settings
 from hub.counters import Counters
 from hub.engine.base import Engine
@@ -48,9 +48,8 @@ from hub.engine.memory import MemoryEngine
 from hub.flusher import Flusher
 from hub.gateway import Gateway, SocketLimits
 from hub.metrics import Gauges, NodeCollector, metrics_registry
-from hub.protocol import MAX_BINARY_FIELD, Broadcast, is_event_name
 from hub.quotas import Quotas
-from hub.store.base import DatabaseBroadcast, EventStore
+from hub.store.base import EventStore
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ class Node:
         # Broadcasts sent from the database (realtime.send): every node
         # hears them itself, so each delivers them to its own subscribers
         # only (through the engine every subscriber would get one per node).
-        self.store.listen_broadcasts(functools.partial(_deliver_database_broadcast, self.channels))
+        self.store.listen_broadcasts(functools.partial(deliver_database_broadcast, self.channels))
         # Rows of tables tracked without an org column (hub track --no-org,
         # the publication supabase_realtime): to free-name channels only,
         # through the tables' RLS policies, checked in the same database.
@@ -245,34 +244,6 @@ async def _keep_partitions(policies: ChannelPolicies) -> None:
         except Exception as exc:
             log.warning("realtime.messages partitions: %s", exc)
         await anyio.sleep(PARTITION_INTERVAL)
-
-
-def _deliver_database_broadcast(channels: Channels, message: DatabaseBroadcast) -> None:
-    """Deliver a broadcast sent from the database to this node's subscribers
-    of its channel, as Supabase sends it: the event, the payload, and
-    ``meta: {"id": <realtime.messages.id>}``.  A private one reaches only
-    the private channel of a free name (whose subscribers passed the read
-    check at join), a public one only the public channel.  A topic the hub
-    cannot route is logged and dropped."""
-    try:
-        topic = parse_topic(message.topic, private=message.private)
-    except InvalidTopic as exc:
-        log.warning("dropping a database broadcast to %.100r: %s", message.topic, exc)
-        return
-    if topic.kind == "org" and topic.name is None:
-        # The database makes these durable events (never a NOTIFY); an
-        # org channel only carries its durable feed.
-        log.warning("dropping a database broadcast to %s: not a durable event", topic.text)
-        return
-    if not is_event_name(message.event):
-        log.warning(
-            "dropping a database broadcast to %.100r: its event name is empty or longer "
-            "than %d bytes",
-            message.topic,
-            MAX_BINARY_FIELD,
-        )
-        return
-    channels.deliver(Broadcast(topic.key, message.event, message.payload, meta={"id": message.id}))
 
 
 def _make_engine(settings: Settings, node_id: str, quotas: Quotas) -> Engine:
