@@ -15,9 +15,8 @@ Fan-out is the hot path of the hub.  For each message it:
 Durable events and ``postgres_changes`` rows take the same path (one frame
 per wire format, the sinks, one flush per topic), plus one call per
 subscriber to :meth:`~hub.channels.subscription.Subscription.take_durable`,
-the one place their acceptance rule lives: about 60 ns per subscriber per
-event, paid at durable-event rates (thousands per second), not broadcast
-rates.
+the one place their acceptance rule lives: a cost paid at durable-event
+rates (thousands per second), not at broadcast rates.
 
 No I/O happens here; sockets are behind :class:`~hub.outbox.Outbox`.
 """
