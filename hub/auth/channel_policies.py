@@ -27,15 +27,14 @@ caller keeps results for a channel's life and decides what a client sees.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
-import orjson
 
+from hub.auth.probe_pool import CONNECTION_ERRORS, ProbePool, claims_json
 from hub.errors import HubError
 
 log = logging.getLogger(__name__)
@@ -169,14 +168,6 @@ class _Context:
     sub: str
 
 
-def _mapping_default(value: object) -> object:
-    # Claims arrive as Mappings (the verifier's dicts, or read-only views of
-    # them); orjson only knows dict.  Anything else is not JSON.
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
 def _text_ok(value: str) -> bool:
     """PostgreSQL text holds neither NUL nor lone surrogates."""
     if "\x00" in value:
@@ -203,10 +194,10 @@ def _context(claims: Mapping[str, Any], topic: str) -> _Context:
         # orjson escapes control characters, NUL included, so the JSON text
         # is always valid PostgreSQL text; it refuses lone surrogates,
         # non-string keys and integers past 64 bits.
-        claims_json = orjson.dumps(claims, default=_mapping_default).decode()
+        encoded = claims_json(claims)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         raise CheckRefused("The token's claims are not valid JSON") from None
-    return _Context(role=role, topic=topic, claims_json=claims_json, sub=sub)
+    return _Context(role=role, topic=topic, claims_json=encoded, sub=sub)
 
 
 def _extensions(extensions: Sequence[str]) -> tuple[str, ...]:
@@ -254,24 +245,6 @@ def _sql_failure(exc: asyncpg.PostgresError, step: str) -> PolicyCheckFailed:
     return _failed(kind)
 
 
-#: Errors meaning the connection, not the check, failed: retried once on a
-#: fresh connection, since a pooled connection may have died while idle
-#: (database restart, failover) and the pool only notices on use.
-_CONNECTION_ERRORS: Final = (
-    OSError,
-    asyncpg.InterfaceError,
-    # The protocol is out of step with the server, e.g. after the server
-    # ended the session (a FATAL arrives while the connection sits idle).
-    asyncpg.InternalClientError,
-    # SQLSTATE class 08, ConnectionDoesNotExistError included.  These are
-    # PostgresErrors too: every handler of PostgresError lets them pass first.
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-)
-
-
 class ChannelPolicies:
     """Read and write checks against one database's ``realtime.messages``.
 
@@ -292,52 +265,23 @@ class ChannelPolicies:
     ) -> None:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ValueError("need 0 <= min_size <= max_size and max_size >= 1")
-        self.dsn = dsn
-        self.min_size = min_size
-        self.max_size = max_size
-        self.acquire_timeout = acquire_timeout
-        self.statement_timeout = statement_timeout
-        self.application_name = application_name
-        # Server-side timeouts are the real bound (they stop the work on the
-        # server); the client-side one, a second later, only covers a
-        # connection that stopped answering altogether.
-        self._call_timeout = statement_timeout + 1.0
-        ms = max(1, int(statement_timeout * 1000))
-        self._begin = (
-            "BEGIN;"
-            f" SET LOCAL statement_timeout = {ms};"
-            f" SET LOCAL lock_timeout = {ms};"
-            # A hub that stalls mid-check (a stuck event loop) must not hold
-            # locks and a probe transaction open on the server indefinitely.
-            f" SET LOCAL idle_in_transaction_session_timeout = {ms * 5}"
+        self._probe = ProbePool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            acquire_timeout=acquire_timeout,
+            statement_timeout=statement_timeout,
+            application_name=application_name,
         )
-        self._pool: asyncpg.Pool | None = None
 
     async def start(self) -> None:
         """Open the pool.  With ``min_size`` 0 (the default) this does not
         connect: a database that is down at start makes checks fail with
         PolicyCheckFailed until it is back, and never stops the hub."""
-        if self._pool is not None:
-            return
-        self._pool = await asyncpg.create_pool(
-            self.dsn,
-            min_size=self.min_size,
-            max_size=self.max_size,
-            timeout=self.acquire_timeout,
-            command_timeout=self._call_timeout,
-            # Each connection is a backend of the app's database, whose
-            # connection budget is the app's: give idle ones back.
-            max_inactive_connection_lifetime=60.0,
-            server_settings={"application_name": self.application_name},
-        )
+        await self._probe.start()
 
     async def stop(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), self._call_timeout)
-            except TimeoutError:
-                pool.terminate()
+        await self._probe.stop()
 
     # -- checks ------------------------------------------------------------------
 
@@ -379,7 +323,7 @@ class ChannelPolicies:
 
         async def run(conn: asyncpg.Connection) -> list[str]:
             rows = await conn.fetch(
-                "SELECT hub.realtime_create_partitions() AS name", timeout=self._call_timeout
+                "SELECT hub.realtime_create_partitions() AS name", timeout=self._probe.call_timeout
             )
             return [str(row["name"]) for row in rows]
 
@@ -393,7 +337,7 @@ class ChannelPolicies:
             rows = await conn.fetch(
                 "SELECT hub.realtime_drop_old_partitions(make_interval(secs => $1)) AS name",
                 retention,
-                timeout=self._call_timeout,
+                timeout=self._probe.call_timeout,
             )
             return [str(row["name"]) for row in rows]
 
@@ -404,10 +348,10 @@ class ChannelPolicies:
     async def _read(
         self, conn: asyncpg.Connection, context: _Context, wanted: tuple[str, ...]
     ) -> dict[str, bool]:
-        timeout = self._call_timeout
+        timeout = self._probe.call_timeout
         try:
             probes = await conn.fetch(_INSERT_PROBES, context.topic, list(wanted), timeout=timeout)
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             raise  # _run retries on a fresh connection
         except asyncpg.PostgresError as exc:
             raise _sql_failure(exc, "probe") from exc
@@ -421,7 +365,7 @@ class ChannelPolicies:
             # The role may not select from realtime.messages, or a policy
             # uses a table or function it may not use: it cannot read.
             return dict.fromkeys(wanted, False)
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             raise
         except asyncpg.PostgresError as exc:
             raise _sql_failure(exc, "check") from exc
@@ -431,7 +375,7 @@ class ChannelPolicies:
     async def _write(
         self, conn: asyncpg.Connection, context: _Context, wanted: tuple[str, ...]
     ) -> dict[str, bool]:
-        timeout = self._call_timeout
+        timeout = self._probe.call_timeout
         await self._set_context(conn, context)
         allowed: dict[str, bool] = {}
         for index, extension in enumerate(wanted):
@@ -447,7 +391,7 @@ class ChannelPolicies:
                 allowed[extension] = False
                 if not last:
                     await conn.execute("ROLLBACK TO SAVEPOINT probe", timeout=timeout)
-            except _CONNECTION_ERRORS:
+            except CONNECTION_ERRORS:
                 raise
             except asyncpg.PostgresError as exc:
                 raise _sql_failure(exc, "check") from exc
@@ -463,9 +407,9 @@ class ChannelPolicies:
                 context.topic,
                 context.claims_json,
                 context.sub,
-                timeout=self._call_timeout,
+                timeout=self._probe.call_timeout,
             )
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             raise
         except asyncpg.PostgresError as exc:
             raise _sql_failure(exc, "context") from exc
@@ -478,7 +422,7 @@ class ChannelPolicies:
     ) -> T:
         """Run ``body`` on a pooled connection, inside a transaction that is
         always rolled back; retry once when the connection itself failed."""
-        pool = self._pool
+        pool = self._probe.pool
         if pool is None:
             raise _failed("unavailable")
         for attempt in (1, 2):
@@ -488,11 +432,13 @@ class ChannelPolicies:
                 raise
             except TimeoutError as exc:
                 # Client-side timeout: the server did not answer at all.  Before
-                # _CONNECTION_ERRORS: TimeoutError is an OSError, and a server
+                # CONNECTION_ERRORS: TimeoutError is an OSError, and a server
                 # that hangs is not worth a second wait.
-                log.warning("realtime authorization: no answer within %.1fs", self._call_timeout)
+                log.warning(
+                    "realtime authorization: no answer within %.1fs", self._probe.call_timeout
+                )
                 raise _failed("timeout") from exc
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 if attempt == 2:
                     log.warning("realtime authorization: database unavailable: %r", exc)
                     raise _failed("unavailable") from exc
@@ -508,11 +454,13 @@ class ChannelPolicies:
         transaction: bool,
     ) -> T:
         try:
-            conn = await pool.acquire(timeout=self.acquire_timeout)
+            conn = await pool.acquire(timeout=self._probe.acquire_timeout)
         except TimeoutError as exc:
             # Either every connection is busy or connecting hangs; both mean
             # the database cannot take more checks right now.
-            log.warning("realtime authorization: no connection within %.1fs", self.acquire_timeout)
+            log.warning(
+                "realtime authorization: no connection within %.1fs", self._probe.acquire_timeout
+            )
             raise _failed("busy") from exc
         try:
             if not transaction:
@@ -520,25 +468,25 @@ class ChannelPolicies:
             # BEGIN and the SET LOCALs in one round trip (simple protocol);
             # the probe rows must never be committed, so the only way out is
             # ROLLBACK (or the connection's end).
-            await conn.execute(self._begin, timeout=self._call_timeout)
+            await conn.execute(self._probe.begin, timeout=self._probe.call_timeout)
             try:
                 return await body(conn)
             finally:
                 await self._rollback(conn)
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             # Whatever state the connection is in, the pool must not hand it
             # out again: close it, and the retry gets a fresh one.
             conn.terminate()
             raise
         finally:
-            await pool.release(conn, timeout=self._call_timeout)
+            await pool.release(conn, timeout=self._probe.call_timeout)
 
     async def _rollback(self, conn: asyncpg.Connection) -> None:
         if conn.is_closed():
             return
         try:
-            await conn.execute("ROLLBACK", timeout=self._call_timeout)
-        except (*_CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError):
+            await conn.execute("ROLLBACK", timeout=self._probe.call_timeout)
+        except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError):
             # A connection that cannot roll back must not be reused with a
             # transaction (and a role) still open.
             conn.terminate()

@@ -23,7 +23,6 @@ change for the subscribers it was checking and logs.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,24 +32,13 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import orjson
 
 from hub.auth.channel_policies import ROLES
+from hub.auth.probe_pool import CONNECTION_ERRORS, ProbePool, claims_json
 from hub.errors import HubError
 
 log = logging.getLogger(__name__)
 
 _CHECK: Final = (
     "SELECT idx, visible, readable FROM hub.rls_visible($1::oid, $2::text::jsonb, $3::text::jsonb)"
-)
-
-#: Errors of the connection rather than of the check (retried once on a
-#: fresh connection: a pooled one may have died while idle).
-_CONNECTION_ERRORS: Final = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
 )
 
 
@@ -83,13 +71,6 @@ class Verdict:
     readable: frozenset[str]
 
 
-def _mapping_default(value: object) -> object:
-    # The verifier's claims may hold read-only Mappings; orjson knows dict.
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
 def context_of(role: str, claims: Mapping[str, Any]) -> Context:
     """The context a subscriber's role and claims give; ContextRefused
     when they cannot be used (the hub's own role must never be assumed)."""
@@ -101,10 +82,10 @@ def context_of(role: str, claims: Mapping[str, Any]) -> Context:
     if not isinstance(sub, str) or "\x00" in sub:
         raise ContextRefused("claim `sub` must be a string")
     try:
-        claims_json = orjson.dumps(claims, default=_mapping_default).decode()
+        encoded = claims_json(claims)
     except TypeError:
         raise ContextRefused("the token's claims are not valid JSON") from None
-    return Context(role, claims_json, sub)
+    return Context(role, encoded, sub)
 
 
 class RowSecurity:
@@ -122,41 +103,21 @@ class RowSecurity:
         statement_timeout: float = 2.0,
         application_name: str = "hub rows",
     ) -> None:
-        self.dsn = dsn
-        self.max_size = max_size
-        self.acquire_timeout = acquire_timeout
-        self.application_name = application_name
-        # The server-side timeout is the real bound; the client-side one, a
-        # second later, covers a connection that stopped answering.
-        self._call_timeout = statement_timeout + 1.0
-        ms = max(1, int(statement_timeout * 1000))
-        self._begin = (
-            f"BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms};"
-            f" SET LOCAL idle_in_transaction_session_timeout = {ms * 5}"
+        self._probe = ProbePool(
+            dsn,
+            max_size=max_size,
+            acquire_timeout=acquire_timeout,
+            statement_timeout=statement_timeout,
+            application_name=application_name,
         )
-        self._pool: asyncpg.Pool | None = None
 
     async def start(self) -> None:
         """Open the pool (it connects on first use: a database that is down
         makes checks fail until it is back, and never stops the hub)."""
-        if self._pool is None:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=0,
-                max_size=self.max_size,
-                timeout=self.acquire_timeout,
-                command_timeout=self._call_timeout,
-                max_inactive_connection_lifetime=60.0,
-                server_settings={"application_name": self.application_name},
-            )
+        await self._probe.start()
 
     async def stop(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), self._call_timeout)
-            except TimeoutError:
-                pool.terminate()
+        await self._probe.stop()
 
     async def check(
         self, relid: int, record: Mapping[str, Any], contexts: Sequence[Context]
@@ -171,15 +132,15 @@ class RowSecurity:
             row_json = orjson.dumps(record).decode()
         except TypeError:
             raise RowCheckFailed("the row is not JSON") from None
-        pool = self._pool
+        pool = self._probe.pool
         if pool is None:
             raise RowCheckFailed("row checks are not started")
         for attempt in (1, 2):
             try:
                 rows = await self._once(pool, relid, row_json, groups)
             except TimeoutError as exc:
-                raise RowCheckFailed(f"no answer within {self._call_timeout:.1f}s") from exc
-            except _CONNECTION_ERRORS as exc:
+                raise RowCheckFailed(f"no answer within {self._probe.call_timeout:.1f}s") from exc
+            except CONNECTION_ERRORS as exc:
                 if attempt == 2:
                     raise RowCheckFailed(f"database unavailable: {exc!r}") from exc
                 continue
@@ -195,14 +156,14 @@ class RowSecurity:
         self, pool: asyncpg.Pool, relid: int, row_json: str, groups: str
     ) -> list[asyncpg.Record]:
         try:
-            conn = await pool.acquire(timeout=self.acquire_timeout)
+            conn = await pool.acquire(timeout=self._probe.acquire_timeout)
         except TimeoutError as exc:
             raise RowCheckFailed("no database connection free for row checks") from exc
         try:
-            await conn.execute(self._begin, timeout=self._call_timeout)
+            await conn.execute(self._probe.begin, timeout=self._probe.call_timeout)
             try:
                 rows: list[asyncpg.Record] = await conn.fetch(
-                    _CHECK, relid, row_json, groups, timeout=self._call_timeout
+                    _CHECK, relid, row_json, groups, timeout=self._probe.call_timeout
                 )
                 return rows
             finally:
@@ -210,11 +171,11 @@ class RowSecurity:
                     try:
                         # The role and claims were set for the transaction
                         # only: the rollback is what takes them away.
-                        await conn.execute("ROLLBACK", timeout=self._call_timeout)
-                    except (*_CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError):
+                        await conn.execute("ROLLBACK", timeout=self._probe.call_timeout)
+                    except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError):
                         conn.terminate()
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             conn.terminate()
             raise
         finally:
-            await pool.release(conn, timeout=self._call_timeout)
+            await pool.release(conn, timeout=self._probe.call_timeout)
