@@ -9,12 +9,10 @@ become durable org events instead), with the whole message
 fit, only ``{"id", "topic", "inserted_at", "ref": true}``: the row is then
 read from the table.
 
-:class:`BroadcastRelay` gets the NOTIFY payloads from the store's LISTEN
-connection (:mod:`hub.store.listener`).  The driver callback only parses
-and queues; references are read by tasks, at most
-``fetch_concurrency`` at a time, and one worker hands the messages on in
-the order their NOTIFYs arrived (commit order).  The queue is bounded:
-past ``queue_size`` waiting messages the newest are dropped, and logged.
+:func:`broadcast_relay` makes the :class:`~hub.store.relay.NotifyRelay`
+that gets the NOTIFY payloads from the store's LISTEN connection
+(:mod:`hub.store.listener`) and hands the messages on in commit order,
+bounded, reading references from the table.
 
 Best effort, as in Supabase: a message whose NOTIFY arrives while nobody
 listens (the LISTEN connection is being re-established) is lost, and so is
@@ -23,8 +21,6 @@ one whose row cannot be read.  Nothing is replayed.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -35,6 +31,7 @@ import orjson
 
 from hub.store.base import DatabaseBroadcast
 from hub.store.pgjson import loads
+from hub.store.relay import NotifyRelay, Reference, RelayNames
 
 log = logging.getLogger(__name__)
 
@@ -89,100 +86,20 @@ def key_of(message_id: str) -> uuid.UUID | int:
         return int(message_id)
 
 
-class BroadcastRelay:
-    """Parses ``hub_broadcasts`` NOTIFYs and hands the messages to
-    ``deliver`` in arrival order; references are resolved with ``fetch``.
+def _parse(text: str) -> DatabaseBroadcast | Reference[tuple[str, str]]:
+    parsed = parse_broadcast(text)
+    return Reference(parsed) if isinstance(parsed, tuple) else parsed
 
-    ``deliver`` runs on the event loop and must not block; what it raises is
-    logged.  Constructing it does nothing; :meth:`start` starts the worker,
-    :meth:`stop` ends it and the reads in flight.
-    """
 
-    def __init__(
-        self,
-        fetch: FetchBroadcast,
-        deliver: Callable[[DatabaseBroadcast], None],
-        *,
-        queue_size: int = 10_000,
-        fetch_concurrency: int = 2,
-    ) -> None:
-        self._fetch = fetch
-        self._deliver = deliver
-        self._queue: asyncio.Queue[DatabaseBroadcast | asyncio.Task[DatabaseBroadcast | None]] = (
-            asyncio.Queue(queue_size)
-        )
-        self._reads = asyncio.Semaphore(fetch_concurrency)
-        self._worker: asyncio.Task[None] | None = None
-        #: Messages received (whole or by reference).
-        self.received = 0
-        #: Messages read from the table because their NOTIFY held a reference.
-        self.fetched = 0
-        #: Messages lost: queue full, malformed, or their row unreadable.
-        self.dropped = 0
-
-    def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._work_forever(), name="hub-db-broadcasts")
-
-    async def stop(self) -> None:
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, asyncio.Task):
-                item.cancel()
-
-    def on_notify(self, text: str) -> None:
-        """A NOTIFY payload of :data:`BROADCAST_CHANNEL` (driver callback:
-        parse and hand off only)."""
-        self.received += 1
-        try:
-            parsed = parse_broadcast(text)
-        except (ValueError, KeyError, TypeError):
-            self.dropped += 1
-            log.error("ignoring a malformed database broadcast: %.200s", text)
-            return
-        if self._queue.full():
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning(
-                    "database broadcasts are arriving faster than they are delivered: "
-                    "%d dropped so far",
-                    self.dropped,
-                )
-            return
-        if isinstance(parsed, DatabaseBroadcast):
-            self._queue.put_nowait(parsed)
-        else:
-            self._queue.put_nowait(
-                asyncio.create_task(self._read(*parsed), name="hub-db-broadcast-read")
-            )
-
-    async def _read(self, message_id: str, inserted_at: str) -> DatabaseBroadcast | None:
-        async with self._reads:
-            return await self._fetch(message_id, inserted_at)
-
-    async def _work_forever(self) -> None:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, asyncio.Task):
-                try:
-                    message = await item
-                except Exception as exc:
-                    self.dropped += 1
-                    log.warning("cannot read a database broadcast from realtime.messages: %r", exc)
-                    continue
-                if message is None:
-                    self.dropped += 1
-                    log.warning("a database broadcast's row is gone from realtime.messages")
-                    continue
-                self.fetched += 1
-            else:
-                message = item
-            try:
-                self._deliver(message)
-            except Exception:
-                log.exception("database broadcast callback failed for %.100r", message.topic)
+def broadcast_relay(
+    fetch: FetchBroadcast, deliver: Callable[[DatabaseBroadcast], None]
+) -> NotifyRelay[DatabaseBroadcast, tuple[str, str]]:
+    """The relay of :data:`BROADCAST_CHANNEL`: references are read with
+    ``fetch(id, inserted_at)``."""
+    return NotifyRelay(
+        _parse,
+        lambda key: fetch(*key),
+        deliver,
+        names=RelayNames("database broadcast", "realtime.messages", "hub-db-broadcasts"),
+        label=lambda message: message.topic,
+    )

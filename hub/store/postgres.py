@@ -10,11 +10,11 @@ for the ordering guarantees, gap fills and catch-ups).
 
 The same LISTEN connection carries the broadcasts sent from the database
 (``realtime.send()``, see ``migrations/0005_database_broadcast.sql``): a
-:class:`~hub.store.broadcasts.BroadcastRelay` hands them to the callback of
+:func:`~hub.store.broadcasts.broadcast_relay` hands them to the callback of
 :meth:`~hub.store.base.EventStore.listen_broadcasts`, best effort.  It also
 carries the row changes of tables tracked without an org column
 (``migrations/0006_orgless_changes.sql``): a
-:class:`~hub.store.rowchanges.ChangeRelay` hands them to the callback of
+:func:`~hub.store.rowchanges.change_relay` hands them to the callback of
 :meth:`~hub.store.base.EventStore.listen_changes`, best effort.
 
 Supabase's switch, the publication ``supabase_realtime``, is followed by
@@ -47,10 +47,10 @@ from hub.store.base import (
     check_append,
     encode_event,
 )
-from hub.store.broadcasts import BROADCAST_CHANNEL, BroadcastRelay, key_of
+from hub.store.broadcasts import BROADCAST_CHANNEL, broadcast_relay, key_of
 from hub.store.listener import Listener
 from hub.store.pgjson import dumps, loads
-from hub.store.rowchanges import CHANGES_CHANNEL, ChangeRelay, check_change
+from hub.store.rowchanges import CHANGES_CHANNEL, change_relay, check_change
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,8 @@ class PostgresStore(EventStore):
             deliver=self._deliver,
             also={BROADCAST_CHANNEL: self._relay_notify, CHANGES_CHANNEL: self._change_notify},
         )
-        self._relay = BroadcastRelay(self._read_broadcast, self._deliver_broadcast)
-        self._changes = ChangeRelay(self._read_change, self._deliver_change)
+        self._relay = broadcast_relay(self._read_broadcast, self._deliver_broadcast)
+        self._changes = change_relay(self._read_change, self._deliver_change)
         self._publication_interval = publication_interval
         self._publication: asyncio.Task[None] | None = None
 
