@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from hub.channels.changes import matches
@@ -337,32 +337,13 @@ class Channels:
             bound = {**(bound or {}), **self._all_bindings}
         assert bound is not None
         data = change_data(change)
-        frames: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
-        touched: dict[str, _TopicSubscribers] = {}
-        count = 0
-        for sub in bound:
-            ids = tuple(b.id for b in sub.bindings if matches(b, change))
-            if not ids or not sub.take_durable(seq, event, own=sub.topic.kind == "org"):
-                continue
-            frame_key = (sub.vsn, sub.topic.key, ids)
-            wire = frames.get(frame_key)
-            if wire is None:
-                payload = {"ids": list(ids), "data": data}
-                frame = encode(sub.vsn, None, None, sub.wire_topic, "postgres_changes", payload)
-                wire = frames[frame_key] = frame.wire
-            sub.outbox.sink(wire)
-            count += 1
-            if sub.topic.key not in touched:
-                subscribers = self._topics.get(sub.topic.key)
-                if subscribers is not None:
-                    touched[sub.topic.key] = subscribers
-                else:  # not expected: bindings are indexed only while subscribed
-                    sub.outbox.schedule()
-        for subscribers in touched.values():
-            if not subscribers.scheduled:
-                subscribers.scheduled = True
-                self.schedule(subscribers)
-        return count
+        own = (
+            (sub, ids, data)
+            for sub in bound
+            if (ids := tuple(b.id for b in sub.bindings if matches(b, change)))
+            and sub.take_durable(seq, event, own=sub.topic.kind == "org")
+        )
+        return self._send_changes(own)
 
     def free_matches(self, change: dict[str, Any]) -> list[tuple[Subscription, tuple[int, ...]]]:
         """The subscriptions a row change of a table without an org column
@@ -383,12 +364,22 @@ class Channels:
         data), appended through the sinks, one flush per topic; a
         subscription that left meanwhile, or whose durable delivery is
         paused, gets nothing.  Returns how many subscriptions got a frame."""
+        return self._send_changes(
+            (sub, ids, data)
+            for sub, ids, data in rows
+            if sub.active and sub.take_durable(0, None, own=False)
+        )
+
+    def _send_changes(
+        self, rows: Iterable[tuple[Subscription, tuple[int, ...], dict[str, Any]]]
+    ) -> int:
+        """Send ``postgres_changes`` messages to accepted subscriptions: one
+        frame per (wire format, topic, binding ids, data object), appended
+        through the sinks, one flush per topic.  Returns how many got one."""
         frames: dict[tuple[str, str, tuple[int, ...], int], bytes] = {}
         touched: dict[str, _TopicSubscribers] = {}
         count = 0
         for sub, ids, data in rows:
-            if not sub.active or not sub.take_durable(0, None, own=False):
-                continue
             frame_key = (sub.vsn, sub.topic.key, ids, id(data))
             wire = frames.get(frame_key)
             if wire is None:
@@ -401,7 +392,7 @@ class Channels:
                 subscribers = self._topics.get(sub.topic.key)
                 if subscribers is not None:
                     touched[sub.topic.key] = subscribers
-                else:
+                else:  # not expected: bindings are indexed only while subscribed
                     sub.outbox.schedule()
         for subscribers in touched.values():
             if not subscribers.scheduled:
