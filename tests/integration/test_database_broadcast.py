@@ -28,6 +28,10 @@ from hub.store.migrate import migrate
 from tests.support.hubs import HubProcess, start_hub, stop_hub
 from tests.support.mother import fresh_database
 from tests.support.pg import create_database, drop_database, new_database_name
+from tests.support.rawclients import (
+    close_raw_clients,  # noqa: F401 - autouse
+    connect,
+)
 
 T = 5.0
 V1, V2 = "1.0.0", "2.0.0"
@@ -103,22 +107,6 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
-
-
-OPEN: list[AsyncClient] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients() -> AsyncIterator[None]:
-    yield
-    while OPEN:
-        await OPEN.pop().close()
-
-
-async def connect(hub: HubProcess, token: str, vsn: str = V2) -> AsyncClient:
-    client = await AsyncClient.connect(hub.ws_url, token, vsn, within=T)
-    OPEN.append(client)
-    return client
 
 
 def user(hub: HubProcess, sub: str = ALICE, **claims: Any) -> str:

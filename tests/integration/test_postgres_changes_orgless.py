@@ -32,6 +32,10 @@ from hub.client.realtime import AsyncClient, Message
 from hub.store.migrate import migrate
 from tests.support.hubs import ROOT, HubProcess, start_hub, stop_hub
 from tests.support.pg import create_database, drop_database, new_database_name, run_sync
+from tests.support.rawclients import (
+    close_raw_clients,  # noqa: F401 - autouse
+    connect,
+)
 
 T = 10.0
 V1, V2 = "1.0.0", "2.0.0"
@@ -72,20 +76,8 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-OPEN: list[AsyncClient] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients() -> AsyncIterator[None]:
-    yield
-    while OPEN:
-        await OPEN.pop().close()
-
-
-async def connect(hub: HubProcess, token: str, vsn: str = V2) -> AsyncClient:
-    client = await AsyncClient.connect(hub.ws_url, token, vsn, within=T)
-    OPEN.append(client)
-    return client
+async def connect_slow(hub: HubProcess, token: str, vsn: str = V2) -> AsyncClient:
+    return await connect(hub, token, vsn, within=T)
 
 
 def changes_config(table: str, *, private: bool = False, event: str = "*") -> dict[str, Any]:
@@ -163,10 +155,10 @@ async def test_orgless_rows_reach_free_names_and_never_org_topics(
     await hub_cli("track", f"public.{table}", "--no-org", dsn=dsn)
 
     member = hub.token(sub="m", orgs=[org])
-    free_v2 = await connect(hub, member, V2)
-    free_v1 = await connect(hub, hub.token(sub="n", orgs=[]), V1)
-    on_org = await connect(hub, member, V1)
-    admin_org = await connect(hub, hub.admin_token(), V2)
+    free_v2 = await connect_slow(hub, member, V2)
+    free_v1 = await connect_slow(hub, hub.token(sub="n", orgs=[]), V1)
+    on_org = await connect_slow(hub, member, V1)
+    admin_org = await connect_slow(hub, hub.admin_token(), V2)
     await free_v2.join("realtime:schema-db-changes", changes_config(table))
     await free_v1.join("realtime:room:x", changes_config(table, event="INSERT"))
     await on_org.join(f"realtime:org:{org}", changes_config(table))
@@ -241,8 +233,8 @@ async def test_tracking_with_an_org_column_wins_over_the_publication(
     await db.execute(f"CREATE TABLE public.{table} (id bigserial PRIMARY KEY, org_id text)")
     await hub_cli("track", f"public.{table}", dsn=dsn)
     await db.execute(f"ALTER PUBLICATION supabase_realtime ADD TABLE public.{table}")
-    outsider = await connect(hub, hub.token(sub="x", orgs=["elsewhere"]))
-    member = await connect(hub, hub.token(sub="y", orgs=[org]))
+    outsider = await connect_slow(hub, hub.token(sub="x", orgs=["elsewhere"]))
+    member = await connect_slow(hub, hub.token(sub="y", orgs=[org]))
     await outsider.join("realtime:schema-db-changes", changes_config(table))
     await member.join("realtime:schema-db-changes", changes_config(table))
     await asyncio.sleep(1.5)  # a publication sync or more
@@ -280,10 +272,10 @@ async def test_rls_each_user_gets_exactly_their_rows_and_readable_columns(
 ) -> None:
     table = await rls_table(db, policy="user_id = auth.uid()")
     topic = "realtime:schema-db-changes"
-    alice = await connect(hub, hub.token(sub=ALICE, orgs=[]), V2)
-    alice_tab = await connect(hub, hub.token(sub=ALICE, orgs=[]), V1)
-    bob = await connect(hub, hub.token(sub=BOB, orgs=[]), V1)
-    anon = await connect(hub, hub.token(sub=None, role="anon"), V2)
+    alice = await connect_slow(hub, hub.token(sub=ALICE, orgs=[]), V2)
+    alice_tab = await connect_slow(hub, hub.token(sub=ALICE, orgs=[]), V1)
+    bob = await connect_slow(hub, hub.token(sub=BOB, orgs=[]), V1)
+    anon = await connect_slow(hub, hub.token(sub=None, role="anon"), V2)
     for client in (alice, alice_tab, bob, anon):
         await client.join(topic, changes_config(table))
 
@@ -332,7 +324,7 @@ async def test_a_policy_that_raises_drops_the_row_and_is_logged(
 ) -> None:
     table = await rls_table(db, policy="user_id = auth.uid() AND 1 / (length(title) - 4) <> 0")
     topic = "realtime:boom"
-    alice = await connect(hub, hub.token(sub=ALICE, orgs=[]))
+    alice = await connect_slow(hub, hub.token(sub=ALICE, orgs=[]))
     await alice.join(topic, changes_config(table))
     await db.execute(
         f"INSERT INTO public.{table} (user_id, title) VALUES ($1, 'four')", uuid.UUID(ALICE)

@@ -9,7 +9,7 @@ documentation.  Each test gets a database of its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,10 @@ import pytest
 from hub.client.realtime import AsyncClient, Message, Refused
 from tests.support.hubs import HubProcess, start_hub, stop_hub
 from tests.support.policies import ALICE, BOB
+from tests.support.rawclients import (
+    close_raw_clients,  # noqa: F401 - autouse
+    connect,
+)
 
 T = 5.0
 V1, V2 = "1.0.0", "2.0.0"
@@ -33,22 +37,6 @@ def hub(policies_dsn: str, tmp_path: Path) -> Iterator[HubProcess]:
     finally:
         stop_hub(started)
     assert "Traceback" not in started.log(), started.log()
-
-
-OPEN: list[AsyncClient] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients() -> AsyncIterator[None]:
-    yield
-    while OPEN:
-        await OPEN.pop().close()
-
-
-async def connect(hub: HubProcess, token: str, vsn: str = V2) -> AsyncClient:
-    client = await AsyncClient.connect(hub.ws_url, token, vsn, within=T)
-    OPEN.append(client)
-    return client
 
 
 def private(presence: bool = True, ack: bool = False, key: str = "") -> dict[str, Any]:
