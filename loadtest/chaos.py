@@ -325,15 +325,18 @@ class Subscriber:
         topic = self.topic if event != "heartbeat" else "phoenix"
         return encode(self.vsn, join_ref, ref, topic, event, payload)
 
-    async def _session(self, ws: ClientConnection) -> None:
-        join_ref = str(self.connects)
-        config = {
+    def _join_config(self) -> dict[str, Any]:
+        """Rejoin the org topic resuming after the last seq seen."""
+        return {
             "broadcast": {"self": False, "ack": False, "replay": {"after": self.last_seq}},
             "presence": {"key": "", "enabled": False},
             "postgres_changes": [],
             "private": True,
         }
-        await ws.send(self._frame("phx_join", {"config": config}, join_ref, join_ref))
+
+    async def _session(self, ws: ClientConnection) -> None:
+        join_ref = str(self.connects)
+        await ws.send(self._frame("phx_join", {"config": self._join_config()}, join_ref, join_ref))
         beat = asyncio.get_running_loop().time() + 15
         while True:
             now = asyncio.get_running_loop().time()
@@ -345,29 +348,31 @@ class Subscriber:
             except TimeoutError:
                 continue
             msg = decode(data)
-            if msg.binary:
-                self._durable(msg.topic, msg.payload["event"], msg.payload.get("meta"))
-                continue
-            ref, topic, event, payload = msg.ref, msg.topic, msg.event, msg.payload
-            if event == "phx_reply" and ref == join_ref:
-                if payload.get("status") != "ok":
+            if msg.event == "phx_reply" and msg.ref == join_ref:
+                if msg.payload.get("status") != "ok":
                     # e.g. a rate limit during a reconnect storm: retry later.
                     self.refused_joins += 1
                     await asyncio.sleep(0.5)
                     return
                 self.joined.set()
-            elif event == "broadcast" and isinstance(payload, dict):
-                self._durable(topic, str(payload.get("event")), payload.get("meta"))
-            elif event == "system" and isinstance(payload, dict):
-                message = str(payload.get("message", ""))
-                if message.startswith("ReplayTruncated"):
-                    # last_seq is resume_after by now: reconnecting resumes.
-                    self.truncations += 1
-                    return
-                if payload.get("status") == "error":
-                    return
-            elif event == "phx_close":
+            elif msg.event == "phx_close" or not self._take(msg):
                 return
+
+    def _take(self, msg: Any) -> bool:
+        """One message of the channel; False ends the session (the client
+        reconnects and rejoins)."""
+        if msg.binary:
+            self._durable(msg.topic, msg.payload["event"], msg.payload.get("meta"))
+        elif msg.event == "broadcast" and isinstance(msg.payload, dict):
+            self._durable(msg.topic, str(msg.payload.get("event")), msg.payload.get("meta"))
+        elif msg.event == "system" and isinstance(msg.payload, dict):
+            if str(msg.payload.get("message", "")).startswith("ReplayTruncated"):
+                # last_seq is resume_after by now: reconnecting resumes.
+                self.truncations += 1
+                return False
+            if msg.payload.get("status") == "error":
+                return False
+        return True
 
     def _durable(self, topic: str, event: str, meta: dict[str, Any] | None) -> None:
         if topic != self.topic:
@@ -400,39 +405,20 @@ class PublicSubscriber(Subscriber):
         self.topic = f"realtime:{PUBLIC_TOPIC}"
         self.received: set[str] = set()
 
-    async def _session(self, ws: ClientConnection) -> None:
-        join_ref = str(self.connects)
-        config = {
+    def _join_config(self) -> dict[str, Any]:
+        return {
             "broadcast": {"self": False, "ack": False},
             "presence": {"key": "", "enabled": False},
             "postgres_changes": [],
             "private": False,
         }
-        await ws.send(self._frame("phx_join", {"config": config}, join_ref, join_ref))
-        beat = asyncio.get_running_loop().time() + 15
-        while True:
-            now = asyncio.get_running_loop().time()
-            if now >= beat:
-                await ws.send(self._frame("heartbeat", {}, f"hb{now:.0f}", None))
-                beat = now + 15
-            try:
-                data = await asyncio.wait_for(ws.recv(), max(0.1, beat - now))
-            except TimeoutError:
-                continue
-            msg = decode(data)
-            if msg.event == "broadcast" and isinstance(msg.payload, dict):
-                self._public(msg.topic, msg.payload)
-            elif msg.event == "phx_reply" and msg.ref == join_ref:
-                if msg.payload.get("status") != "ok":
-                    self.refused_joins += 1
-                    await asyncio.sleep(0.5)
-                    return
-                self.joined.set()
-            elif msg.event == "system" and isinstance(msg.payload, dict):
-                if msg.payload.get("status") == "error":
-                    return
-            elif msg.event == "phx_close":
-                return
+
+    def _take(self, msg: Any) -> bool:
+        if msg.event == "broadcast" and isinstance(msg.payload, dict):
+            self._public(msg.topic, msg.payload)
+        elif msg.event == "system" and isinstance(msg.payload, dict):
+            return msg.payload.get("status") != "error"
+        return True
 
     def _public(self, topic: str, payload: dict[str, Any]) -> None:
         event = str(payload.get("event"))
