@@ -23,6 +23,7 @@ from typing import Any
 from loadtest.bench import envs, procs
 from loadtest.bench.loadgen import ClientPool, paced, percentiles, saturate
 from loadtest.bench.servers import Deployment, deploy
+from loadtest.policies import POLICIES_SQL
 
 PROFILE_DIR = envs.CACHE / "profiles"
 
@@ -363,25 +364,6 @@ async def capacity(name: str, cfg: Config, *, profile: bool = False) -> dict[str
 
 # -- private joins (Realtime Authorization) ------------------------------------------
 
-#: The app's side, as a Supabase app writes it (tests/support/policies.py):
-#: a membership table and a read policy on realtime.messages that joins it.
-#: The table has the primary key an app would give it.
-POLICY_SQL = """
-create table if not exists public.rooms_users (
-  user_id uuid not null,
-  room_topic text not null,
-  primary key (user_id, room_topic)
-);
-grant select on public.rooms_users to authenticated, anon;
-drop policy if exists "bench room members read" on realtime.messages;
-create policy "bench room members read" on realtime.messages
-  for select to authenticated using (
-    exists (
-      select 1 from public.rooms_users
-      where user_id = auth.uid() and room_topic = realtime.topic()
-    )
-  );
-"""
 ROOM_PREFIX = "bench-room:"
 
 
@@ -392,7 +374,9 @@ async def _policy_setup(database_url: str, users: list[str], rooms: int) -> None
 
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute(POLICY_SQL)
+        # The app's side (loadtest/policies.py): a membership table and
+        # policies on realtime.messages that join it (a join reads).
+        await conn.execute(POLICIES_SQL)
         async with conn.transaction():
             await conn.execute(
                 "delete from public.rooms_users where room_topic like $1", ROOM_PREFIX + "%"
