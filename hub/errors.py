@@ -46,8 +46,9 @@ class WebSocketError(ProtocolError):
         self.reason = reason
 
 
-class AuthError(HubError):
-    """A token was refused.  ``reason`` is the Supabase-style ``Code: text``."""
+class ReasonError(HubError):
+    """An error a client is told about: ``reason`` is the Supabase-style
+    ``Code: text`` (``code`` and ``message`` apart), safe to send."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -57,6 +58,10 @@ class AuthError(HubError):
     @property
     def reason(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class AuthError(ReasonError):
+    """A token was refused."""
 
 
 class CloseCode(enum.IntEnum):

@@ -35,7 +35,7 @@ from typing import Any, Final, TypeVar
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
 from hub.auth.probe_pool import CONNECTION_ERRORS, ProbePool, claims_json
-from hub.errors import HubError
+from hub.errors import ReasonError
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +52,9 @@ ROLES: Final = frozenset({"anon", "authenticated", "service_role"})
 T = TypeVar("T")
 
 
-class ChannelPolicyError(HubError):
-    """A policy check did not produce an answer.
-
-    ``reason`` (``Code: text``, as AuthError's) is safe to send to a client;
-    it never holds the database's message.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-    @property
-    def reason(self) -> str:
-        return f"{self.code}: {self.message}"
+class ChannelPolicyError(ReasonError):
+    """A policy check did not produce an answer.  Its ``reason`` never
+    holds the database's message."""
 
 
 class CheckRefused(ChannelPolicyError):
