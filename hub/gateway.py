@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -22,6 +22,7 @@ import anyio
 from hub.auth.channel_policies import ChannelPolicies, ChannelPolicyError, CheckRefused
 from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached, TokenVerifier
+from hub.channels.changes import unmatched
 from hub.channels.durable import DurableFeed, ReplayRequest
 from hub.channels.fanout import Channels
 from hub.channels.observer import Observers
@@ -33,7 +34,8 @@ from hub.flusher import Flusher
 from hub.outbox import Outbox
 from hub.protocol import VERSIONS, Vsn
 from hub.quotas import Quotas
-from hub.session import PolicyCheck, Session
+from hub.session import PolicyCheck, Session, TablesCheck
+from hub.store.base import Table
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Gateway:
         session_limits: SessionLimits,
         socket_limits: SocketLimits,
         policies: ChannelPolicies | None = None,
+        tables: Callable[[bool], Awaitable[frozenset[Table] | None]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.verifier = verifier
@@ -82,6 +85,9 @@ class Gateway:
         self.socket_limits = socket_limits
         #: The app's Realtime Authorization policies (with a database).
         self.policies = policies
+        #: The tracked tables (with a database): ``tables(fresh)``, where
+        #: fresh asks for a new read rather than the last one.
+        self.tables = tables
         self.sessions: set[Session] = set()
         self._conn_ids = itertools.count(1)
 
@@ -115,6 +121,7 @@ class Gateway:
             stats=self.counters,
             quotas=self.quotas,
             policies=self.policies is not None,
+            tables=self.tables is not None,
         )
         self.sessions.add(session)
         self.counters.connections_opened += 1
@@ -172,12 +179,18 @@ class Gateway:
     async def _finish(
         self,
         session: Session,
-        checks: list[PolicyCheck],
+        checks: list[PolicyCheck | TablesCheck],
         replays: list[tuple[Subscription, ReplayRequest]],
     ) -> None:
-        for check in checks:
-            await self._authorize(session, check)
-        # A private join admitted by its check may have asked for a replay.
+        while checks:
+            for check in checks:
+                if isinstance(check, TablesCheck):
+                    await self._check_tables(session, check)
+                else:
+                    await self._authorize(session, check)
+            # A private join admitted by its check may have asked for a
+            # replay, and its bindings for the tables.
+            checks = session.take_checks()
         replays = [*replays, *session.take_replays()]
         for sub, request in replays:
             await self.durable.replay(sub, request)
@@ -203,6 +216,23 @@ class Gateway:
             self._resume(session, check, None, "RlsPolicyError: the policy check failed")
             return
         self._resume(session, check, outcome, "")
+
+    async def _check_tables(self, session: Session, check: TablesCheck) -> None:
+        """Read the tracked tables (again, fresh, when the bindings name one
+        the last read did not have: it may have just been tracked); a
+        database that cannot answer leaves them unknown."""
+        assert self.tables is not None  # sessions ask only when it is set
+        try:
+            tables = await self.tables(False)
+            if tables is not None and unmatched(check.bindings, tables):
+                tables = await self.tables(True)
+        except Exception as exc:
+            log.warning("cannot read the tracked tables: %r", exc)
+            tables = None
+        try:
+            check.resume(tables)
+        except Exception:
+            self._fail(session)
 
     def _resume(
         self, session: Session, check: PolicyCheck, outcome: dict[str, bool] | None, error: str

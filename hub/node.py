@@ -140,6 +140,7 @@ class Node:
             session_limits=settings.limits,
             socket_limits=SocketLimits(settings.max_frame_bytes, settings.max_outbox_bytes),
             policies=self.policies,
+            tables=self.store.tracked_tables if self.store.has_tables else None,
         )
         self.metrics = metrics_registry(NodeCollector(self.node_id, self.counters, self.gauges))
 

@@ -26,7 +26,13 @@ import orjson
 from hub.auth.policy import authorize_read, authorize_write
 from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached, TokenVerifier
-from hub.channels.changes import InvalidBinding, parse_bindings
+from hub.channels.changes import (
+    Binding,
+    InvalidBinding,
+    parse_bindings,
+    unable_to_subscribe,
+    unmatched,
+)
 from hub.channels.durable import ReplayRequest, parse_replay
 from hub.channels.fanout import Channels
 from hub.channels.subscription import Subscription
@@ -48,6 +54,7 @@ from hub.protocol import (
     is_event_name,
 )
 from hub.quotas import Quotas, quota_bucket
+from hub.store.base import Table
 
 PHOENIX: Final = "phoenix"
 
@@ -102,6 +109,18 @@ class PolicyCheck:
     resume: Callable[[PolicyOutcome, str], None]
 
 
+@dataclass(slots=True)
+class TablesCheck:
+    """A join with ``postgres_changes`` bindings waits for the tracked
+    tables (with a database): the I/O layer reads them and calls
+    :attr:`resume` with them (None: unknown), which sends Supabase's
+    ``system`` message, ok or error.  Like Supabase's, that message comes
+    after the join reply."""
+
+    bindings: list[Binding]
+    resume: Callable[[frozenset[Table] | None], None]
+
+
 class Session:
     """The protocol state of one WebSocket connection."""
 
@@ -126,6 +145,7 @@ class Session:
         "_replays",
         "policies",
         "_checks",
+        "tables",
         "closed",
     )
 
@@ -143,6 +163,7 @@ class Session:
         stats: Counters | None = None,
         quotas: Quotas | None = None,
         policies: bool = False,
+        tables: bool = False,
     ) -> None:
         self.conn_id = conn_id
         self.vsn = vsn
@@ -171,8 +192,11 @@ class Session:
         #: Whether the node reads Realtime Authorization policies (it has a
         #: database); without them private free-name channels are refused.
         self.policies = policies
-        #: Policy checks for the I/O layer to run, in order: take_checks.
-        self._checks: list[PolicyCheck] = []
+        #: Whether the node knows its tracked tables (it has a database):
+        #: then a join's bindings are checked against them (TablesCheck).
+        self.tables = tables
+        #: Checks for the I/O layer to run, in order: take_checks.
+        self._checks: list[PolicyCheck | TablesCheck] = []
         #: Set by close(): a check that ends later admits nothing.
         self.closed = False
 
@@ -263,9 +287,9 @@ class Session:
         replays, self._replays = self._replays, []
         return replays
 
-    def take_checks(self) -> list[PolicyCheck]:
-        """Policy checks the last frame asked for; the caller runs each and
-        calls its ``resume`` before feeding the next frame."""
+    def take_checks(self) -> list[PolicyCheck | TablesCheck]:
+        """Checks the last frame asked for; the caller runs each and calls
+        its ``resume`` before feeding the next frame."""
         checks, self._checks = self._checks, []
         return checks
 
@@ -488,11 +512,28 @@ class Session:
         # supabase-js buffers presence diffs until it has seen a state.
         if sub.read_presence:
             self._push(sub, "presence_state", self.channels.presence_state(topic.key))
-        if bindings:
+        if bindings and self.tables:
+            self._checks.append(
+                TablesCheck(bindings, lambda tables: self._bindings_checked(sub, tables))
+            )
+        elif bindings:
             self._system(sub, "Subscribed to PostgreSQL", "ok", "postgres_changes")
         if replay is not None:
             self._replays.append((sub, replay))
         self.channels.joined(sub)
+
+    def _bindings_checked(self, sub: Subscription, tables: frozenset[Table] | None) -> None:
+        """Supabase's answer to a join's bindings: an error naming the first
+        that matches no tracked table, else ok.  The bindings stay either
+        way, so a table tracked later does deliver (Supabase would need a
+        rejoin); unknown tables (None) count as matched."""
+        if self.closed or self.subs.get(sub.wire_topic) is not sub:
+            return  # left or replaced while the tables were read
+        missing = unmatched(sub.bindings, tables) if tables is not None else []
+        if missing:
+            self._system(sub, unable_to_subscribe(missing[0]), "error", "postgres_changes")
+        else:
+            self._system(sub, "Subscribed to PostgreSQL", "ok", "postgres_changes")
 
     def _leave(self, sub: Subscription, msg: Message) -> None:
         self._reply(msg, "ok", {})

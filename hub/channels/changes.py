@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from hub.errors import HubError
+from hub.store.base import Table
 
 EVENTS: Final = ("*", "INSERT", "UPDATE", "DELETE")
 OPERATORS: Final = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
@@ -157,3 +158,26 @@ def matches(binding: Binding, change: dict[str, Any]) -> bool:
     if flt.op == "in":
         return any(_compare(actual, "eq", value) for value in flt.values)
     return _compare(actual, flt.op, flt.values[0])
+
+
+def unmatched(bindings: list[Binding], tables: frozenset[Table]) -> list[Binding]:
+    """The bindings that name no table of ``tables`` (the tracked ones): a
+    ``*`` table matches when its schema has any."""
+    return [
+        b
+        for b in bindings
+        if not any(
+            schema == b.schema and (b.table == "*" or table == b.table) for schema, table in tables
+        )
+    ]
+
+
+def unable_to_subscribe(binding: Binding) -> str:
+    """Supabase's ``system`` error for a binding that matches no table."""
+    params = f"event: {binding.event}, schema: {binding.schema}, table: {binding.table}"
+    if binding.filter is not None:
+        params += f", filter: {binding.raw.get('filter')}"
+    return (
+        "Unable to subscribe to changes with given parameters. Please check Realtime is "
+        f"enabled for the given connect parameters: [{params}]"
+    )

@@ -120,6 +120,8 @@ OnBroadcast = Callable[[DatabaseBroadcast], None]
 #: A row change of a table tracked without an org column (see
 #: :mod:`hub.store.rowchanges` for its keys).
 OnChange = Callable[[dict[str, Any]], None]
+#: A table as ``(schema, table)``, unquoted.
+Table = tuple[str, str]
 
 
 class EventStore(abc.ABC):
@@ -154,6 +156,18 @@ class EventStore(abc.ABC):
         first, at most ``limit``: what a private channel's replay sends.
         Only a database store keeps them."""
         return []
+
+    async def tracked_tables(self, fresh: bool = False) -> frozenset[Table] | None:
+        """The tables whose changes reach ``postgres_changes`` bindings
+        (tracked by ``hub track`` or the publication), or None when the
+        store cannot tell (it has no tables).  ``fresh`` asks for a new read
+        rather than the last one."""
+        return None
+
+    @property
+    def has_tables(self) -> bool:
+        """Whether :meth:`tracked_tables` knows the tables."""
+        return False
 
     def listen_changes(self, on_change: OnChange) -> None:
         """Hand every row change of a table tracked without an org column

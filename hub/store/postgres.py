@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, Final
@@ -44,6 +46,7 @@ from hub.store.base import (
     EventStore,
     StoredEvent,
     StoreError,
+    Table,
     check_append,
     encode_event,
 )
@@ -51,6 +54,7 @@ from hub.store.broadcasts import BROADCAST_CHANNEL, broadcast_relay, key_of
 from hub.store.listener import Listener
 from hub.store.pgjson import dumps, loads
 from hub.store.rowchanges import CHANGES_CHANNEL, change_relay, check_change
+from hub.store.tracking import TRIGGERS
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,16 @@ _READ_SINCE: Final = (
     "ORDER BY seq LIMIT $3"
 )
 _ORG_SEQS: Final = "SELECT org, seq FROM hub.org_seq"
+#: The tracked tables: those carrying one of the capture triggers.
+_TRACKED_TABLES: Final = (
+    "SELECT DISTINCT n.nspname AS schema, c.relname AS name FROM pg_trigger t "
+    "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE t.tgname = ANY($1::text[])"
+)
+#: A fresh read of the tracked tables reuses one at most this old (s): a
+#: client joining bindings on untracked tables in a loop costs a query per
+#: this much time, not per join.
+TABLES_FRESH: Final = 0.1
 #: How often the publication supabase_realtime is followed (seconds).
 PUBLICATION_INTERVAL: Final = 1.0
 #: Changes too large for their NOTIFY are kept this long (seconds) for
@@ -170,6 +184,9 @@ class PostgresStore(EventStore):
         self._changes = change_relay(self._read_change, self._deliver_change)
         self._publication_interval = publication_interval
         self._publication: asyncio.Task[None] | None = None
+        self._tables: frozenset[Table] | None = None
+        self._tables_at = -math.inf
+        self._tables_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -433,6 +450,26 @@ class PostgresStore(EventStore):
         if self._on_change is not None:
             self._on_change(change)
 
+    @property
+    def has_tables(self) -> bool:
+        return True
+
+    async def tracked_tables(self, fresh: bool = False) -> frozenset[Table] | None:
+        """The tracked tables, read again when asked ``fresh`` or never read
+        (the publication loop also reads them every interval)."""
+        wanted = time.monotonic() - TABLES_FRESH if fresh else -math.inf
+        if self._tables is None or self._tables_at < wanted:
+            async with self._tables_lock:  # one read at a time serves all waiters
+                if self._tables is None or self._tables_at < wanted:
+                    await self._read_tables()
+        return self._tables
+
+    async def _read_tables(self) -> None:
+        started = time.monotonic()
+        rows = await self._require_pool().fetch(_TRACKED_TABLES, list(TRIGGERS))
+        self._tables = frozenset((str(row["schema"]), str(row["name"])) for row in rows)
+        self._tables_at = started
+
     async def sync_publication(self) -> list[str]:
         """Track the tables of the publication supabase_realtime without an
         org column, untrack those that left it; return what changed."""
@@ -449,6 +486,7 @@ class PostgresStore(EventStore):
             try:
                 for line in await self.sync_publication():
                     log.info("%s", line)
+                await self._read_tables()
                 if turns % max(1, round(60 / self._publication_interval)) == 0:
                     await self._require_pool().execute(_PRUNE_OVERFLOW, OVERFLOW_RETENTION)
                 failing = False

@@ -35,7 +35,8 @@ TRIGGER = "hub_capture_change"
 PUBLIC_TRIGGER = "hub_capture_public"
 #: The trigger the publication supabase_realtime puts on its tables.
 PUBLICATION_TRIGGER = "hub_capture_publication"
-_TRIGGERS = (TRIGGER, PUBLIC_TRIGGER, PUBLICATION_TRIGGER)
+#: Every trigger that makes a table tracked.
+TRIGGERS = (TRIGGER, PUBLIC_TRIGGER, PUBLICATION_TRIGGER)
 
 
 class TrackingError(StoreError):
@@ -82,7 +83,7 @@ async def track(dsn: str, table: str, org_column: str | None = "org_id") -> str:
     try:
         async with conn.transaction():
             oid, name = await _resolve(conn, table)
-            for trigger in _TRIGGERS:
+            for trigger in TRIGGERS:
                 await conn.execute(f"DROP TRIGGER IF EXISTS {trigger} ON {name}")
             if org_column is None:
                 await conn.execute(
@@ -137,7 +138,7 @@ async def tracked(dsn: str) -> list[tuple[str, str | None]]:
             "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE t.tgname = ANY($1::text[]) ORDER BY 1",
-            list(_TRIGGERS),
+            list(TRIGGERS),
         )
     finally:
         await conn.close()

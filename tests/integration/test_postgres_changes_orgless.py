@@ -337,3 +337,64 @@ async def test_a_policy_that_raises_drops_the_row_and_is_logged(
     assert [d["record"]["title"] for d in rows(alice, topic)] == ["fine!"]
     assert got and "row check failed" in hub.log()
     await db.execute(f"ALTER PUBLICATION supabase_realtime DROP TABLE public.{table}")
+
+
+async def system_message(client: AsyncClient, topic: str) -> dict[str, Any]:
+    def found(m: Message) -> bool:
+        return m.event == "system" and m.topic == topic
+
+    message = await client.wait_for(found, within=T)
+    assert isinstance(message.payload, dict)
+    return message.payload
+
+
+async def test_a_binding_on_no_tracked_table_gets_supabases_system_error(
+    hub: HubProcess, dsn: str, db: asyncpg.Connection
+) -> None:
+    """Supabase's answer to bindings, after the join reply: an error for a
+    table nothing tracks, ok for one tracked a moment before the join (the
+    hub reads the tables again rather than trust its last read)."""
+    table, untracked = new_table(), new_table()
+    await db.execute(f"CREATE TABLE public.{table} (id bigserial PRIMARY KEY, body text)")
+    await db.execute(f"CREATE TABLE public.{untracked} (id bigserial PRIMARY KEY)")
+    client = await connect_slow(hub, hub.token(sub="s"))
+    await client.join("realtime:room:bad", changes_config(untracked))
+    bad = await system_message(client, "realtime:room:bad")
+    assert bad == {
+        "channel": "room:bad",
+        "extension": "postgres_changes",
+        "message": "Unable to subscribe to changes with given parameters. Please check Realtime "
+        "is enabled for the given connect parameters: "
+        f"[event: *, schema: public, table: {untracked}]",
+        "status": "error",
+    }
+
+    await hub_cli("track", f"public.{table}", "--no-org", dsn=dsn)
+    await client.join("realtime:room:good", changes_config(table))
+    good = await system_message(client, "realtime:room:good")
+    assert (good["status"], good["message"]) == ("ok", "Subscribed to PostgreSQL")
+    await db.execute(f"INSERT INTO public.{table} (body) VALUES ('x')")
+    (row,) = await wait_rows(client, "realtime:room:good", 1)
+    assert row["record"]["body"] == "x"
+
+
+async def test_realtime_py_reports_the_system_error_of_an_untracked_table(
+    hub: HubProcess, db: asyncpg.Connection
+) -> None:
+    untracked = new_table()
+    await db.execute(f"CREATE TABLE public.{untracked} (id bigserial PRIMARY KEY)")
+    client = AsyncRealtimeClient(f"ws://127.0.0.1:{hub.port}/realtime/v1", hub.token(sub="py"))
+    await asyncio.wait_for(client.connect(), T)
+    try:
+        states: list[Any] = []
+        channel = client.channel("nothing-here", {"config": {}})
+        channel.on_postgres_changes("*", lambda _: None, table=untracked)
+        await channel.subscribe(lambda state, error: states.append((state, error)))
+        deadline = time.monotonic() + T
+        while not any(state == RealtimeSubscribeStates.CHANNEL_ERROR for state, _ in states):
+            assert time.monotonic() < deadline, states
+            await asyncio.sleep(0.05)
+        errors = [str(error) for state, error in states if error is not None]
+        assert any("Unable to subscribe to changes" in error for error in errors), states
+    finally:
+        await client.close()

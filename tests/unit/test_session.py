@@ -22,7 +22,7 @@ from hub.errors import CloseCode
 from hub.frames import Frame
 from hub.outbox import ListOutbox
 from hub.protocol import VSN1, VSN2, Broadcast, Vsn, decode
-from hub.session import Session
+from hub.session import Session, TablesCheck
 from tests.support import captures
 from tests.support.channels import local_channels
 
@@ -99,16 +99,26 @@ class Hub:
         *,
         principal: Principal | None = None,
         limits: SessionLimits | None = None,
+        tables: bool = False,
     ) -> Client:
         if principal is None:
             principal = self.verifier.verify(self.token(orgs=["42"] if orgs is None else orgs))
         self._ids += 1
-        return Client(self, vsn, principal, limits or SessionLimits(), f"conn-{self._ids}")
+        return Client(
+            self, vsn, principal, limits or SessionLimits(), f"conn-{self._ids}", tables=tables
+        )
 
 
 class Client:
     def __init__(
-        self, hub: Hub, vsn: Vsn, principal: Principal, limits: SessionLimits, conn_id: str
+        self,
+        hub: Hub,
+        vsn: Vsn,
+        principal: Principal,
+        limits: SessionLimits,
+        conn_id: str,
+        *,
+        tables: bool = False,
     ) -> None:
         self.hub = hub
         self.vsn = vsn
@@ -122,6 +132,7 @@ class Client:
             outbox=self.outbox,
             limits=limits,
             clock=hub.clock,
+            tables=tables,
         )
         self._seen = 0
         self._refs = 0
@@ -290,6 +301,66 @@ def test_join_with_bindings_echoes_them_and_announces_postgres(hub: Hub) -> None
         "message": "Subscribed to PostgreSQL",
         "status": "ok",
     }
+
+
+def test_bindings_are_checked_against_the_tracked_tables_after_the_reply(hub: Hub) -> None:
+    """With a database, Supabase's system message waits for the tables: ok
+    when every binding names a tracked table (``*``: any in its schema),
+    else an error naming the first binding that matches none."""
+    tracked = frozenset({("public", "todos")})
+    cases = [
+        ([{"event": "*", "schema": "public", "table": "todos"}], None),
+        ([{"event": "*", "schema": "public", "table": "*"}], None),
+        (
+            [
+                {"event": "*", "schema": "public", "table": "todos"},
+                {"event": "INSERT", "schema": "public", "table": "nope", "filter": "id=eq.1"},
+            ],
+            "event: INSERT, schema: public, table: nope, filter: id=eq.1",
+        ),
+        ([{"event": "*", "schema": "other", "table": "*"}], "event: *, schema: other, table: *"),
+    ]
+    for bindings, missing in cases:
+        client = hub.client(VSN2, tables=True)
+        client.send("1", "1", T42, "phx_join", {"config": config(bindings=bindings)})
+        reply, _state = client.take()  # no system message yet
+        assert reply.payload["status"] == "ok"
+        [check] = client.session.take_checks()
+        assert isinstance(check, TablesCheck)
+        check.resume(tracked)
+        [system] = client.take()
+        assert system.event == "system"
+        if missing is None:
+            assert system.payload["status"] == "ok"
+            assert system.payload["message"] == "Subscribed to PostgreSQL"
+        else:
+            assert system.payload == {
+                "channel": "org:42",
+                "extension": "postgres_changes",
+                "message": "Unable to subscribe to changes with given parameters. Please check "
+                f"Realtime is enabled for the given connect parameters: [{missing}]",
+                "status": "error",
+            }
+            assert hub.channels.subscriber_count("org:42") >= 1  # the channel stays joined
+
+
+def test_bindings_check_answers_nothing_after_a_leave_or_when_tables_are_unknown(hub: Hub) -> None:
+    bindings = [{"event": "*", "schema": "public", "table": "nope"}]
+    client = hub.client(VSN2, tables=True)
+    client.send("1", "1", T42, "phx_join", {"config": config(bindings=bindings)})
+    [check] = client.session.take_checks()
+    client.send("1", "2", T42, "phx_leave", {})
+    client.take()
+    assert isinstance(check, TablesCheck)
+    check.resume(frozenset())
+    assert client.take() == []
+    client.send("3", "3", T42, "phx_join", {"config": config(bindings=bindings)})
+    client.take()
+    [check] = client.session.take_checks()
+    assert isinstance(check, TablesCheck)
+    check.resume(None)  # the database could not tell
+    [system] = client.take()
+    assert system.payload["message"] == "Subscribed to PostgreSQL"
 
 
 def test_join_refused_for_non_member(hub: Hub) -> None:
