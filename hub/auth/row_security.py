@@ -4,14 +4,15 @@ changed row of a table with RLS enabled, and which of its columns.
 Supabase checks each change once per subscriber, one query at a time on one
 connection (../shared/protocol/AUTHORIZATION.md, section 4), its known
 bottleneck.  Here one change is checked for all its subscribers in **one
-call**, ``hub.rls_visible()`` (``migrations/0006_orgless_changes.sql``),
+call**, ``hub.rls_visible()`` (``migrations/0007_rls_prepared_lookup.sql``),
 given each distinct subscriber context (role, claims) once: subscribers
 who share a token's claims (one user's tabs) cost one lookup together, and
 the whole check is one round trip whatever the number of contexts.  Inside,
 for each context, the function switches to the role with
 ``request.jwt.claims``, ``request.jwt.claim.sub`` and
 ``request.jwt.claim.role`` set, and runs Supabase's
-``select exists(select 1 from <table> where <pk> = <value>)``, so the
+``select exists(select 1 from <table> where <pk> = <value>)`` (a prepared
+statement of the pool connection, planned once per table and role), so the
 table's own policies decide; it also returns the columns each role may
 read.  The call runs in a transaction that is always rolled back, on a
 pool of a few connections, with a server-side statement timeout, so it

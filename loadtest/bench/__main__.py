@@ -1,6 +1,7 @@
 """``python -m loadtest.bench``: run the benchmark scenarios, print a table and JSON.
 
-    python -m loadtest.bench [--scenarios fanout,many_orgs,capacity,multinode,private_joins]
+    python -m loadtest.bench [--scenarios fanout,many_orgs,capacity,multinode,private_joins,
+                                          rls_changes]
                              [--servers hub,hub-inproc,limit,socketio,channels,broadcaster]
                              [--quick] [--runs N] [--json out.json] [--profile] [--no-docs]
 
@@ -26,9 +27,9 @@ import uvloop
 from loadtest.bench import envs, procs, report, scenarios, servers
 from loadtest.commands import repeatable_command
 
-SCENARIOS = ["fanout", "many_orgs", "capacity", "multinode", "private_joins"]
+SCENARIOS = ["fanout", "many_orgs", "capacity", "multinode", "private_joins", "rls_changes"]
 #: Scenarios that need the hub's database (a fresh one unless --database-url).
-DATABASE_SCENARIOS = ("many_orgs", "private_joins")
+DATABASE_SCENARIOS = ("many_orgs", "private_joins", "rls_changes")
 HUB_KINDS = ("hub", "hub-inproc")
 #: Measured --runs times; the peers, 10 to 500 times slower and minutes per
 #: run, once.
@@ -111,6 +112,8 @@ def _brief(r: dict[str, Any]) -> str:
             }
     if "policy_cost" in r:
         out["policy_cost"] = r["policy_cost"]
+    for key in (k for k in r if k.startswith("users_")):
+        out[key] = {k: r[key][k] for k in ("delivered", "expected", "changes_per_s")}
     if "fixed_rate" in r:
         out["fixed_latency_ms"] = r["fixed_rate"]["latency_ms"]
     return orjson.dumps(out).decode()
@@ -137,6 +140,9 @@ async def _measure(
         if scen == "private_joins":
             assert db_url is not None
             return await scenarios.private_joins(name, cfg, database_url=db_url, profile=profile)
+        if scen == "rls_changes":
+            assert db_url is not None
+            return await scenarios.rls_changes(name, cfg, database_url=db_url)
         return await scenarios.capacity(name, cfg, profile=profile)
     except Exception as exc:
         traceback.print_exc()
@@ -190,6 +196,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     if scen == "multinode" and name not in servers.MULTINODE:
                         out[name] = {"error": "single process only (no broker to share rooms)"}
+                        continue
+                    if scen == "rls_changes" and name not in HUB_KINDS:
+                        out[name] = {
+                            "error": "no equivalent (no postgres_changes with row security)"
+                        }
                         continue
                     if scen == "private_joins" and name not in HUB_KINDS:
                         out[name] = {

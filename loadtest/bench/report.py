@@ -38,6 +38,11 @@ RUN_METRICS["private_joins"] = [
     ("public joins / wall s", ("public", "joins_per_wall_s")),
 ]
 
+RUN_METRICS["rls_changes"] = [
+    ("changes / s, every subscriber a distinct user", ("users_1000", "changes_per_s")),
+    ("changes / s, 100 users", ("users_100", "changes_per_s")),
+]
+
 
 def _get(r: dict[str, Any], path: tuple[str, ...]) -> Any:
     for key in path:
@@ -331,6 +336,45 @@ def private_joins_table(runs: dict[str, Any]) -> list[str]:
     return [title, "", *_table(head, rows), "", *notes, *_errors(runs)]
 
 
+def rls_changes_table(runs: dict[str, Any]) -> list[str]:
+    ok = _ok(runs)
+    rows = []
+    first: dict[str, Any] = next(iter(ok.values()), {})
+    for name, r in ok.items():
+        for key in sorted((k for k in r if k.startswith("users_")), key=lambda k: -r[k]["users"]):
+            k = r[key]
+            rows.append(
+                [
+                    f"`{name}`",
+                    _n(k["users"]),
+                    f"{_n(k['delivered'])} / {_n(k['expected'])}",
+                    _n(k["wall_s"], 2),
+                    _n(k.get("changes_per_s"), 1),
+                    _n(k.get("changes_per_server_cpu_s"), 1),
+                    _n(k.get("changes_per_cpu_s_incl_pg"), 1),
+                    f"{_n(k['server_cpu_s'], 2)} / {_n(k['pg_cpu_s'], 2)}",
+                ]
+            )
+    head = [
+        "server",
+        "distinct users",
+        "delivered / expected",
+        "wall s",
+        "changes / s",
+        "changes / hub CPU-s",
+        "changes / CPU-s (hub + PostgreSQL)",
+        "CPU s hub / PostgreSQL",
+    ]
+    title = (
+        f"### postgres_changes over RLS ({_n(first.get('changes'))} INSERTs into a table with "
+        f"RLS (`{first.get('policy')}`), {_n(first.get('subscribers'))} subscribed channels on "
+        f"{_n(first.get('sockets'))} sockets, each with one user's token)"
+        if first
+        else "### postgres_changes over RLS"
+    )
+    return [title, "", *_table(head, rows), "", *_errors(runs)]
+
+
 def _runs_note(runs: int) -> str:
     if runs <= 1:
         return ", one run of each"
@@ -361,6 +405,9 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     if "private_joins" in sc:
         lines += private_joins_table(sc["private_joins"])
+        lines.append("")
+    if "rls_changes" in sc:
+        lines += rls_changes_table(sc["rls_changes"])
         lines.append("")
     if "multinode" in sc:
         lines += fanout_table(

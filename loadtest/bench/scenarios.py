@@ -1,5 +1,5 @@
-"""The four scenarios of issue 6 (and ``private_joins``, issue 12), each run
-against one server kind.
+"""The four scenarios of issue 6 (and ``private_joins`` and ``rls_changes``,
+issue 12), each run against one server kind.
 
 Each function deploys the server, opens and joins the connections, runs the
 measured phase(s) and returns a flat dict of results.  CPU seconds come from
@@ -52,6 +52,13 @@ class Config:
     join_users: int = 10_000
     join_rooms: int = 100
     join_concurrency: int = 64
+    #: rls_changes: free-name channels with a binding on the RLS table,
+    #: their sockets, the INSERTs of a phase, and the distinct users of
+    #: each phase (every subscriber a different user, then 10 tabs each).
+    rls_subscribers: int = 1000
+    rls_sockets: int = 20
+    rls_changes: int = 300
+    rls_users: tuple[int, ...] = (1000, 100)
 
     @classmethod
     def make(cls, quick: bool, capacity: int | None = None) -> Config:
@@ -65,6 +72,7 @@ class Config:
                 capacity=capacity or 5_000,
                 capacity_idle_s=3.0,
                 join_conns=1000,
+                rls_changes=60,
             )
         return cls(quick=False, capacity=capacity or 19_000)
 
@@ -538,6 +546,129 @@ async def private_joins(
     finally:
         await dep.stop()
     return result
+
+
+# -- postgres_changes over RLS ---------------------------------------------------------
+
+RLS_SCHEMA = """
+CREATE TABLE public.{table} (id bigserial PRIMARY KEY, user_id uuid NOT NULL,
+                             title text, secret text);
+ALTER TABLE public.{table} ENABLE ROW LEVEL SECURITY;
+GRANT SELECT (id, user_id, title) ON public.{table} TO authenticated;
+CREATE POLICY own ON public.{table} FOR SELECT TO authenticated USING (user_id = auth.uid());
+ALTER PUBLICATION supabase_realtime ADD TABLE public.{table};
+"""
+
+
+async def rls_changes(name: str, cfg: Config, *, database_url: str) -> dict[str, Any]:
+    """postgres_changes over a table with RLS: changes per second when each
+    change is checked for every subscriber's user (one ``hub.rls_visible()``
+    call per change, one lookup per distinct role and claims)."""
+    import asyncpg
+
+    from hub.auth.tokens import issue_token
+    from hub.client.realtime import AsyncClient
+
+    # The bench joins many channels per socket at once.
+    dep = await deploy(
+        name,
+        database_url=database_url,
+        hub_extra={"HUB_JOINS_PER_SECOND": "10000", "HUB_JOIN_BURST": "10000"},
+    )
+    assert dep.secret is not None
+    base = dep.urls[0].split("?")[0]
+    result: dict[str, Any] = {
+        "server": name,
+        "subscribers": cfg.rls_subscribers,
+        "sockets": cfg.rls_sockets,
+        "changes": cfg.rls_changes,
+        "policy": "user_id = auth.uid()",
+    }
+    db = await asyncpg.connect(database_url)
+    try:
+        async with PgBackends(database_url) as pg:
+            for users_n in cfg.rls_users:
+                table = f"bench_todos_{uuid.uuid4().hex[:8]}"
+                await db.execute(RLS_SCHEMA.format(table=table))
+                await _wait_published(db, table)
+                users = [str(uuid.uuid4()) for _ in range(users_n)]
+                tokens = [issue_token(dep.secret, sub=u, ttl=7200) for u in users]
+                config = {
+                    "postgres_changes": [{"event": "INSERT", "schema": "public", "table": table}]
+                }
+                clients: list[AsyncClient] = []
+                per_channel: dict[str, int] = {}
+                try:
+                    per_socket = -(-cfg.rls_subscribers // cfg.rls_sockets)
+                    for s in range(cfg.rls_sockets):
+                        client = await AsyncClient.connect(base, tokens[0], within=30)
+                        clients.append(client)
+                        for c in range(per_socket):
+                            i = s * per_socket + c
+                            if i >= cfg.rls_subscribers:
+                                break
+                            await client.join(
+                                f"realtime:bench-rls-{c}", config, access_token=tokens[i % users_n]
+                            )
+                            owner = users[i % users_n]
+                            per_channel[owner] = per_channel.get(owner, 0) + 1
+                    owners = [users[i % users_n] for i in range(cfg.rls_changes)]
+                    expected = sum(per_channel.get(o, 0) for o in owners)
+
+                    def received(clients: list[AsyncClient] = clients) -> int:
+                        return sum(
+                            1 for c in clients for m in c.messages if m.event == "postgres_changes"
+                        )
+
+                    await asyncio.sleep(0.5)
+                    cpu0, pg0, t0 = sum(dep.cpu()), await pg.cpu(), time.monotonic()
+                    await db.executemany(
+                        f"INSERT INTO public.{table} (user_id, title, secret) "
+                        "VALUES ($1, 'x', 'pw')",
+                        [(uuid.UUID(o),) for o in owners],
+                    )
+                    got, deadline = 0, t0 + 300
+                    while time.monotonic() < deadline:
+                        got = received()
+                        if got >= expected:
+                            break
+                        await asyncio.sleep(0.02)
+                    secs = time.monotonic() - t0
+                    server_cpu = sum(dep.cpu()) - cpu0
+                    pg_cpu = PgBackends.spent(pg0, await pg.cpu())
+                    result[f"users_{users_n}"] = {
+                        "users": users_n,
+                        "delivered": got,
+                        "expected": expected,
+                        "wall_s": round(secs, 2),
+                        "changes_per_s": _rate(cfg.rls_changes, secs),
+                        "server_cpu_s": round(server_cpu, 2),
+                        "changes_per_server_cpu_s": _rate(cfg.rls_changes, server_cpu),
+                        "pg_cpu_s": round(pg_cpu, 2),
+                        "changes_per_cpu_s_incl_pg": _rate(cfg.rls_changes, server_cpu + pg_cpu),
+                    }
+                finally:
+                    for client in clients:
+                        await client.close()
+                    await db.execute(f"DROP TABLE public.{table}")
+                await asyncio.sleep(1.0)
+    finally:
+        await db.close()
+        await dep.stop()
+    return result
+
+
+async def _wait_published(db: Any, table: str) -> None:
+    """The hub follows the publication about once a second."""
+    for _ in range(100):
+        if await db.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'hub_capture_publication' "
+            "AND tgrelid = $1::regclass)",
+            f"public.{table}",
+        ):
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the hub did not track public.{table} from the publication")
 
 
 # -- profiling ------------------------------------------------------------------------

@@ -120,10 +120,16 @@ class Deployment:
 
 
 async def deploy(
-    name: str, *, nodes: int = 1, database_url: str | None = None, durable: bool = False
+    name: str,
+    *,
+    nodes: int = 1,
+    database_url: str | None = None,
+    durable: bool = False,
+    hub_extra: dict[str, str] | None = None,
 ) -> Deployment:
     """Start ``name`` on ``nodes`` processes.  ``durable``: publish by
-    inserting into PostgreSQL (hub kinds only; needs ``database_url``)."""
+    inserting into PostgreSQL (hub kinds only; needs ``database_url``);
+    ``hub_extra``: more environment for the hub kinds."""
     tag = secrets.token_hex(3)
     prefix = f"bench-{tag}"
     redis = REDIS_URL if nodes > 1 else None
@@ -139,6 +145,7 @@ async def deploy(
                     extra.update({"HUB_REDIS_URL": redis, "HUB_REDIS_PREFIX": prefix})
                 if database_url:
                     extra["HUB_DATABASE_URL"] = database_url
+                extra.update(hub_extra or {})
                 env = hub_env(secret, port, extra)
                 if name == "hub":
                     cmd = [sys.executable, "-m", "hub", "serve"]

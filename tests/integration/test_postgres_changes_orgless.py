@@ -17,6 +17,7 @@ One database and one hub serve the module; each test has tables of its own.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -398,3 +399,50 @@ async def test_realtime_py_reports_the_system_error_of_an_untracked_table(
         assert any("Unable to subscribe to changes" in error for error in errors), states
     finally:
         await client.close()
+
+
+async def test_rls_lookup_plans_per_role_when_roles_alternate(db: asyncpg.Connection) -> None:
+    """hub.rls_visible() plans its lookup once and reuses it (a prepared
+    statement); contexts of different roles, alternating in one call, must
+    each get their own role's policies, not the plan of the role before."""
+    table = new_table()
+    await db.execute(
+        f"""
+        CREATE TABLE public.{table} (id bigserial PRIMARY KEY, user_id uuid, title text);
+        ALTER TABLE public.{table} ENABLE ROW LEVEL SECURITY;
+        GRANT SELECT ON public.{table} TO authenticated, anon;
+        CREATE POLICY own ON public.{table} FOR SELECT TO authenticated
+          USING (user_id = auth.uid());
+        CREATE POLICY open ON public.{table} FOR SELECT TO anon USING (title = 'public');
+        """
+    )
+    shared = await db.fetchval(
+        f"INSERT INTO public.{table} (user_id, title) VALUES ($1, 'public') RETURNING id",
+        uuid.UUID(ALICE),
+    )
+    private = await db.fetchval(
+        f"INSERT INTO public.{table} (user_id, title) VALUES ($1, 'x') RETURNING id",
+        uuid.UUID(BOB),
+    )
+
+    def context(role: str, sub: str | None) -> list[Any]:
+        claims = {"role": role, **({"sub": sub} if sub else {})}
+        return [role, json.dumps(claims), sub]
+
+    groups = json.dumps(
+        [context("authenticated", ALICE), context("anon", None)] * 3
+        + [context("authenticated", BOB), context("anon", None)]
+    )
+    oid = await db.fetchval("SELECT $1::regclass::oid", f"public.{table}")
+    seen = {}
+    for row_id in (shared, private, shared):  # the second call reuses the statement
+        async with db.transaction():
+            rows = await db.fetch(
+                "SELECT idx, visible FROM hub.rls_visible($1, $2::jsonb, $3::jsonb)",
+                oid,
+                json.dumps({"id": row_id}),
+                groups,
+            )
+            seen[row_id] = [row["visible"] for row in sorted(rows, key=lambda r: r["idx"])]
+    assert seen[shared] == [True, True] * 3 + [False, True]
+    assert seen[private] == [False, False] * 3 + [True, False]

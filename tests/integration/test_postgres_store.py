@@ -39,6 +39,7 @@ VERSIONS = [
     "0004_realtime_authorization",
     "0005_database_broadcast",
     "0006_orgless_changes",
+    "0007_rls_prepared_lookup",
 ]
 
 
