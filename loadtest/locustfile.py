@@ -1,6 +1,6 @@
 """Locust scenarios for the hub.
 
-Six kinds of users, all configurable from the command line:
+Seven kinds of users, all configurable from the command line:
 
 * ``MemberUser``: a WebSocket client speaking the Supabase protocol.  It
   connects, joins ``realtime:org:<its org>`` (``broadcast.ack`` on), tracks
@@ -30,6 +30,13 @@ Six kinds of users, all configurable from the command line:
   channels: a room user that receives a message of the other kind reports
   a ``public/private mix`` failure.  Without the policies (or without a
   database) give ``--private-weight 0``.
+* ``TodoUser``: ``postgres_changes`` over row security: a member's token,
+  an INSERT binding on ``public.load_todos`` (RLS: its owner only; created
+  by ``python -m loadtest.policies``), on a free name.  Receipts are ``rls
+  change latency``; a row of another member, or one carrying the ungranted
+  ``secret`` column, is an ``rls leak`` failure.  The rows come from
+  ``python -m loadtest.policies DSN --write-todos RATE``; without the
+  database give ``--todo-weight 0``.
 
 Run it headless (the README's load-testing section says the same)::
 
@@ -47,7 +54,7 @@ Options (``locust -f loadtest/locustfile.py --help`` lists them under
 ``--publish-rate``, ``--payload-bytes``, ``--rest-rate``, ``--rest-batch``,
 ``--churn-hold``, ``--rooms``, ``--room-prefix``, ``--private-users``,
 ``--member-weight``, ``--rest-weight``, ``--dashboard-weight``,
-``--churn-weight``, ``--public-weight``, ``--private-weight``.
+``--churn-weight``, ``--public-weight``, ``--private-weight``, ``--todo-weight``.
 
 A WebSocket that closes without being asked to, a refused join and a missed
 reply count as failures.
@@ -133,6 +140,12 @@ def _options(parser: Any) -> None:
         default=2,
         help="private room users (need the policies of loadtest/policies.py; 0: none)",
     )
+    group.add_argument(
+        "--todo-weight",
+        type=int,
+        default=1,
+        help="postgres_changes users of public.load_todos (RLS; loadtest/policies.py; 0: none)",
+    )
 
 
 @events.init.add_listener
@@ -146,15 +159,16 @@ def _configure(environment: Environment, **_: Any) -> None:
     ChurnUser.weight = options.churn_weight
     PublicRoomUser.weight = options.public_weight
     PrivateRoomUser.weight = options.private_weight
+    TodoUser.weight = options.todo_weight
     if not options.hub_secret and not (options.member_token and options.admin_token):
         raise SystemExit(
             "locustfile: give --hub-secret (or HUB_JWT_SECRET), or both --member-token "
             "and --admin-token"
         )
-    if options.private_weight > 0 and not options.hub_secret:
+    if (options.private_weight > 0 or options.todo_weight > 0) and not options.hub_secret:
         raise SystemExit(
-            "locustfile: private room users sign their own tokens (sub = a member uuid): "
-            "give --hub-secret, or --private-weight 0"
+            "locustfile: private room users and todo users sign their own tokens (sub = a "
+            "member uuid): give --hub-secret, or --private-weight 0 --todo-weight 0"
         )
 
 
@@ -527,6 +541,68 @@ class PrivateRoomUser(_RoomUser):
     def token(self, options: Any) -> str:
         self.sub = policies.member_id(self.slot)
         return sign(options.hub_secret, sub=self.sub)
+
+
+class TodoUser(_SocketUser):
+    """A Supabase app's ``postgres_changes`` listener on a table with row
+    security (``public.load_todos`` of loadtest/policies.py): joins a free
+    name with an INSERT binding and the token of one member, and must get
+    only that member's rows, without the ungranted ``secret`` column.
+    Receipts are ``rls change latency`` (write to receipt, from the row's
+    ``written_at``); another member's row is an ``rls leak`` failure.  The
+    rows come from ``python -m loadtest.policies DSN --write-todos RATE``
+    (or the short locust test's writer)."""
+
+    weight = 1
+
+    def wait_time(self) -> float:
+        return 5.0
+
+    def on_start(self) -> None:
+        options = _options_of(self)
+        self.sub = policies.member_id(self.n % max(1, options.private_users))
+        token = sign(options.hub_secret, sub=self.sub)
+        sock = self.open_socket(token, _vsn(options, self.n), "todo connect")
+        config = {
+            "broadcast": {"self": False},
+            "presence": {"enabled": False},
+            "private": False,
+            "postgres_changes": [{"event": "INSERT", "schema": "public", "table": "load_todos"}],
+        }
+        with _Timed(self.environment, "todo join"):
+            sock.join(f"realtime:todos-{self.n}", config)
+
+    def on_message(self, message: Message) -> None:
+        if message.event != "postgres_changes" or not isinstance(message.payload, dict):
+            super().on_message(message)
+            return
+        data = message.payload.get("data")
+        record = data.get("record") if isinstance(data, dict) else None
+        if not isinstance(record, dict):
+            return
+        if record.get("user_id") != self.sub or "secret" in record:
+            fire(
+                self.environment,
+                "rls leak",
+                time.perf_counter(),
+                exception=Exception(
+                    f"{self.sub} received {sorted(record)} of {record.get('user_id')}"
+                ),
+            )
+            return
+        written = record.get("written_at")
+        if isinstance(written, int | float):
+            fire(
+                self.environment,
+                "rls change latency",
+                0.0,
+                length=message.size,
+                elapsed_ms=max(0.0, (message.received_at - written) * 1000.0),
+            )
+
+    @task
+    def idle(self) -> None:
+        """Nothing to send: the rows come from the database."""
 
 
 class RestPublisher(HttpUser):

@@ -14,6 +14,11 @@ writes them::
     create policy ... for insert to authenticated with check (
       realtime.messages.extension = 'broadcast' and exists (...the same...));
 
+The same setup creates ``public.load_todos``, a table with RLS (each
+member selects their own rows; ``secret`` is not granted) in the
+publication ``supabase_realtime``: the locust ``TodoUser`` receives its
+``postgres_changes``, and ``--write-todos RATE`` writes rows for it.
+
 Members are deterministic, so the locust workers and this setup agree
 without talking: member ``slot`` (0 .. users-1) is the uuid
 :func:`member_id` ``(slot)`` and belongs to room :func:`room_topic`
@@ -21,7 +26,8 @@ without talking: member ``slot`` (0 .. users-1) is the uuid
 into a migrated database (``hub migrate``) with::
 
     python -m loadtest.policies postgresql://postgres@127.0.0.1:5432/hub \\
-        [--users 100] [--rooms 3] [--room-prefix locust-]
+        [--users 100] [--rooms 3] [--room-prefix locust-] \\
+        [--write-todos 20 --seconds 60]
 
 using the same ``--users``/``--rooms``/``--room-prefix`` as the locust run
 (``--private-users``, ``--rooms``, ``--room-prefix`` there).  Running it again
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import sys
 import uuid
 
@@ -67,6 +74,31 @@ create policy "load room members send" on realtime.messages
       where user_id = auth.uid() and room_topic = realtime.topic()
     )
   );
+
+-- postgres_changes over row security: each member's todos are theirs;
+-- secret is never granted, so it never leaves the database.
+create table if not exists public.load_todos (
+  id bigserial primary key,
+  user_id uuid not null,
+  title text,
+  secret text,
+  -- When the row was written (Unix seconds): the receivers' latency.
+  written_at double precision not null default extract(epoch from clock_timestamp())
+);
+alter table public.load_todos enable row level security;
+grant select (id, user_id, title, written_at) on public.load_todos to authenticated;
+drop policy if exists "load todos owner" on public.load_todos;
+create policy "load todos owner" on public.load_todos
+  for select to authenticated using (user_id = auth.uid());
+do $$
+begin
+  if not exists (select 1 from pg_publication_tables
+                 where pubname = 'supabase_realtime' and schemaname = 'public'
+                   and tablename = 'load_todos') then
+    alter publication supabase_realtime add table public.load_todos;
+  end if;
+end
+$$;
 """
 
 
@@ -104,6 +136,31 @@ async def install(
         await conn.close()
 
 
+async def write_todos(
+    dsn: str, *, users: int = USERS, rate: float = 20.0, seconds: float = 60.0
+) -> int:
+    """Insert ``rate`` todos per second for ``seconds``, each owned by a
+    random member (what the ``TodoUser``s of the locust run receive: only
+    their own).  Returns how many were written."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    written = 0
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while loop.time() - started < seconds:
+            owner = uuid.UUID(member_id(random.randrange(max(1, users))))
+            await conn.execute(
+                "insert into public.load_todos (user_id, title, secret) values ($1, $2, 'pw')",
+                owner,
+                f"todo {written}",
+            )
+            written += 1
+            await asyncio.sleep(max(0.0, started + written / rate - loop.time()))
+    finally:
+        await conn.close()
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.policies", description=__doc__.split("\n\n")[0]
@@ -112,9 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=USERS)
     parser.add_argument("--rooms", type=int, default=ROOMS)
     parser.add_argument("--room-prefix", default=ROOM_PREFIX)
+    parser.add_argument(
+        "--write-todos",
+        type=float,
+        metavar="RATE",
+        help="then insert RATE todos/s into public.load_todos (owners: random members)",
+    )
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long to write todos")
     args = parser.parse_args(argv)
     asyncio.run(install(args.dsn, users=args.users, rooms=args.rooms, prefix=args.room_prefix))
     print(f"policies installed; {args.users} members over {args.rooms} rooms")
+    if args.write_todos:
+        written = asyncio.run(
+            write_todos(args.dsn, users=args.users, rate=args.write_todos, seconds=args.seconds)
+        )
+        print(f"{written} todos written")
     return 0
 
 

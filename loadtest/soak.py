@@ -10,7 +10,8 @@ dropped by the run; ``--no-database`` uses the in-memory store and no
 private room users), drives it with the locust scenarios of
 ``loadtest/locustfile.py`` (members that publish and track presence, REST
 publishers of durable events, ``mother`` watchers, connection churn, users
-of public and of private free-name rooms) and samples the hub every ``--sample`` seconds
+of public and of private free-name rooms, ``postgres_changes`` listeners of
+a table with RLS, fed 20 rows/s by the run) and samples the hub every ``--sample`` seconds
 (RSS, CPU, connections, channels, frames out, closes by code, from
 ``/metrics`` and ``/proc``).  At the end it writes ``docs/reliability.md``
 (``--report``): the configuration, errors, latency over time (per minute,
@@ -379,12 +380,20 @@ async def run(args: argparse.Namespace) -> int:
             str(args.publish_rate),
             "--rest-rate",
             str(args.rest_rate),
-            # Private channels need the database's policies.
-            *(["--private-weight", "0"] if args.no_database else []),
+            # Private channels and the RLS table need the database.
+            *(["--private-weight", "0", "--todo-weight", "0"] if args.no_database else []),
         ]
         print(f"soak: {args.duration:.0f}s against {url}; work files in {workdir}", flush=True)
         started_at, started = time.time(), time.monotonic()
         sampler = asyncio.create_task(sample_forever(url, hub.pid, args.sample, samples, started))
+        # The todo users' rows (postgres_changes over RLS), for the whole run.
+        writer = (
+            None
+            if args.no_database
+            else asyncio.create_task(
+                policies.write_todos(env["HUB_DATABASE_URL"], rate=20.0, seconds=args.duration)
+            )
+        )
         process = await asyncio.create_subprocess_exec(
             *locust,
             cwd=ROOT,
@@ -406,6 +415,9 @@ async def run(args: argparse.Namespace) -> int:
             locust_rc = None
         await asyncio.sleep(args.sample)  # one sample after the load ends
         sampler.cancel()
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
     finally:
         hub.send_signal(signal.SIGTERM)
         try:

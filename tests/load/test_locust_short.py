@@ -3,15 +3,18 @@
 members must receive broadcasts and durable events, the users of public and
 of private free-name rooms must join, publish and receive (the private ones
 authorized by the Supabase-style policies of ``loadtest/policies.py``, in the
-hub's own fresh database, as the soak run sets it up), and locust must write
-its CSV and HTML reports."""
+hub's own fresh database, as the soak run sets it up), the todo users must
+receive postgres_changes of their own rows only (a table with RLS, written
+while locust runs), and locust must write its CSV and HTML reports."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from tests.support.hubs import ROOT
 from tests.support.pg import create_database, drop_database, new_database_name, run_sync
 
 RUN_SECONDS = 20
+#: Todos written per second (owners among policies.USERS members).
+TODO_RATE = 50.0
 
 
 def _stats(path: Path) -> dict[tuple[str, str], dict[str, str]]:
@@ -51,6 +56,14 @@ def policy_dsn() -> Iterator[str]:
 
 def test_locust_headless_run(make_hub: Any, policy_dsn: str, tmp_path: Path) -> None:
     hub = make_hub({"HUB_LOG_LEVEL": "warning", "HUB_DATABASE_URL": policy_dsn})
+    # The todo users' rows: written for the whole run, owned by random members.
+    writer = threading.Thread(
+        target=lambda: asyncio.run(
+            policies.write_todos(policy_dsn, rate=TODO_RATE, seconds=RUN_SECONDS)
+        ),
+        daemon=True,
+    )
+    writer.start()
     out = tmp_path / "out"
     locust = Path(sys.executable).with_name("locust")
     command = [
@@ -85,6 +98,8 @@ def test_locust_headless_run(make_hub: Any, policy_dsn: str, tmp_path: Path) -> 
         "--public-weight",
         "3",
         "--private-weight",
+        "3",
+        "--todo-weight",
         "3",
     ]
     env = {**os.environ, "HUB_JWT_SECRET": hub.secret, "PYTHONPATH": str(ROOT)}
@@ -124,6 +139,11 @@ def test_locust_headless_run(make_hub: Any, policy_dsn: str, tmp_path: Path) -> 
         assert float(stats[("WS", f"{kind} broadcast latency")]["99%"]) < 1000, report
     assert int(stats[("WS", "public presence track")]["Request Count"]) > 0, report
     assert ("WS", "public/private mix") not in stats, report
+    # postgres_changes over RLS: each todo user got rows, only its own.
+    assert int(stats[("WS", "todo join")]["Request Count"]) > 0, report
+    assert int(stats[("WS", "rls change latency")]["Request Count"]) > 0, report
+    assert ("WS", "rls leak") not in stats, report
+    writer.join(timeout=10)
 
     with Path(f"{out}_failures.csv").open() as handle:
         assert len(handle.read().strip().splitlines()) == 1  # header only
