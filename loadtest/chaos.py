@@ -20,6 +20,12 @@ and dropped by the run), then, for ``--duration`` seconds:
   ordinary Supabase app joins it) reconnect the same way (no replay: public
   channels have none), while a publisher sends REST broadcasts to it, each
   with its own number, through any live node;
+* ``--rls-subscribers`` ``postgres_changes`` listeners of a table with row
+  security (``public.load_todos`` of ``loadtest/policies.py``: a member
+  selects their own rows, ``secret`` is not granted) on the free name
+  ``realtime:chaos-todos``, each with the token of one of ``--rls-members``
+  members, reconnect the same way, while a writer inserts rows of random
+  members straight into the table (~10 a second);
 * a seeded schedule of faults, every ``--fault-interval`` seconds on average,
   cycling through all kinds in a seeded order:
 
@@ -48,6 +54,10 @@ Then the publishers stop, killed nodes come back, and the run checks:
    durable ``meta.seq``, none may come from another topic, and once every
    node is back a probe broadcast sent through *each* node reaches every
    public subscriber, whichever node it is on (within ``--settle``);
+   **postgres_changes over RLS**: every row a listener gets is its
+   member's, without ``secret``, and none twice (rows, as in Supabase, may
+   be lost through a fault); once every node is back a probe row of each
+   member reaches every listener of that member (within ``--settle``);
 4. **nodes ready**: every node answers ``/readyz`` 200 (engine and store
    links are back);
 5. **connections back to baseline**: after the subscribers close, every
@@ -97,12 +107,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from hub.auth.tokens import issue_token
 from hub.client.realtime import decode, encode, socket_url
 from hub.store.migrate import migrate
+from loadtest import policies
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("HUB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FAULTS = ("kill", "term", "listen", "pubsub", "drop")
 #: The public channel on a free name (a topic outside the reserved namespaces).
 PUBLIC_TOPIC = "room:chaos-public"
+#: The free name of the postgres_changes listeners of the RLS table.
+RLS_TOPIC = "chaos-todos"
 
 
 def free_port() -> int:
@@ -440,6 +453,53 @@ class PublicSubscriber(Subscriber):
         self.progress.set()
 
 
+class RlsSubscriber(PublicSubscriber):
+    """A ``postgres_changes`` listener of ``public.load_todos`` (RLS: a
+    member sees their own rows; ``secret`` is not granted) on a free name,
+    with one member's token: every row it gets must be that member's,
+    without ``secret``, and none twice.  Rows have no delivery guarantee
+    through a fault (as in Supabase): lost ones are allowed."""
+
+    def __init__(self, index: int, member: str, token: str, vsn: str, seed: int) -> None:
+        super().__init__(index, token, vsn, seed)
+        self.topic = f"realtime:{RLS_TOPIC}"
+        self.member = member
+
+    def _join_config(self) -> dict[str, Any]:
+        return {
+            "broadcast": {"self": False, "ack": False},
+            "presence": {"key": "", "enabled": False},
+            "postgres_changes": [{"event": "INSERT", "schema": "public", "table": "load_todos"}],
+            "private": False,
+        }
+
+    def _take(self, msg: Any) -> bool:
+        if msg.event == "postgres_changes" and isinstance(msg.payload, dict):
+            self._row(msg.topic, msg.payload.get("data"))
+        elif msg.event == "broadcast":
+            self.violations.append(f"a broadcast on the postgres_changes channel {msg.topic}")
+        elif msg.event == "system" and isinstance(msg.payload, dict):
+            return msg.payload.get("status") != "error"
+        return True
+
+    def _row(self, topic: str, data: Any) -> None:
+        record = data.get("record") if isinstance(data, dict) else None
+        if topic != self.topic or not isinstance(record, dict):
+            self.violations.append(f"a change of {topic} without a record")
+            return
+        if record.get("user_id") != self.member:
+            self.violations.append(f"a row of {record.get('user_id')} (RLS leak)")
+            return
+        if "secret" in record:
+            self.violations.append("a row with the ungranted column secret")
+        title = str(record.get("title"))
+        if title in self.received:
+            self.violations.append(f"row {title} received twice")
+            return
+        self.received.add(title)
+        self.progress.set()
+
+
 # -- the run ---------------------------------------------------------------------
 
 
@@ -479,6 +539,10 @@ class Chaos:
         self.cluster: Cluster | None = None
         self.subscribers: list[Subscriber] = []
         self.public_subscribers: list[PublicSubscriber] = []
+        self.rls_subscribers: list[RlsSubscriber] = []
+        self.rls_written = 0
+        self.rls_failures = 0
+        self.dsn = ""
         self.public_sent = 0
         self.public_failures = 0
         self.restarts: list[asyncio.Task[None]] = []
@@ -494,8 +558,10 @@ class Chaos:
             await conn.execute(f'CREATE DATABASE "{self.database}"')
         finally:
             await conn.close()
-        dsn = self._base(self.database)
+        dsn = self.dsn = self._base(self.database)
         await migrate(dsn)
+        # The RLS table (public.load_todos) and its members.
+        await policies.install(dsn, users=max(1, self.args.rls_members))
         env = {
             **os.environ,
             "HUB_JWT_SECRET": self.secret,
@@ -602,6 +668,30 @@ class Chaos:
                     self.public_failures += 1
             await asyncio.sleep(0.1)
 
+    async def rls_write(self, conn: asyncpg.Connection, member: str, title: str) -> None:
+        await conn.execute(
+            "insert into public.load_todos (user_id, title, secret) values ($1, $2, 'pw')",
+            member,
+            title,
+        )
+
+    async def rls_writer(self) -> None:
+        """Rows of random members, ~10 a second, straight into the table
+        (as an app writes); a failed insert is counted, not retried."""
+        rng = random.Random(self.args.seed * 131 + 7)
+        members = [policies.member_id(slot) for slot in range(self.args.rls_members)]
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            while self.publishing:
+                self.rls_written += 1
+                try:
+                    await self.rls_write(conn, rng.choice(members), f"r{self.rls_written}")
+                except (asyncpg.PostgresError, OSError):
+                    self.rls_failures += 1
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+
     # -- faults ----------------------------------------------------------------
 
     async def fault(self, kind: str, http: httpx.AsyncClient) -> bool:
@@ -634,7 +724,9 @@ class Chaos:
             self.log(f"pubsub: CLIENT KILL of {killed} Redis pub/sub connections")
         elif kind == "drop":
             connected = [
-                s for s in [*self.subscribers, *self.public_subscribers] if s.ws is not None
+                s
+                for s in [*self.subscribers, *self.public_subscribers, *self.rls_subscribers]
+                if s.ws is not None
             ]
             count = max(1, len(connected) // 4) if connected else 0
             for sub in self.rng.sample(connected, count):
@@ -736,17 +828,26 @@ class Chaos:
                 self.public_subscribers.append(
                     PublicSubscriber(i, anyone, vsn, args.seed * 7561 + i)
                 )
-            everyone = [*self.subscribers, *self.public_subscribers]
+            for i in range(args.rls_subscribers):
+                member = policies.member_id(i % max(1, args.rls_members))
+                token = issue_token(self.secret, sub=member, ttl=7200)
+                vsn = "1.0.0" if i % 2 == 0 else "2.0.0"
+                self.rls_subscribers.append(
+                    RlsSubscriber(i, member, token, vsn, args.seed * 6151 + i)
+                )
+            everyone = [*self.subscribers, *self.public_subscribers, *self.rls_subscribers]
             tasks = [asyncio.create_task(s.run(cluster)) for s in everyone]
             await asyncio.wait_for(asyncio.gather(*(s.joined.wait() for s in everyone)), 30)
             self.log(
                 f"{len(self.subscribers)} subscribers joined {args.orgs} orgs, "
-                f"{len(self.public_subscribers)} the public channel {PUBLIC_TOPIC}"
+                f"{len(self.public_subscribers)} the public channel {PUBLIC_TOPIC}, "
+                f"{len(self.rls_subscribers)} postgres_changes of the RLS table on {RLS_TOPIC}"
             )
             publishers = [
                 asyncio.create_task(self.publisher(i, http)) for i in range(args.publishers)
             ]
             publishers.append(asyncio.create_task(self.public_publisher(http)))
+            publishers.append(asyncio.create_task(self.rls_writer()))
             await asyncio.sleep(args.warmup)
             for node in cluster.live():
                 node.baseline_rss, node.baseline_pid = node.rss(), node.pid
@@ -852,6 +953,7 @@ class Chaos:
                     break
                 await asyncio.sleep(0.2)
         await self.verify_public(http)
+        await self.verify_rls()
 
         report.check(
             log,
@@ -932,6 +1034,58 @@ class Chaos:
             public_reconnects=sum(s.connects - 1 for s in subs),
         )
 
+    async def verify_rls(self) -> None:
+        """No row of another member, no ungranted column, no duplicate; and
+        once every node is back, a probe row of each member reaches every
+        listener of that member, whichever node it is on."""
+        subs = self.rls_subscribers
+        if not subs:
+            return
+        problems: list[str] = []
+        deadline = time.monotonic() + self.args.settle
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(s.joined.wait() for s in subs)),
+                max(0.1, deadline - time.monotonic()),
+            )
+        members = sorted({s.member for s in subs})
+        missing: list[str] = []
+        rounds = 0
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            while True:
+                rounds += 1
+                for member in members:
+                    await self.rls_write(conn, member, f"probe-{rounds}-{member}")
+                step = time.monotonic() + 1.0
+                while True:
+                    missing = [
+                        f"sub {s.index} got no probe row"
+                        for s in subs
+                        if not any(t.startswith("probe-") for t in s.received)
+                    ]
+                    if not missing or time.monotonic() > min(step, deadline):
+                        break
+                    await asyncio.sleep(0.05)
+                if not missing or time.monotonic() > deadline:
+                    break
+        finally:
+            await conn.close()
+        problems += missing
+        problems += [f"sub {s.index}: {s.violations[:3]}" for s in subs if s.violations]
+        received = sum(len(s.received) for s in subs)
+        self.report.check(
+            self.log,
+            "postgres_changes over RLS: own rows only, no ungranted column, no duplicate, "
+            "probes reach every listener",
+            not problems,
+            "; ".join(problems[:5])
+            or f"{len(subs)} listeners of {len(members)} members, {self.rls_written} rows "
+            f"written ({self.rls_failures} failed), {received} received, probe rows reached "
+            f"all ({rounds} round(s))",
+        )
+        self.report.stats.update(rls_written=self.rls_written, rls_received=received)
+
     async def verify_baseline(
         self, http: httpx.AsyncClient, baseline: dict[str, dict[str, float]]
     ) -> None:
@@ -1006,6 +1160,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=4,
         help=f"subscribers of the public free-name channel {PUBLIC_TOPIC}",
+    )
+    parser.add_argument(
+        "--rls-subscribers",
+        type=int,
+        default=4,
+        help=f"postgres_changes listeners of the RLS table public.load_todos on {RLS_TOPIC}",
+    )
+    parser.add_argument(
+        "--rls-members", type=int, default=2, help="members the RLS listeners' tokens cycle over"
     )
     parser.add_argument("--rate", type=float, default=60.0, help="target events per second")
     parser.add_argument("--fault-interval", type=float, default=3.0, help="mean seconds")

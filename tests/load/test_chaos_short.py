@@ -1,7 +1,8 @@
 """A short chaos run (``loadtest/chaos.py``, about 40 s of faults): two hub
 nodes over Redis and one PostgreSQL store, durable publishers, subscribers
 that resume with ``replay.after``, subscribers of a public channel on a free
-name (``room:chaos-public``) fed by REST broadcasts through any node, and
+name (``room:chaos-public``) fed by REST broadcasts through any node,
+postgres_changes listeners of a table with RLS fed by an app's inserts, and
 every kind of fault injected at least once.  Every invariant must hold."""
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def test_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     report = json.loads(report_path.read_text())
     assert report["ok"], output
     names = [item["name"] for item in report["invariants"]]
-    assert len(names) == 7 and all(item["ok"] for item in report["invariants"]), output
+    assert len(names) == 8 and all(item["ok"] for item in report["invariants"]), output
     assert any(name.startswith("public free-name channel") for name in names), names
+    assert any(name.startswith("postgres_changes over RLS") for name in names), names
     # Every kind of fault happened, and the subscribers really resumed.
     for kind in ("kill", "term", "listen", "pubsub", "drop"):
         assert report["actions"].get(kind, 0) >= 1, (kind, report["actions"])
@@ -64,4 +66,6 @@ def test_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     # The public free-name channel carried live messages through the faults
     # (none twice, none foreign: the invariant above) to its subscribers.
     assert stats["public_sent"] > 100 and stats["public_received"] > 100, stats
+    # Rows of the RLS table reached their members' listeners through them.
+    assert stats["rls_written"] > 100 and stats["rls_received"] > 100, stats
     assert "ALL INVARIANTS HOLD" in result.stdout
