@@ -34,6 +34,12 @@ class Gauges:
     store_ready: bool
     listener_reconnects: int
     durable_delivered: int
+    database_broadcasts: int = 0
+    database_broadcasts_dropped: int = 0
+    row_changes: int = 0
+    row_changes_dropped: int = 0
+    rows_delivered: int = 0
+    rows_dropped: int = 0
 
 
 class NodeCollector(Collector):
@@ -107,6 +113,36 @@ class NodeCollector(Collector):
             "hub_durable_delivered",
             "Durable events delivered to subscribers.",
             live.durable_delivered,
+        )
+        yield counter(
+            "hub_database_broadcasts",
+            "Broadcasts sent from the database (realtime.send) received by this node.",
+            live.database_broadcasts,
+        )
+        yield counter(
+            "hub_database_broadcasts_dropped",
+            "Broadcasts sent from the database lost (queue full, malformed, row unreadable).",
+            live.database_broadcasts_dropped,
+        )
+        yield counter(
+            "hub_row_changes",
+            "Row changes of tables tracked without an org column received.",
+            live.row_changes,
+        )
+        yield counter(
+            "hub_row_changes_dropped",
+            "Row changes of tables tracked without an org column lost before their checks.",
+            live.row_changes_dropped,
+        )
+        yield counter(
+            "hub_rows_delivered",
+            "Row changes of tables without an org column handed to their subscribers.",
+            live.rows_delivered,
+        )
+        yield counter(
+            "hub_rows_dropped",
+            "Row changes of tables without an org column dropped (queue full, RLS check failed).",
+            live.rows_dropped,
         )
         yield from stats.fanout_latency.collect()
 

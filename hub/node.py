@@ -156,6 +156,12 @@ class Node:
             store_ready=self.store.ready,
             listener_reconnects=self.store.listener_reconnects,
             durable_delivered=self.durable.delivered,
+            database_broadcasts=self.store.broadcasts_received,
+            database_broadcasts_dropped=self.store.broadcasts_dropped,
+            row_changes=self.store.changes_received,
+            row_changes_dropped=self.store.changes_dropped,
+            rows_delivered=self.rows.delivered,
+            rows_dropped=self.rows.dropped,
         )
 
     @contextlib.asynccontextmanager

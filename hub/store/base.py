@@ -192,6 +192,26 @@ class EventStore(abc.ABC):
         """How many times the store's listener link was re-established."""
         return 0
 
+    @property
+    def broadcasts_received(self) -> int:
+        """Broadcasts sent from the database (realtime.send) received."""
+        return 0
+
+    @property
+    def broadcasts_dropped(self) -> int:
+        """Broadcasts sent from the database lost before delivery."""
+        return 0
+
+    @property
+    def changes_received(self) -> int:
+        """Row changes of tables tracked without an org column received."""
+        return 0
+
+    @property
+    def changes_dropped(self) -> int:
+        """Row changes of tables tracked without an org column lost."""
+        return 0
+
     @abc.abstractmethod
     async def append(
         self, org: str, events: Sequence[tuple[str, Any]], *, kind: EventKind = "event"

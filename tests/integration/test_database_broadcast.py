@@ -181,6 +181,8 @@ async def test_send_from_sql_reaches_vsn_1_and_vsn_2(
     assert message.meta == {"id": row_id}
     await asyncio.sleep(0.3)
     assert len(copies(v1, "chat")) == len(copies(v2, "chat")) == 1
+    assert hub.metric("hub_database_broadcasts_total") >= 2
+    assert hub.metric("hub_database_broadcasts_dropped_total") == 0
 
 
 async def test_public_and_private_database_broadcasts_stay_apart(

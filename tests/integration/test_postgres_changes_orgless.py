@@ -185,6 +185,8 @@ async def test_orgless_rows_reach_free_names_and_never_org_topics(
     assert rows(on_org, f"realtime:org:{org}") == []
     assert rows(admin_org, f"realtime:org:{org}") == []
     assert await db.fetchval("SELECT count(*) FROM hub.events WHERE org = $1", org) == 0
+    assert hub.metric("hub_row_changes_total") >= 2
+    assert hub.metric("hub_rows_delivered_total") >= 2
     assert "Traceback" not in hub.log()
 
 

@@ -58,6 +58,19 @@ class HubProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metric(self, name: str) -> float:
+        """The value of ``name`` (summed over its labels) on ``/metrics``."""
+        with urllib.request.urlopen(f"{self.http_url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        values = [
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith((name + " ", name + "{"))
+        ]
+        if not values:
+            raise KeyError(f"{name} is not on /metrics")
+        return sum(values)
+
 
 def start_hub(
     tmp_path: Path,
