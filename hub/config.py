@@ -36,6 +36,14 @@ class SessionLimits:
     idle_timeout: float = 60.0
     #: Refuse public channels on free names (Supabase's ``private_only``).
     private_only: bool = False
+    #: Presence calls (track, untrack) one socket may make per
+    #: PRESENCE_WINDOW seconds, as a bucket of that size refilled evenly
+    #: (Supabase: 5 per 30 s).
+    presence_calls: int = 5
+
+
+#: The window of ``presence_calls`` (seconds), Supabase's.
+PRESENCE_WINDOW = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +154,14 @@ OPTIONS: tuple[Option, ...] = (
         positive=True,
     ),
     Option("join_burst", int, 20, "Joins a connection may make at once.", positive=True),
+    Option(
+        "presence_calls",
+        int,
+        5,
+        "Presence calls (track, untrack) per connection per 30 s, a bucket refilled evenly "
+        "(Supabase: 5); past it a call gets `Client presence rate limit exceeded`.",
+        positive=True,
+    ),
     Option(
         "idle_timeout",
         float,
@@ -279,6 +295,7 @@ class Settings:
     max_channels: int = 100
     joins_per_second: float = 10.0
     join_burst: int = 20
+    presence_calls: int = 5
     idle_timeout: float = 60.0
     org_max_connections: int = 1000
     org_joins_per_second: int = 100
@@ -350,6 +367,7 @@ class Settings:
             max_payload_bytes=self.max_payload_bytes,
             idle_timeout=self.idle_timeout,
             private_only=self.private_only,
+            presence_calls=self.presence_calls,
         )
 
 

@@ -37,7 +37,7 @@ from hub.channels.durable import ReplayRequest, parse_replay
 from hub.channels.fanout import Channels
 from hub.channels.subscription import Subscription
 from hub.channels.topics import InvalidTopic, TopicNameRequired, parse_topic
-from hub.config import SessionLimits
+from hub.config import PRESENCE_WINDOW, SessionLimits
 from hub.counters import Counters
 from hub.errors import AuthError, CloseCode, HubError, ProtocolError
 from hub.outbox import Outbox
@@ -139,6 +139,7 @@ class Session:
         "last_seen",
         "_expiry_check_at",
         "_join_rate",
+        "_presence_rate",
         "subs",
         "frames_in",
         "_keys_refreshed",
@@ -178,6 +179,9 @@ class Session:
         now = clock()
         self.last_seen = now
         self._join_rate = _JoinRate(limits.joins_per_second, limits.join_burst, now)
+        self._presence_rate = _JoinRate(
+            limits.presence_calls / PRESENCE_WINDOW, limits.presence_calls, now
+        )
         #: wire topic (``realtime:org:42``) -> subscription
         self.subs: dict[str, Subscription] = {}
         #: No channel's token expires before this: until then ``tick`` has
@@ -617,6 +621,8 @@ class Session:
                     ),
                 )
                 return
+            if not self._presence_call(sub, msg):
+                return
             self._reply(msg, "ok", {})
             if not sub.presence_enabled and sub.read_presence:
                 # Supabase turns presence on at the first track, even when
@@ -626,10 +632,23 @@ class Session:
                 self._push(sub, "presence_state", self.channels.presence_state(sub.topic.key))
             self.channels.track(sub, fields)
         elif event == "untrack":
+            if not self._presence_call(sub, msg):
+                return
             self._reply(msg, "ok", {})
             self.channels.untrack(sub)
         else:
             raise Refused("InvalidPayload: presence event must be track or untrack")
+
+    def _presence_call(self, sub: Subscription, msg: Message) -> bool:
+        """Count one presence call against the socket's bucket; past it,
+        Supabase's ``system`` error and an error reply, and the call is
+        dropped (the channel stays)."""
+        if self._presence_rate.take(self.clock()):
+            return True
+        reason = "Client presence rate limit exceeded"
+        self._system(sub, reason, "error", "presence")
+        self._reply(msg, "error", {"reason": reason})
+        return False
 
     def _by_policy(
         self,

@@ -732,6 +732,36 @@ def test_same_key_from_two_sockets_holds_two_metas(hub: Hub) -> None:
     assert metas[0]["phx_ref"] != metas[1]["phx_ref"]
 
 
+def test_presence_calls_past_five_per_30_s_get_supabases_rate_limit(hub: Hub) -> None:
+    a, b = hub.client(VSN2), hub.client(VSN2)
+    a.join(T42, config(key="a"))
+    b.join(T42, config(key="b"))
+    for n, event in enumerate(["track", "track", "untrack", "track", "track"]):
+        a.send("1", str(n + 2), T42, "presence", {"event": event, "payload": {"n": n}})
+        assert a.take()[0].payload["status"] == "ok"
+    b.take()
+    a.send("1", "9", T42, "presence", {"event": "track", "payload": {"n": 9}})
+    system, reply = a.take()
+    assert system.event == "system"
+    assert system.payload == {
+        "channel": "org:42",
+        "extension": "presence",
+        "message": "Client presence rate limit exceeded",
+        "status": "error",
+    }
+    assert reply.payload == {
+        "status": "error",
+        "response": {"reason": "Client presence rate limit exceeded"},
+    }
+    assert b.take() == []  # the refused call changed nothing
+    assert hub.channels.subscriber_count("org:42") == 2  # the channel stays
+    hub.clock.now += 6.0  # 30 s / 5: one call back
+    a.send("1", "10", T42, "presence", {"event": "track", "payload": {"n": 10}})
+    assert a.take()[0].payload["status"] == "ok"
+    a.send("1", "11", T42, "presence", {"event": "track", "payload": {"n": 11}})
+    assert a.take()[-1].payload["status"] == "error"
+
+
 def test_empty_presence_key_is_generated(hub: Hub) -> None:
     a, b = hub.client(VSN2), hub.client(VSN2)
     a.join(T42, config(key=""))
