@@ -87,8 +87,8 @@ def parse_bindings(raw: Any) -> list[Binding]:
         filter_text = item.get("filter")
         if event not in EVENTS:
             raise InvalidBinding(f"event must be one of {', '.join(EVENTS)}")
-        if not isinstance(schema, str) or _IDENT.fullmatch(schema) is None:
-            raise InvalidBinding("schema must be an identifier")
+        if not isinstance(schema, str) or (schema != "*" and _IDENT.fullmatch(schema) is None):
+            raise InvalidBinding("schema must be an identifier or *")
         if not isinstance(table, str) or (table != "*" and _IDENT.fullmatch(table) is None):
             raise InvalidBinding("table must be an identifier or *")
         if filter_text is not None and not isinstance(filter_text, str):
@@ -142,7 +142,7 @@ def matches(binding: Binding, change: dict[str, Any]) -> bool:
     subscription the changes of its own org."""
     if binding.event != "*" and binding.event != change.get("type"):
         return False
-    if binding.schema != change.get("schema"):
+    if binding.schema != "*" and binding.schema != change.get("schema"):
         return False
     if binding.table != "*" and binding.table != change.get("table"):
         return False
@@ -161,13 +161,13 @@ def matches(binding: Binding, change: dict[str, Any]) -> bool:
 
 
 def unmatched(bindings: list[Binding], tables: frozenset[Table]) -> list[Binding]:
-    """The bindings that name no table of ``tables`` (the tracked ones): a
-    ``*`` table matches when its schema has any."""
+    """The bindings that name no table of ``tables`` (the tracked ones);
+    ``*`` matches any schema or any table."""
     return [
         b
         for b in bindings
         if not any(
-            schema == b.schema and (b.table == "*" or table == b.table) for schema, table in tables
+            b.schema in ("*", schema) and b.table in ("*", table) for schema, table in tables
         )
     ]
 

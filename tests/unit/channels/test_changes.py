@@ -14,6 +14,7 @@ from hub.channels.changes import (
     matches,
     parse_bindings,
     parse_filter,
+    unmatched,
 )
 
 
@@ -144,7 +145,7 @@ def test_invalid_filters(text: str) -> None:
         [{"schema": "pub lic"}],
         [{"schema": "public;drop"}],
         [{"schema": 1}],
-        [{"schema": "*"}],
+        [{"schema": "a*"}],
         [{"table": ""}],
         [{"table": "a-b"}],
         [{"table": "t*"}],
@@ -195,6 +196,35 @@ def test_match_on_event_schema_table() -> None:
     assert matches(bind(table="*"), change(table="other"))
     assert not matches(bind(), change(table="other"))
     assert not matches(bind(), {**change(), "schema": "audit"})
+    # Supabase: * matches any schema (and any table).
+    (anywhere,) = parse_bindings([{"event": "*", "schema": "*", "table": "*"}])
+    assert matches(anywhere, {**change(), "schema": "audit", "table": "x"})
+    (any_schema,) = parse_bindings([{"schema": "*", "table": "events"}])
+    assert matches(any_schema, {**change(), "schema": "audit"})
+    assert not matches(any_schema, {**change(), "schema": "audit", "table": "x"})
+
+
+def test_unmatched_names_the_bindings_no_tracked_table_answers() -> None:
+    tracked = frozenset({("public", "todos"), ("audit", "log")})
+    bindings = parse_bindings(
+        [
+            {"schema": "public", "table": "todos"},
+            {"schema": "public", "table": "*"},
+            {"schema": "*", "table": "log"},
+            {"schema": "*", "table": "*"},
+            {"schema": "public", "table": "log"},
+            {"schema": "other", "table": "*"},
+            {"schema": "*", "table": "nope"},
+        ]
+    )
+    assert [(b.schema, b.table) for b in unmatched(bindings, tracked)] == [
+        ("public", "log"),
+        ("other", "*"),
+        ("*", "nope"),
+    ]
+    assert [(b.schema, b.table) for b in unmatched(bindings, frozenset())] == [
+        (b.schema, b.table) for b in bindings
+    ]
 
 
 @pytest.mark.parametrize(
