@@ -1,9 +1,10 @@
-"""The ``hub`` command: ``hub serve`` and ``hub token``."""
+"""The ``hub`` command: ``hub serve``, ``hub token``, the database commands."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import gc
 import json
 import logging
@@ -63,6 +64,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     untrack = commands.add_parser("untrack", help="stop capturing an app table")
     untrack.add_argument("table", help="SCHEMA.TABLE")
+
+    projections = commands.add_parser(
+        "projections",
+        help="read models folded from the event log (docs/projections.md)",
+        description="Projections in HUB_DATABASE_URL; running hub nodes run them.",
+    )
+    actions = projections.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="register a projection")
+    add.add_argument("name", help="[a-z_][a-z0-9_]*")
+    add.add_argument(
+        "--handler",
+        required=True,
+        help="SCHEMA.FUNCTION(hub.events), or with --batch SCHEMA.FUNCTION(text, bigint, bigint)",
+    )
+    add.add_argument("--types", help="comma-separated event types it handles [all]")
+    add.add_argument("--schema", default="public", help="schema of its read-model tables [public]")
+    add.add_argument("--run-as", help="role the handler runs as [the hub's]")
+    add.add_argument(
+        "--batch", action="store_true", help="the handler takes (org, after_seq, upto_seq)"
+    )
+    actions.add_parser("list", help="each projection's position and lag per org")
+    rebuild = actions.add_parser("rebuild", help="rebuild from the log and switch it in")
+    rebuild.add_argument("name")
+    rebuild.add_argument(
+        "--until",
+        type=_timestamp,
+        help="ISO time: replay only events created up to it, into a new schema, left as is",
+    )
+    retry = actions.add_parser("retry", help="run a stopped projection again now")
+    retry.add_argument("name")
+    retry.add_argument("--org", help="only this org")
+    remove = actions.add_parser("remove", help="unregister (its tables stay)")
+    remove.add_argument("name")
 
     publish = commands.add_parser(
         "publish",
@@ -237,6 +271,56 @@ def serve(settings: Settings) -> None:
     uvicorn.Server(config).run()
 
 
+def _timestamp(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+async def _projections_command(args: argparse.Namespace) -> None:
+    from hub.projections import catalog
+
+    url = _database_url()
+    if args.action == "add":
+        types = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
+        await catalog.register(
+            url,
+            args.name,
+            args.handler,
+            types=types,
+            schema=args.schema,
+            run_as=args.run_as,
+            batch=args.batch,
+        )
+        print(f"projection {args.name} registered")
+    elif args.action == "list":
+        known = await catalog.projections(url)
+        positions = await catalog.positions(url)
+        for item in known:
+            handled = ",".join(item["event_types"]) if item["event_types"] else "all types"
+            print(
+                f"{item['name']}: {item['handler']} ({item['mode']}, {handled}) "
+                f"-> schema {item['target_schema']}"
+            )
+            for pos in (p for p in positions if p.projection == item["name"]):
+                state = f"stopped at seq {pos.error_seq}: {pos.error}" if pos.error else "running"
+                print(f"  {pos.org}: seq {pos.seq}/{pos.head}, lag {pos.lag}, {state}")
+    elif args.action == "rebuild":
+        schema = await catalog.rebuild(url, args.name, until=args.until)
+        if args.until is None:
+            print(f"projection {args.name} rebuilt and switched in")
+        else:
+            print(f"projection {args.name} as of {args.until.isoformat()} is in schema {schema}")
+    elif args.action == "retry":
+        count = await catalog.retry(url, args.name, args.org)
+        print(f"retried {count} stopped org(s)")
+    else:
+        await catalog.remove(url, args.name)
+        print(f"projection {args.name} removed")
+
+
 def _database_url() -> str:
     url = os.environ.get("HUB_DATABASE_URL")
     if not url:
@@ -290,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve(settings)
         elif args.command in ("migrate", "track", "untrack"):
             asyncio.run(_database_command(args))
+        elif args.command == "projections":
+            asyncio.run(_projections_command(args))
         elif args.command == "publish":
             print(json.dumps(asyncio.run(_publish(args))))
         elif args.command == "token":

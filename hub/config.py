@@ -205,6 +205,22 @@ OPTIONS: tuple[Option, ...] = (
         "in-memory store, bounded by HUB_MEMORY_EVENTS_PER_ORG.",
     ),
     Option(
+        "projection_timeout",
+        float,
+        30.0,
+        "Seconds a projection batch may run (PostgreSQL statement_timeout); an event whose "
+        "handler runs longer stops its projection for that org.",
+        positive=True,
+    ),
+    Option(
+        "projection_retry",
+        float,
+        30.0,
+        "Seconds between retries of a projection stopped by its handler's error, from the "
+        "event that failed.",
+        positive=True,
+    ),
+    Option(
         "memory_events_per_org",
         int,
         10_000,
@@ -303,6 +319,8 @@ class Settings:
     org_quotas: str | None = None
     database_url: str | None = None
     memory_events_per_org: int = 10_000
+    projection_timeout: float = 30.0
+    projection_retry: float = 30.0
     replay_max: int = 10_000
     private_only: bool = False
     free_messages_per_second: int = 1000

@@ -9,7 +9,7 @@ nothing of the node's parts beyond those two.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -40,6 +40,11 @@ class Gauges:
     row_changes_dropped: int = 0
     rows_delivered: int = 0
     rows_dropped: int = 0
+    #: The projection runner's view (hub.projections.runner.RunnerState).
+    projection_leader: bool = False
+    projection_lag: dict[tuple[str, str], int] = field(default_factory=dict)
+    projection_stopped: dict[tuple[str, str], str] = field(default_factory=dict)
+    projection_applied: dict[str, int] = field(default_factory=dict)
 
 
 class NodeCollector(Collector):
@@ -144,6 +149,35 @@ class NodeCollector(Collector):
             "Row changes of tables without an org column dropped (queue full, RLS check failed).",
             live.rows_dropped,
         )
+        yield gauge(
+            "hub_projection_leader",
+            "1 on the node that runs the projections.",
+            float(live.projection_leader),
+        )
+        lag = GaugeMetricFamily(
+            "hub_projection_lag",
+            "Events of an org not yet applied by a projection (on the leader).",
+            labels=["node", "projection", "org"],
+        )
+        for (name, org), value in sorted(live.projection_lag.items()):
+            lag.add_metric([self.node_id, name, org], value)
+        yield lag
+        stopped = GaugeMetricFamily(
+            "hub_projection_stopped",
+            "1 for each projection and org stopped by its handler's error (on the leader).",
+            labels=["node", "projection", "org"],
+        )
+        for name, org in sorted(live.projection_stopped):
+            stopped.add_metric([self.node_id, name, org], 1)
+        yield stopped
+        applied = CounterMetricFamily(
+            "hub_projection_applied",
+            "Events handed to a projection's handler by this node.",
+            labels=["node", "projection"],
+        )
+        for name, value in sorted(live.projection_applied.items()):
+            applied.add_metric([self.node_id, name], value)
+        yield applied
         yield from stats.fanout_latency.collect()
 
 

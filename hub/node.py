@@ -48,6 +48,7 @@ from hub.engine.memory import MemoryEngine
 from hub.flusher import Flusher
 from hub.gateway import Gateway, SocketLimits
 from hub.metrics import Gauges, NodeCollector, metrics_registry
+from hub.projections.runner import ProjectionRunner, RunnerState
 from hub.quotas import Quotas
 from hub.store.base import EventStore
 
@@ -128,6 +129,20 @@ class Node:
             rate=settings.mother_rate,
         )
         self.observers.add(self.mother)
+        # Read models folded from the log, on one node of the cluster at a
+        # time (the leader); every node's durable feed wakes it.
+        self.projections = (
+            ProjectionRunner(
+                settings.database_url,
+                application_name=f"hub {self.node_id}",
+                timeout=settings.projection_timeout,
+                retry=settings.projection_retry,
+            )
+            if settings.database_url
+            else None
+        )
+        if self.projections is not None:
+            self.observers.add(self.projections)
         self.gateway = Gateway(
             node_id=self.node_id,
             verifier=self.verifier,
@@ -147,6 +162,7 @@ class Node:
     def gauges(self) -> Gauges:
         """The live numbers of ``/metrics``."""
         sessions = self.gateway.sessions
+        projections = self.projections.state if self.projections else RunnerState()
         return Gauges(
             connections=len(sessions),
             channels=sum(len(session.subs) for session in sessions),
@@ -162,6 +178,10 @@ class Node:
             row_changes_dropped=self.store.changes_dropped,
             rows_delivered=self.rows.delivered,
             rows_dropped=self.rows.dropped,
+            projection_leader=projections.leader,
+            projection_lag=dict(projections.lag),
+            projection_stopped=dict(projections.stopped),
+            projection_applied=dict(projections.applied),
         )
 
     @contextlib.asynccontextmanager
@@ -181,8 +201,9 @@ class Node:
         3. the engine (subscriptions to other nodes);
         4. the write flusher, on this loop;
         5. the background tasks: the session ticker (token expiry, idle
-           sockets), the mother (feed, shares, rebuild) and, with policies,
-           the daily partitions of realtime.messages.
+           sockets), the mother (feed, shares, rebuild), with a database the
+           projection runner (it leads when it gets the lock) and, with
+           policies, the daily partitions of realtime.messages.
 
         Stop.  Under uvicorn, the first three steps are uvicorn's own
         shutdown, before this body ends:
@@ -223,6 +244,8 @@ class Node:
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(self.gateway.tick_forever)
                     tasks.start_soon(self.mother.run)
+                    if self.projections is not None:
+                        tasks.start_soon(self.projections.run)
                     if self.policies is not None:
                         tasks.start_soon(_keep_partitions, self.policies)
                     yield

@@ -40,6 +40,7 @@ VERSIONS = [
     "0005_database_broadcast",
     "0006_orgless_changes",
     "0007_rls_prepared_lookup",
+    "0008_projections",
 ]
 
 
