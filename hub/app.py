@@ -62,7 +62,7 @@ def create_app(node: Node) -> Starlette:
         max_payload_bytes=settings.max_payload_bytes,
         max_request_bytes=settings.max_request_bytes,
     )
-    mother = MotherApi(verifier=node.verifier, mother=node.mother)
+    mother = MotherApi(verifier=node.verifier, mother=node.mother, history=node.history)
     return Starlette(
         routes=[
             *broadcast.routes(),

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio
 
+from hub.aggregator.history import History, MemoryHistory, SqlHistory
 from hub.aggregator.mother import Mother
 from hub.auth.channel_policies import ChannelPolicies
 from hub.auth.row_security import RowSecurity
@@ -129,6 +130,15 @@ class Node:
             rate=settings.mother_rate,
         )
         self.observers.add(self.mother)
+        # The command center's ranges beyond the hour: the mother's rollups
+        # in SQL with a database, else bounded counters of what this node sees.
+        self.history: History
+        if settings.database_url:
+            self.history = SqlHistory(settings.database_url)
+        else:
+            memory = MemoryHistory()
+            self.observers.add(memory)
+            self.history = memory
         # Read models folded from the log, on one node of the cluster at a
         # time (the leader); every node's durable feed wakes it.
         self.projections = (
@@ -253,6 +263,7 @@ class Node:
             finally:
                 await self.engine.stop()
         finally:
+            await self.history.stop()
             if self.policies is not None:
                 await self.policies.stop()
             await self.store.stop()
