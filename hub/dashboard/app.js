@@ -42,7 +42,12 @@
     rows: new Map(),
     feedKeys: new Set(),
     kpis: new Map(),
+    historyRange: "24h",
+    historyOrg: null,
+    history: null,
+    historyTimer: null,
   };
+  const HISTORY_REFRESH_MS = 60000;
 
   // -- formatting -------------------------------------------------------------
 
@@ -213,7 +218,14 @@
       }
       if (!box.compact && n > 1) {
         const span = n * bucket;
-        const step = span >= 3600 ? 900 : span >= 300 ? 60 : span >= 60 ? 15 : 5;
+        const step =
+          span >= 14 * 86400 ? 5 * 86400
+          : span >= 2 * 86400 ? 86400
+          : span >= 43200 ? 4 * 3600
+          : span >= 3600 ? 900
+          : span >= 300 ? 60
+          : span >= 60 ? 15
+          : 5;
         for (let ago = 0; ago < span; ago += step) {
           const i = n - 1 - ago / bucket;
           if (i < 0) break;
@@ -223,7 +235,12 @@
             y: box.height - 4,
             "text-anchor": ago === 0 ? "end" : "middle",
           });
-          text.textContent = ago === 0 ? "now" : ago >= 60 ? `−${ago / 60} min` : `−${ago} s`;
+          text.textContent =
+            ago === 0 ? "now"
+            : ago >= 86400 ? `−${ago / 86400} d`
+            : ago >= 3600 && ago % 3600 === 0 ? `−${ago / 3600} h`
+            : ago >= 60 ? `−${ago / 60} min`
+            : `−${ago} s`;
           this.labels.append(text);
         }
       }
@@ -271,7 +288,10 @@
       this.cursor.setAttribute("y2", box.height - box.bottom);
       this.cursor.setAttribute("visibility", "visible");
       const at = (Math.floor(this.end / this.bucket) - (n - 1 - i)) * this.bucket;
-      const when = this.bucket >= 60 ? fmtClock(at).slice(0, 5) : fmtClock(at);
+      const when =
+        this.bucket >= 3600 ? new Date(at * 1000).toISOString().slice(5, 16).replace("T", " ") + " UTC"
+        : this.bucket >= 60 ? fmtClock(at).slice(0, 5)
+        : fmtClock(at);
       this.tip.textContent = `${fmtInt(this.values[i])} ${this.label} · ${when}`;
       this.tip.style.left = `${(cx / box.width) * 100}%`;
       this.tip.style.top = `${box.top}px`;
@@ -446,6 +466,7 @@
       return;
     }
     render(result.snapshot);
+    if (!state.history) loadHistory();
     openSocket();
   }
 
@@ -940,6 +961,108 @@
     }
   }
 
+  // -- history (GET /api/mother/history) -----------------------------------------
+
+  let historyChart = null;
+  let historyOrgChart = null;
+
+  function historyUrl(format) {
+    const url = new URL("api/mother/history", location.href);
+    url.searchParams.set("range", state.historyRange);
+    if (state.historyOrg) url.searchParams.set("org", state.historyOrg);
+    if (format) url.searchParams.set("format", format);
+    return url;
+  }
+
+  async function loadHistory() {
+    clearTimeout(state.historyTimer);
+    if (!state.token || state.stopped) return;
+    const asked = `${state.historyRange}|${state.historyOrg || ""}`;
+    let view = null;
+    try {
+      const response = await fetch(historyUrl(), {
+        headers: { Authorization: `Bearer ${state.token}` },
+        cache: "no-store",
+      });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      view = await response.json();
+    } catch (error) {
+      const note = $("#history-error");
+      note.textContent = `The history cannot be read (${error.message}); retrying in a minute.`;
+      note.hidden = false;
+    }
+    if (view && asked === `${state.historyRange}|${state.historyOrg || ""}`) {
+      $("#history-error").hidden = true;
+      state.history = view;
+      renderHistory();
+    }
+    state.historyTimer = setTimeout(loadHistory, HISTORY_REFRESH_MS);
+  }
+
+  function renderHistory() {
+    const view = state.history;
+    if (!view) return;
+    if (!historyChart) historyChart = new Chart($("#history-chart"), { bars: true, label: "events" });
+    historyChart.update(view.network, view.end, view.bucket);
+    const per = view.bucket >= 3600 ? `${view.bucket / 3600} h` : `${view.bucket / 60} min`;
+    setText(
+      $("#history-summary"),
+      `${fmtInt(view.events)} events · ${fmtInt(view.orgs.length)} orgs · per ${per} · ${view.source === "sql" ? "from the rollups" : "since this node started"}`,
+    );
+    const panel = $("#history-org");
+    if (view.org) {
+      panel.hidden = false;
+      setText($("#history-org-name"), view.org.org);
+      $("#history-org-chip").style.background = orgColor(view.org.org);
+      if (!historyOrgChart) historyOrgChart = new Chart($("#history-org-chart"), { bars: true, label: "events" });
+      historyOrgChart.update(view.org.series, view.end, view.bucket);
+    } else {
+      panel.hidden = true;
+    }
+    const rows = view.orgs.map((item) => {
+      const tr = el("tr");
+      tr.dataset.org = item.org;
+      tr.classList.toggle("selected", item.org === state.historyOrg);
+      const name = el("td", "left");
+      const chip = el("span", "org-chip");
+      chip.style.background = orgColor(item.org);
+      name.append(chip, document.createTextNode(` ${item.org}`));
+      const last = item.last_event_at ? new Date(item.last_event_at * 1000).toISOString().slice(0, 19).replace("T", " ") : "—";
+      const cells = [
+        name,
+        el("td", null, fmtInt(item.events)),
+        el("td", null, fmtInt(item.users)),
+        el("td", null, last),
+      ];
+      cells[1].dataset.col = "events";
+      cells[2].dataset.col = "users";
+      tr.append(...cells);
+      tr.addEventListener("click", () => {
+        state.historyOrg = state.historyOrg === item.org ? null : item.org;
+        loadHistory();
+      });
+      return tr;
+    });
+    $("#history-orgs tbody").replaceChildren(...rows);
+    $("#history-empty").hidden = view.orgs.length > 0;
+    document.body.dataset.history = view.range;
+  }
+
+  async function exportHistory() {
+    const response = await fetch(historyUrl("csv"), {
+      headers: { Authorization: `Bearer ${state.token}` },
+      cache: "no-store",
+    });
+    if (!response.ok) return;
+    const link = el("a");
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = `hub-history-${state.historyRange}.csv`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+  }
+
   // -- wiring -----------------------------------------------------------------
 
   function init() {
@@ -980,12 +1103,25 @@
         renderNetworkChart();
       });
     }
+    for (const button of $$("[data-history]")) {
+      button.addEventListener("click", () => {
+        state.historyRange = button.dataset.history;
+        for (const other of $$("[data-history]")) other.setAttribute("aria-pressed", String(other === button));
+        loadHistory();
+      });
+    }
+    $("#history-csv").addEventListener("click", exportHistory);
+    $("#history-org-close").addEventListener("click", () => {
+      state.historyOrg = null;
+      loadHistory();
+    });
     let resizeTimer = null;
     window.addEventListener("resize", () => {
       clearTimeout(resizeTimer);
       resizeTimer = setTimeout(() => {
         renderNetworkChart();
         renderDetail();
+        renderHistory();
       }, 150);
     });
     setInterval(tick, 1000);

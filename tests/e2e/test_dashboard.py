@@ -292,3 +292,100 @@ async def test_dashboard_shows_a_lost_connection_and_recovers(
     await publish(again, org, [("after", {})] * 3)
     await page.wait_cell(org, "1h", "3")
     assert page.errors == [] or all("WebSocket" in e or "Failed to load" in e for e in page.errors)
+
+
+async def seed_week(dsn: str) -> None:
+    """A week of history for three orgs, written as if it had happened."""
+    rng = random.Random(5)
+    now = time.time()
+    rows: list[tuple[str, int, str, str, float]] = []
+    for org, per_day in (("fabrikam", 30), ("tailspin", 12), ("litware", 4)):
+        times = sorted(now - rng.uniform(3600, 6.5 * 86400) for _ in range(per_day * 6))
+        for seq, at in enumerate(times, start=1):
+            payload = {"user_id": f"{org}-u{rng.randrange(5)}"}
+            rows.append(
+                (org, seq, rng.choice(["ticket.opened", "deploy"]), json.dumps(payload), at)
+            )
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.executemany(
+                "INSERT INTO hub.events (org, seq, type, payload, created_at) "
+                "VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5))",
+                rows,
+            )
+            await conn.execute(
+                "INSERT INTO hub.org_seq (org, seq) "
+                "SELECT org, max(seq) FROM hub.events GROUP BY org"
+            )
+    finally:
+        await conn.close()
+
+
+async def test_dashboard_seven_day_history_and_its_csv_match_the_sql_views(
+    fresh_dsn: str, mother_hub: StartHub, browser: Any, tmp_path: Path
+) -> None:
+    await seed_week(fresh_dsn)
+    hub = mother_hub({"HUB_DATABASE_URL": fresh_dsn})
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while await conn.fetchval(
+            "SELECT count(*) FROM hub.projection_lag WHERE projection = 'mother' AND lag > 0"
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        expected = {
+            r["org"]: int(r["events"])
+            for r in await conn.fetch(
+                "SELECT org, sum(events) AS events FROM mother.org_activity_hourly "
+                "WHERE hour >= now() - interval '7 days' GROUP BY org"
+            )
+        }
+        users = {
+            r["org"]: int(r["users"])
+            for r in await conn.fetch(
+                "SELECT org, count(DISTINCT user_id) AS users FROM mother.hour_users "
+                "WHERE hour >= now() - interval '7 days' GROUP BY org"
+            )
+        }
+    finally:
+        await conn.close()
+    assert expected == {"fabrikam": 180, "tailspin": 72, "litware": 24}
+
+    page = await open_page(browser, hub, hub.admin_token())
+    await page.wait_state("live")
+    await page.page.click('[data-history="7d"]')
+    await page.page.wait_for_function(
+        "() => document.body.dataset.history === '7d'", timeout=WAIT_MS
+    )
+    rows = await page.page.locator("#history-orgs tbody tr").evaluate_all(
+        "rows => rows.map(r => [r.dataset.org,"
+        " r.querySelector('[data-col=events]').textContent,"
+        " r.querySelector('[data-col=users]').textContent])"
+    )
+    assert rows == [[org, str(n), str(users[org])] for org, n in expected.items()]
+    summary = (await page.page.locator("#history-summary").inner_text()).lower()
+    assert "276 events" in summary and "per 1 h" in summary and "from the rollups" in summary
+    # The week's chart has a bar per hour that held events.
+    bars = await page.page.locator("#history-chart path.bars").get_attribute("d")
+    assert bars is not None and bars.count("M") > 24
+
+    # One org's own history.
+    await page.page.click('#history-orgs tbody tr[data-org="tailspin"]')
+    await page.page.locator("#history-org").wait_for(state="visible", timeout=WAIT_MS)
+    assert await page.page.locator("#history-org-name").inner_text() == "tailspin"
+
+    # The CSV export is the table, as the SQL views give it.
+    await page.page.click("#history-org-close")
+    async with page.page.expect_download(timeout=WAIT_MS) as info:
+        await page.page.click("#history-csv")
+    download = await info.value
+    path = tmp_path / "history.csv"
+    await download.save_as(str(path))
+    lines = path.read_text().splitlines()
+    assert lines[0] == "org,events,users,last_event_at"
+    assert [line.split(",")[:3] for line in lines[1:]] == [
+        [org, str(n), str(users[org])] for org, n in expected.items()
+    ]
+    assert page.errors == []
