@@ -539,3 +539,41 @@ async def test_the_projections_command(
     assert code == 1 and "no projection 'nothing'" in out
     code, out = await hub_cli(dsn, "remove", "counts")
     assert (code, out.strip()) == (0, "projection counts removed")
+
+
+async def test_the_documented_example_works_as_written(
+    dsn: str, db: asyncpg.Connection, runner: Callable[..., ProjectionRunner]
+) -> None:
+    """docs/projections.md's open tickets, its SQL run as written (the
+    role renamed per run: roles are shared by every database)."""
+    doc = (ROOT / "docs" / "projections.md").read_text()
+    blocks = doc.split("```sql\n")[1:]
+    setup, query = blocks[0].split("```")[0], blocks[1].split("```")[0]
+    role = "tickets_writer_" + new_database_name()[-8:]
+    # This module's own example lives in the schemas the doc uses.
+    await db.execute("DELETE FROM hub.projections WHERE name = 'open_tickets'")
+    await db.execute("DROP SCHEMA app CASCADE")
+    await db.execute(setup.replace("tickets_writer", role))
+    code, out = await hub_cli(
+        dsn,
+        "add",
+        "open_tickets_doc",
+        "--handler",
+        "app.open_tickets(hub.events)",
+        "--schema",
+        "tickets_rm",
+        "--types",
+        "ticket.opened,ticket.closed",
+        "--run-as",
+        role,
+    )
+    assert code == 0, out
+    runner()
+    await append(db, "acme", "ticket.opened", {"id": "1", "title": "printer"})
+    await append(db, "acme", "ticket.opened", {"id": "2", "title": "coffee"})
+    await append(db, "acme", "ticket.closed", {"id": "1"})
+    await append(db, "acme", "note", {})
+    await caught_up(db, "open_tickets_doc")
+    rows = await db.fetch(query)
+    assert [(r["id"], r["title"]) for r in rows] == [("2", "coffee")]
+    await db.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
