@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--handler",
         required=True,
-        help="SCHEMA.FUNCTION(hub.events), or with --batch SCHEMA.FUNCTION(text, bigint, bigint)",
+        help="SCHEMA.FUNCTION(hub.events), or with --batch "
+        "SCHEMA.FUNCTION(text[], bigint[], bigint[])",
     )
     add.add_argument("--types", help="comma-separated event types it handles [all]")
     add.add_argument("--schema", default="public", help="schema of its read-model tables [public]")

@@ -205,6 +205,13 @@ OPTIONS: tuple[Option, ...] = (
         "in-memory store, bounded by HUB_MEMORY_EVENTS_PER_ORG.",
     ),
     Option(
+        "projections",
+        _flag,
+        True,
+        "Run the projection runner on this node (with a database); false: this node never "
+        "leads the projections (another node does).",
+    ),
+    Option(
         "projection_timeout",
         float,
         30.0,
@@ -319,6 +326,7 @@ class Settings:
     org_quotas: str | None = None
     database_url: str | None = None
     memory_events_per_org: int = 10_000
+    projections: bool = True
     projection_timeout: float = 30.0
     projection_retry: float = 30.0
     replay_max: int = 10_000

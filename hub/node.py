@@ -148,7 +148,7 @@ class Node:
                 timeout=settings.projection_timeout,
                 retry=settings.projection_retry,
             )
-            if settings.database_url
+            if settings.database_url and settings.projections
             else None
         )
         if self.projections is not None:

@@ -169,6 +169,11 @@ class History(abc.ABC):
         """The range ``range_name`` (raises UnknownRange), with ``org``'s
         own series when given."""
 
+    async def projections(self) -> dict[str, Any] | None:
+        """The projections' state for the command center (None: there are
+        none without a database)."""
+        return None
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect, if there is anything to connect to."""
 
@@ -233,6 +238,36 @@ class SqlHistory(History):
         users = {str(r["org"]): int(r["users"]) for r in user_rows}
         last = {str(r["org"]): float(r["at"]) for r in last_rows}
         return _view(range_name, now, counts, users, last, org, "sql")
+
+    async def projections(self) -> dict[str, Any] | None:
+        """Per projection: orgs behind, events behind (sum and worst org),
+        orgs stopped; and the stopped orgs with their errors."""
+        pool = await self._connection_pool()
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT p.name, p.mode, p.target_schema::text AS schema, "
+                "count(l.org) FILTER (WHERE l.lag > 0) AS behind, "
+                "coalesce(sum(l.lag), 0)::bigint AS lag, "
+                "coalesce(max(l.lag), 0)::bigint AS max_lag, "
+                "count(l.org) FILTER (WHERE l.error IS NOT NULL) AS stopped "
+                "FROM hub.projections p LEFT JOIN hub.projection_lag l ON l.projection = p.name "
+                "GROUP BY 1, 2, 3 ORDER BY 1"
+            )
+            stopped = await conn.fetch(
+                "SELECT projection, org, error_seq, error, "
+                "extract(epoch FROM error_at)::float8 AS at FROM hub.projection_lag "
+                "WHERE error IS NOT NULL "
+                "ORDER BY error_at DESC LIMIT $1",
+                MAX_STOPPED,
+            )
+        return {
+            "projections": [dict(row) for row in rows],
+            "stopped": [dict(row) for row in stopped],
+        }
+
+
+#: Stopped (projection, org) pairs listed at most.
+MAX_STOPPED: Final = 50
 
 
 class MemoryHistory(History, Observer):

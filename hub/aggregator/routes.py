@@ -6,6 +6,9 @@
 * ``GET /api/mother/history?range=24h|7d|30d[&org=ORG][&format=csv]``: the
   network's history over that range (:mod:`hub.aggregator.history`), same
   auth; as CSV, the per-org table the dashboard shows.
+* ``GET /api/mother/projections``: each projection's lag and its stopped
+  orgs with their errors (docs/projections.md), same auth; ``projections``
+  is null without a database.
 * ``GET /dashboard``: the page; its scripts and styles are under
   ``/dashboard/static/``.  The page itself is public: it holds no data and
   asks for an admin token, which it sends only to this hub.
@@ -59,6 +62,7 @@ class MotherApi:
         return [
             Route("/api/mother/stats", self.stats, methods=["GET"]),
             Route("/api/mother/history", self.history_view, methods=["GET"]),
+            Route("/api/mother/projections", self.projections, methods=["GET"]),
             Route("/dashboard", dashboard, methods=["GET"]),
             Mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR), name="dashboard"),
         ]
@@ -100,6 +104,23 @@ class MotherApi:
             )
         return Response(
             orjson.dumps(view.as_json()),
+            media_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def projections(self, request: Request) -> Response:
+        refused = await self._admin(request)
+        if refused is not None:
+            return refused
+        try:
+            state = await self.history.projections()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("projections unavailable: %r", exc)
+            return error_response(
+                503, "the projections are unavailable: the database did not answer"
+            )
+        return Response(
+            orjson.dumps(state or {"projections": None, "stopped": []}),
             media_type="application/json",
             headers={"Cache-Control": "no-store"},
         )

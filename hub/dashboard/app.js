@@ -991,6 +991,7 @@
       note.textContent = `The history cannot be read (${error.message}); retrying in a minute.`;
       note.hidden = false;
     }
+    loadProjections();
     if (view && asked === `${state.historyRange}|${state.historyOrg || ""}`) {
       $("#history-error").hidden = true;
       state.history = view;
@@ -1046,6 +1047,50 @@
     $("#history-orgs tbody").replaceChildren(...rows);
     $("#history-empty").hidden = view.orgs.length > 0;
     document.body.dataset.history = view.range;
+  }
+
+  async function loadProjections() {
+    if (!state.token || state.stopped) return;
+    let body = null;
+    try {
+      const response = await fetch(new URL("api/mother/projections", location.href), {
+        headers: { Authorization: `Bearer ${state.token}` },
+        cache: "no-store",
+      });
+      if (response.ok) body = await response.json();
+    } catch (_) {
+      // shown again at the next refresh
+    }
+    const panel = $("#projections");
+    if (!body || !body.projections) {
+      panel.hidden = true;
+      return;
+    }
+    panel.hidden = false;
+    const rows = body.projections.map((p) => {
+      const tr = el("tr");
+      tr.dataset.projection = p.name;
+      tr.classList.toggle("alert-row", p.stopped > 0);
+      const cells = [
+        el("td", "left", p.name),
+        el("td", "left", `${p.mode} → ${p.schema}`),
+        el("td", null, fmtInt(p.behind)),
+        el("td", null, fmtInt(p.lag)),
+        el("td", null, fmtInt(p.max_lag)),
+        el("td", p.stopped > 0 ? "warn" : null, fmtInt(p.stopped)),
+      ];
+      cells[5].dataset.col = "stopped";
+      tr.append(...cells);
+      return tr;
+    });
+    $("#projections-table tbody").replaceChildren(...rows);
+    const stopped = body.stopped.map((s) => {
+      const li = el("li", "error");
+      li.textContent = `${s.projection} stopped for ${s.org} at seq ${s.error_seq}: ${s.error}`;
+      return li;
+    });
+    $("#projections-stopped").replaceChildren(...stopped);
+    document.body.dataset.projections = String(body.projections.length);
   }
 
   async function exportHistory() {

@@ -81,7 +81,7 @@ async def register(
     batch: bool = False,
 ) -> None:
     """Register ``handler`` (``schema.function(hub.events)``, or
-    ``(text, bigint, bigint)`` with ``batch``) as projection ``name``
+    ``(text[], bigint[], bigint[])`` with ``batch``) as projection ``name``
     writing the tables of ``schema``.  Raises ProjectionError when the name
     is taken, the handler or schema does not exist, or the handler has the
     wrong signature."""

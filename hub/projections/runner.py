@@ -16,7 +16,8 @@ A batch cut short (the connection lost, the process killed, a statement
 timeout) commits nothing, so whoever runs next starts from the last
 checkpoint: every event is applied exactly once, in seq order per org.  It
 works when woken by a new event (the node's durable feed) or every
-``interval`` seconds.
+``interval`` seconds, and under steady traffic at most one turn per
+``coalesce`` seconds, so batches hold what arrived in between.
 
 A handler that raises stops its projection for that org only (the error is
 recorded in the checkpoint row, logged and exported); the leader retries it
@@ -53,6 +54,10 @@ LEADER_LOCK: Final = 0x6875627065616421
 CONNECTION_CHECK_MS: Final = 1000
 #: Events per org per ``hub.project()`` call.
 BATCH: Final = 500
+#: A turn that applied events is followed by the next one this long after
+#: it started at the soonest (seconds): under steady traffic each org's
+#: batch holds what arrived meanwhile instead of one event.
+COALESCE: Final = 0.5
 #: How often the mother's rollups are pruned to their retention (seconds).
 PRUNE_INTERVAL: Final = 600.0
 
@@ -61,7 +66,7 @@ _LAG: Final = (
     "extract(epoch FROM error_at) AS error_at FROM hub.projection_lag "
     "WHERE lag > 0 OR error IS NOT NULL"
 )
-_PROJECT: Final = "SELECT org, seq, applied, error FROM hub.project($1, $2, $3, $4, NULL, $5)"
+_PROJECT: Final = "SELECT org, seq, applied, error FROM hub.project($1, $2, $3, $4, NULL, $5, $6)"
 _TIMED_OUT: Final = (
     "INSERT INTO hub.projection_checkpoints AS c (projection, target, org, error, error_seq, "
     "error_at) VALUES ($1, $2, $3, $4, (SELECT coalesce(max(seq), 0) + 1 FROM "
@@ -69,6 +74,12 @@ _TIMED_OUT: Final = (
     "ON CONFLICT (projection, target, org) DO UPDATE SET error = excluded.error, "
     "error_seq = c.seq + 1, error_at = now()"
 )
+
+
+def _connection_lost(exc: asyncpg.PostgresError) -> bool:
+    """Errors that end the session (terminated backend, shutdown): the
+    runner reconnects rather than retry on this connection."""
+    return str(getattr(exc, "sqlstate", "")).startswith(("57P", "08"))
 
 
 @dataclass
@@ -98,6 +109,7 @@ class ProjectionRunner(Observer):
         timeout: float = 30.0,
         retry: float = 30.0,
         batch: int = BATCH,
+        coalesce: float = COALESCE,
     ) -> None:
         self.dsn = dsn
         self.application_name = f"{application_name} projections"
@@ -106,6 +118,7 @@ class ProjectionRunner(Observer):
         self.timeout = timeout
         self.retry = retry
         self.batch = batch
+        self.coalesce = coalesce
         self.state = RunnerState()
         self._wake = asyncio.Event()
 
@@ -158,11 +171,16 @@ class ProjectionRunner(Observer):
         pruned_at = -math.inf
         while True:
             self._wake.clear()
+            started = time.monotonic()
             worked = await self._turn(conn)
             if time.monotonic() - pruned_at > PRUNE_INTERVAL:
                 await conn.execute("SELECT hub.mother_prune()")
                 pruned_at = time.monotonic()
-            if not worked:
+            if worked:
+                # Let events gather: a turn costs a few statements per
+                # projection and org whatever it applies.
+                await asyncio.sleep(max(0.0, self.coalesce - (time.monotonic() - started)))
+            else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.interval)
 
@@ -193,10 +211,20 @@ class ProjectionRunner(Observer):
     async def _batch(
         self, conn: asyncpg.Connection, name: str, target: str, orgs: list[str], *, retry: bool
     ) -> bool:
+        """The fast path first (no subtransaction per event, see
+        hub.project()); when a handler raised in it, the same batch again
+        with each event isolated, which stops only the org that failed."""
         try:
-            rows = await conn.fetch(_PROJECT, name, target, orgs, self.batch, retry)
+            rows = await conn.fetch(_PROJECT, name, target, orgs, self.batch, retry, retry)
         except asyncpg.QueryCanceledError:
             return await self._one_by_one(conn, name, target, orgs, retry=retry)
+        except asyncpg.PostgresError as exc:
+            if _connection_lost(exc):
+                raise
+            try:
+                rows = await conn.fetch(_PROJECT, name, target, orgs, self.batch, retry, True)
+            except asyncpg.QueryCanceledError:
+                return await self._one_by_one(conn, name, target, orgs, retry=retry)
         return self._count(name, rows)
 
     async def _one_by_one(
@@ -207,7 +235,7 @@ class ProjectionRunner(Observer):
         moved = False
         for org in orgs:
             try:
-                rows = await conn.fetch(_PROJECT, name, target, [org], 1, retry)
+                rows = await conn.fetch(_PROJECT, name, target, [org], 1, retry, True)
             except asyncpg.QueryCanceledError:
                 reason = f"the handler ran longer than {self.timeout:g} s (HUB_PROJECTION_TIMEOUT)"
                 log.warning("projection %s stopped for org %s: %s", name, org, reason)

@@ -1,7 +1,7 @@
 """``python -m loadtest.bench``: run the benchmark scenarios, print a table and JSON.
 
     python -m loadtest.bench [--scenarios fanout,many_orgs,capacity,multinode,private_joins,
-                                          rls_changes]
+                                          rls_changes,projections]
                              [--servers hub,hub-inproc,limit,socketio,channels,broadcaster]
                              [--quick] [--runs N] [--json out.json] [--profile] [--no-docs]
 
@@ -27,9 +27,17 @@ import uvloop
 from loadtest.bench import envs, procs, report, scenarios, servers
 from loadtest.commands import repeatable_command
 
-SCENARIOS = ["fanout", "many_orgs", "capacity", "multinode", "private_joins", "rls_changes"]
+SCENARIOS = [
+    "fanout",
+    "many_orgs",
+    "capacity",
+    "multinode",
+    "private_joins",
+    "rls_changes",
+    "projections",
+]
 #: Scenarios that need the hub's database (a fresh one unless --database-url).
-DATABASE_SCENARIOS = ("many_orgs", "private_joins", "rls_changes")
+DATABASE_SCENARIOS = ("many_orgs", "private_joins", "rls_changes", "projections")
 HUB_KINDS = ("hub", "hub-inproc")
 #: Measured --runs times; the peers, 10 to 500 times slower and minutes per
 #: run, once.
@@ -112,6 +120,12 @@ def _brief(r: dict[str, Any]) -> str:
             }
     if "policy_cost" in r:
         out["policy_cost"] = r["policy_cost"]
+    if "cost" in r:
+        out["projections"] = {
+            "catch_up": r["with"].get("catch_up"),
+            "lag": {k: v for k, v in r["with"].items() if k.startswith("lag_")},
+            "cost": r["cost"],
+        }
     for key in (k for k in r if k.startswith("users_")):
         out[key] = {k: r[key][k] for k in ("delivered", "expected", "changes_per_s")}
     if "fixed_rate" in r:
@@ -143,6 +157,9 @@ async def _measure(
         if scen == "rls_changes":
             assert db_url is not None
             return await scenarios.rls_changes(name, cfg, database_url=db_url)
+        if scen == "projections":
+            assert db_url is not None
+            return await scenarios.projections(name, cfg, database_url=db_url)
         return await scenarios.capacity(name, cfg, profile=profile)
     except Exception as exc:
         traceback.print_exc()
@@ -196,6 +213,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     if scen == "multinode" and name not in servers.MULTINODE:
                         out[name] = {"error": "single process only (no broker to share rooms)"}
+                        continue
+                    if scen == "projections" and name not in HUB_KINDS:
+                        out[name] = {"error": "no equivalent (no read models from a log)"}
                         continue
                     if scen == "rls_changes" and name not in HUB_KINDS:
                         out[name] = {

@@ -38,6 +38,11 @@ RUN_METRICS["private_joins"] = [
     ("public joins / wall s", ("public", "joins_per_wall_s")),
 ]
 
+RUN_METRICS["projections"] = [
+    ("mother: PostgreSQL CPU us / event added", ("cost", "mother_pg_cpu_us_per_event")),
+    ("bench_count: PostgreSQL CPU us / event added", ("cost", "bench_count_pg_cpu_us_per_event")),
+    ("bench_count catch-up events / s", ("with", "catch_up", "bench_count", "events_per_s")),
+]
 RUN_METRICS["rls_changes"] = [
     ("changes / s, every subscriber a distinct user", ("users_1000", "changes_per_s")),
     ("changes / s, 100 users", ("users_100", "changes_per_s")),
@@ -375,6 +380,58 @@ def rls_changes_table(runs: dict[str, Any]) -> list[str]:
     return [title, "", *_table(head, rows), "", *_errors(runs)]
 
 
+def projections_table(runs: dict[str, Any]) -> list[str]:
+    ok = _ok(runs)
+    rows = []
+    first: dict[str, Any] = next(iter(ok.values()), {})
+    for name, r in ok.items():
+        for phase, label in (
+            ("without", "none"),
+            ("mother", "mother"),
+            ("with", "mother + bench_count"),
+        ):
+            k = r.get(phase, {})
+            catch = ", ".join(
+                f"{p}: {_n(c.get('backlog'))} in {_n(c.get('secs'), 2)} s"
+                + (f" ({_n(c.get('events_per_s'))}/s)" if c.get("events_per_s") else "")
+                for p, c in k.get("catch_up", {}).items()
+            )
+            lags = ", ".join(
+                f"{key[4:]}: {_n(v['p50'])} / {_n(v['max'])}"
+                for key, v in k.items()
+                if key.startswith("lag_")
+            )
+            rows.append(
+                [
+                    f"`{name}`",
+                    label,
+                    _n(k.get("events_per_s")),
+                    _n(k.get("pg_cpu_us_per_event"), 1),
+                    _n(k.get("hub_cpu_us_per_event"), 1),
+                    catch or "—",
+                    lags or "—",
+                    _n(k.get("drain_s"), 2) if "drain_s" in k else "—",
+                ]
+            )
+    head = [
+        "server",
+        "projections running",
+        "inserts / s",
+        "PostgreSQL CPU us / insert",
+        "hub CPU us / insert",
+        "catch-up at start",
+        "lag, events p50 / max",
+        "caught up s after the last insert",
+    ]
+    title = (
+        f"### Projections ({_n(first.get('rate'))} inserts/s over {_n(first.get('orgs'))} orgs "
+        f"for {_n(first.get('seconds'))} s per phase)"
+        if first
+        else "### Projections"
+    )
+    return [title, "", *_table(head, rows), "", *_errors(runs)]
+
+
 def _runs_note(runs: int) -> str:
     if runs <= 1:
         return ", one run of each"
@@ -405,6 +462,9 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     if "private_joins" in sc:
         lines += private_joins_table(sc["private_joins"])
+        lines.append("")
+    if "projections" in sc:
+        lines += projections_table(sc["projections"])
         lines.append("")
     if "rls_changes" in sc:
         lines += rls_changes_table(sc["rls_changes"])

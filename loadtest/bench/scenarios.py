@@ -59,6 +59,8 @@ class Config:
     rls_sockets: int = 20
     rls_changes: int = 300
     rls_users: tuple[int, ...] = (1000, 100)
+    #: projections: seconds of 2,000 inserts/s over the 200 orgs per phase.
+    projection_seconds: float = 20.0
 
     @classmethod
     def make(cls, quick: bool, capacity: int | None = None) -> Config:
@@ -73,6 +75,7 @@ class Config:
                 capacity_idle_s=3.0,
                 join_conns=1000,
                 rls_changes=60,
+                projection_seconds=3.0,
             )
         return cls(quick=False, capacity=capacity or 19_000)
 
@@ -669,6 +672,168 @@ async def _wait_published(db: Any, table: str) -> None:
             return
         await asyncio.sleep(0.1)
     raise RuntimeError(f"the hub did not track public.{table} from the publication")
+
+
+# -- projections ----------------------------------------------------------------
+
+PROJECTION_SQL = """
+CREATE SCHEMA IF NOT EXISTS bench_app;
+CREATE SCHEMA IF NOT EXISTS bench_rm;
+CREATE TABLE IF NOT EXISTS bench_rm.per_org (
+    org text PRIMARY KEY, events bigint NOT NULL, last_seq bigint NOT NULL
+);
+CREATE OR REPLACE FUNCTION bench_app.count(e hub.events) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO per_org AS p VALUES (e.org, 1, e.seq)
+    ON CONFLICT (org) DO UPDATE SET events = p.events + 1, last_seq = excluded.last_seq;
+END $$;
+DELETE FROM hub.projections WHERE name = 'bench_count';
+TRUNCATE bench_rm.per_org;
+"""
+REGISTER_SQL = (
+    "SELECT hub.register_projection('bench_count', 'bench_app.count(hub.events)', NULL, 'bench_rm')"
+)
+
+
+async def projections(name: str, cfg: Config, *, database_url: str) -> dict[str, Any]:
+    """Projections at 2,000 inserts/s over 200 orgs, in three phases of the
+    same paced inserts, each on a fresh hub:
+
+    1. ``without``: HUB_PROJECTIONS=false, the durable path alone;
+    2. ``mother``: the hub's own rollups (a batch projection) run; the
+       runner first catches up with phase 1's events;
+    3. ``with``: an app's event-mode projection (an upsert per event) is
+       registered too, and first catches up with phases 1 and 2.
+
+    Per phase: hub and PostgreSQL CPU per inserted event; in 2 and 3 the
+    catch-up rate and the lag sampled every 250 ms.  The differences
+    between the phases are what each projection adds."""
+    import asyncpg
+
+    db = await asyncpg.connect(database_url)
+    result: dict[str, Any] = {
+        "server": name,
+        "orgs": cfg.orgs,
+        "rate": cfg.org_rate,
+        "seconds": cfg.projection_seconds,
+        "projections": ["mother (batch rollups)", "bench_count (event, upsert per event)"],
+    }
+    try:
+        await db.execute(PROJECTION_SQL)
+        # Everything before now counts as done: only this run's events are
+        # measured (an earlier scenario's events are in the same log).
+        heads = await db.fetch("SELECT org, seq FROM hub.org_seq")
+        await _checkpoints_at(db, "mother", heads)
+        async with PgBackends(database_url) as pg:
+            for phase, enabled in (("without", False), ("mother", True), ("with", True)):
+                if phase == "with":
+                    await db.execute(REGISTER_SQL)
+                    await _checkpoints_at(db, "bench_count", heads)
+                watched = {"without": [], "mother": ["mother"], "with": ["mother", "bench_count"]}
+                dep = await deploy(
+                    name,
+                    database_url=database_url,
+                    durable=True,
+                    hub_extra={"HUB_PROJECTIONS": "true" if enabled else "false"},
+                )
+                try:
+                    out: dict[str, Any] = {}
+                    if enabled:
+                        out["catch_up"] = await _catch_up(db, watched[phase])
+                    cpu0, pg0, t0 = sum(dep.cpu()), await pg.cpu(), time.perf_counter()
+                    samples: list[dict[str, int]] = []
+                    sampler = asyncio.create_task(_sample_lag(db, samples)) if enabled else None
+                    k = await paced(
+                        dep.publisher,
+                        rate=cfg.org_rate,
+                        seconds=cfg.projection_seconds,
+                        nrooms=cfg.orgs,
+                    )
+                    secs = time.perf_counter() - t0
+                    if sampler is not None:
+                        sampler.cancel()
+                        await asyncio.gather(sampler, return_exceptions=True)
+                        out["drain_s"] = await _drained(db)
+                    server_cpu = sum(dep.cpu()) - cpu0
+                    pg_cpu = PgBackends.spent(pg0, await pg.cpu())
+                    out.update(
+                        {
+                            "events": k,
+                            "events_per_s": _rate(k, secs),
+                            "hub_cpu_us_per_event": round(1e6 * server_cpu / k, 1) if k else None,
+                            "pg_cpu_us_per_event": round(1e6 * pg_cpu / k, 1) if k else None,
+                        }
+                    )
+                    for projection in watched[phase]:
+                        lags = sorted(s.get(projection, 0) for s in samples) or [0]
+                        out[f"lag_{projection}"] = {"p50": lags[len(lags) // 2], "max": lags[-1]}
+                    result[phase] = out
+                finally:
+                    await dep.stop()
+        base = result["without"]["pg_cpu_us_per_event"]
+        result["cost"] = {
+            "mother_pg_cpu_us_per_event": round(result["mother"]["pg_cpu_us_per_event"] - base, 1),
+            "bench_count_pg_cpu_us_per_event": round(
+                result["with"]["pg_cpu_us_per_event"] - result["mother"]["pg_cpu_us_per_event"], 1
+            ),
+        }
+    finally:
+        await db.execute("DELETE FROM hub.projections WHERE name = 'bench_count'")
+        await db.close()
+    return result
+
+
+async def _checkpoints_at(db: Any, projection: str, heads: list[Any]) -> None:
+    await db.executemany(
+        "INSERT INTO hub.projection_checkpoints (projection, target, org, seq) "
+        "SELECT $1, target_schema, $2, $3 FROM hub.projections WHERE name = $1 "
+        "ON CONFLICT (projection, target, org) DO UPDATE SET seq = excluded.seq, error = NULL",
+        [(projection, r["org"], r["seq"]) for r in heads],
+    )
+
+
+_LAG_BY_PROJECTION = (
+    "SELECT projection, sum(lag)::bigint AS lag FROM hub.projection_lag "
+    "WHERE projection IN ('bench_count', 'mother') GROUP BY projection"
+)
+
+
+async def _catch_up(db: Any, watched: list[str]) -> dict[str, Any]:
+    """Time each projection takes to apply the backlog it starts with (the
+    hub has just started: a small backlog may be gone before the first
+    look, which then says so)."""
+    t0 = time.perf_counter()
+    first = {r["projection"]: int(r["lag"]) for r in await db.fetch(_LAG_BY_PROJECTION)}
+    done: dict[str, float] = {}
+    while len(done) < len(watched) and time.perf_counter() - t0 < 600:
+        for r in await db.fetch(_LAG_BY_PROJECTION):
+            if int(r["lag"]) == 0 and r["projection"] not in done:
+                done[r["projection"]] = time.perf_counter() - t0
+        await asyncio.sleep(0.05)
+    return {
+        p: {
+            "backlog": first.get(p, 0),
+            "secs": round(done[p], 2) if p in done else None,
+            "events_per_s": _rate(first.get(p, 0), done[p]) if first.get(p) and p in done else None,
+        }
+        for p in watched
+    }
+
+
+async def _sample_lag(db: Any, samples: list[dict[str, int]]) -> None:
+    while True:
+        samples.append({r["projection"]: int(r["lag"]) for r in await db.fetch(_LAG_BY_PROJECTION)})
+        await asyncio.sleep(0.25)
+
+
+async def _drained(db: Any) -> float | None:
+    """Seconds after the last insert until the projections are caught up."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 120:
+        if all(int(r["lag"]) == 0 for r in await db.fetch(_LAG_BY_PROJECTION)):
+            return round(time.perf_counter() - t0, 2)
+        await asyncio.sleep(0.05)
+    return None
 
 
 # -- profiling ------------------------------------------------------------------------

@@ -371,6 +371,11 @@ async def test_dashboard_seven_day_history_and_its_csv_match_the_sql_views(
     bars = await page.page.locator("#history-chart path.bars").get_attribute("d")
     assert bars is not None and bars.count("M") > 24
 
+    # The projections: the mother's rollups, caught up.
+    mother_row = page.page.locator('#projections-table tbody tr[data-projection="mother"]')
+    await mother_row.wait_for(timeout=WAIT_MS)
+    assert await mother_row.locator('td[data-col="stopped"]').inner_text() == "0"
+
     # One org's own history.
     await page.page.click('#history-orgs tbody tr[data-org="tailspin"]')
     await page.page.locator("#history-org").wait_for(state="visible", timeout=WAIT_MS)

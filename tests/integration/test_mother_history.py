@@ -103,6 +103,39 @@ async def test_live_counters_and_rollups_agree_and_history_survives_a_restart(
             )
             assert refused.status_code == 403
 
+        # The projections' state: the mother caught up; a projection whose
+        # handler raises is listed as stopped, with its org, seq and error.
+        await db.execute(
+            "CREATE SCHEMA broken_rm; CREATE SCHEMA broken_app; "
+            "CREATE FUNCTION broken_app.fail(e hub.events) RETURNS void LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'cannot fold %', e.type; END $$; "
+            "SELECT hub.register_projection('broken', 'broken_app.fail(hub.events)', "
+            "NULL, 'broken_rm')"
+        )
+        deadline = time.monotonic() + T
+        while True:
+            state = (await get(hub, "/api/mother/projections")).json()
+            if len(state["stopped"]) == 3:
+                break
+            assert time.monotonic() < deadline, state
+            await asyncio.sleep(0.1)
+        by_name = {p["name"]: p for p in state["projections"]}
+        assert by_name["mother"]["lag"] == 0 and by_name["mother"]["stopped"] == 0
+        assert by_name["broken"]["stopped"] == 3 and by_name["broken"]["behind"] == 3
+        assert {(s["org"], s["error_seq"], s["error"]) for s in state["stopped"]} == {
+            (org, 1, "cannot fold type0") for org in orgs
+        }
+        # The leader exports them at its next turn.
+        deadline = time.monotonic() + T
+        while True:
+            try:
+                if hub.metric("hub_projection_stopped") == 3:
+                    break
+            except KeyError:
+                pass  # no stopped series yet
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+
         # Another node started from nothing has the same history at once.
         other = mother_hub({"HUB_DATABASE_URL": fresh_dsn})
         again = (await get(other, "/api/mother/history", range="24h", org=orgs[1])).json()
@@ -124,3 +157,7 @@ async def test_embedded_history_counts_what_the_node_sees(mother_hub: StartHub) 
         await asyncio.sleep(0.05)
     assert view["source"] == "memory"
     assert [(o["org"], o["events"], o["users"]) for o in view["orgs"]] == [(org, 3, 2)]
+    assert (await get(hub, "/api/mother/projections")).json() == {
+        "projections": None,
+        "stopped": [],
+    }

@@ -260,16 +260,19 @@ async def test_the_leader_connection_terminated_mid_batch_doubles_and_skips_noth
     await writers(dsn, orgs, per_org=150, seed=7)
     kills = 0
     deadline = time.monotonic() + T
-    while kills < 3:
+    # Cut the leader's connection now and then while it works through the
+    # backlog: some batches commit between the cuts, some are cut mid-way.
+    while kills < 3 and await db.fetchval(
+        "SELECT count(*) FROM hub.projection_lag WHERE projection = 'open_tickets' AND lag > 0"
+    ):
         assert time.monotonic() < deadline
-        # Some batches commit between the cuts, some are cut mid-way.
-        await asyncio.sleep(random.uniform(0.3, 1.2))
+        await asyncio.sleep(random.uniform(0.3, 1.5))
         kills += await db.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE application_name LIKE '%projections' AND datname = current_database() "
             "AND state = 'active'"
         )
-    assert kills >= 2
+    assert kills >= 1
     await caught_up(db)
     assert await model(db) == fold(await events(db))
     chain = {
