@@ -138,20 +138,7 @@ async def seed_history(dsn: str, minutes: int = 30) -> int:
             type_ = rng.choices(org.types, org.weights)[0]
             payload = {"id": rng.randrange(10_000, 99_999), "by": rng.choice(org.members)}
             rows.append((org.name, seq, type_, json.dumps(payload), t))
-    conn = await asyncpg.connect(dsn)
-    try:
-        async with conn.transaction():
-            await conn.executemany(
-                "INSERT INTO hub.events (org, seq, type, payload, created_at) "
-                "VALUES ($1, $2, $3, $4::jsonb, to_timestamp($5))",
-                rows,
-            )
-            await conn.execute(
-                "INSERT INTO hub.org_seq (org, seq) "
-                "SELECT org, max(seq) FROM hub.events GROUP BY org"
-            )
-    finally:
-        await conn.close()
+    await write_history(dsn, rows)
     return len(rows)
 
 
@@ -294,18 +281,9 @@ async def test_dashboard_shows_a_lost_connection_and_recovers(
     assert page.errors == [] or all("WebSocket" in e or "Failed to load" in e for e in page.errors)
 
 
-async def seed_week(dsn: str) -> None:
-    """A week of history for three orgs, written as if it had happened."""
-    rng = random.Random(5)
-    now = time.time()
-    rows: list[tuple[str, int, str, str, float]] = []
-    for org, per_day in (("fabrikam", 30), ("tailspin", 12), ("litware", 4)):
-        times = sorted(now - rng.uniform(3600, 6.5 * 86400) for _ in range(per_day * 6))
-        for seq, at in enumerate(times, start=1):
-            payload = {"user_id": f"{org}-u{rng.randrange(5)}"}
-            rows.append(
-                (org, seq, rng.choice(["ticket.opened", "deploy"]), json.dumps(payload), at)
-            )
+async def write_history(dsn: str, rows: list[tuple[str, int, str, str, float]]) -> None:
+    """Events ``(org, seq, type, payload JSON, created_at)`` written straight
+    into the store, as if they had happened then."""
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
@@ -320,6 +298,21 @@ async def seed_week(dsn: str) -> None:
             )
     finally:
         await conn.close()
+
+
+async def seed_week(dsn: str) -> None:
+    """A week of history for three orgs, written as if it had happened."""
+    rng = random.Random(5)
+    now = time.time()
+    rows: list[tuple[str, int, str, str, float]] = []
+    for org, per_day in (("fabrikam", 30), ("tailspin", 12), ("litware", 4)):
+        times = sorted(now - rng.uniform(3600, 6.5 * 86400) for _ in range(per_day * 6))
+        for seq, at in enumerate(times, start=1):
+            payload = {"user_id": f"{org}-u{rng.randrange(5)}"}
+            rows.append(
+                (org, seq, rng.choice(["ticket.opened", "deploy"]), json.dumps(payload), at)
+            )
+    await write_history(dsn, rows)
 
 
 async def test_dashboard_seven_day_history_and_its_csv_match_the_sql_views(
