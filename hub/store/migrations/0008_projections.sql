@@ -149,8 +149,7 @@ DECLARE
     b_orgs text[];
     b_after bigint[];
     b_upto bigint[];
-    current_org text := NULL;
-    skip_org text := NULL;
+    events refcursor;
 BEGIN
     SELECT * INTO proj FROM hub.projections p WHERE p.name = p_name;
     IF NOT FOUND THEN
@@ -226,51 +225,54 @@ BEGIN
             r_done[i] := b_upto[j] - b_after[j]; r_last[i] := b_upto[j];
         END LOOP;
     ELSE
-        -- Every org's next events in one scan, org by org in seq order.
-        i := 0;
-        -- (Seqs are gap-free: without p_until, a key range of the index;
-        -- an OR on p_until would cost the planner its index plan.)
-        FOR e IN SELECT ev.* FROM unnest(r_orgs, r_last, r_failed) AS c(org, seq, failed)
-                 CROSS JOIN LATERAL (
-                     SELECT * FROM hub.events x
-                      WHERE x.org = c.org AND x.seq > c.seq AND x.seq <= c.seq + p_limit
-                        AND p_until IS NULL
-                     UNION ALL
-                     (SELECT * FROM hub.events x
-                       WHERE x.org = c.org AND x.seq > c.seq AND x.created_at <= p_until
-                         AND p_until IS NOT NULL
-                       ORDER BY x.seq LIMIT p_limit)) ev
-                 WHERE c.failed IS NULL
-                 ORDER BY ev.org, ev.seq
-        LOOP
-            IF current_org IS DISTINCT FROM e.org THEN
-                current_org := e.org;
-                i := array_position(r_orgs, e.org);
+        -- Org by org, each a key range of the primary key (seqs are
+        -- gap-free).  Planned at each open (EXECUTE): a plan cached while
+        -- the log was small scans the whole log once it is not, until
+        -- autovacuum's next ANALYZE, and the log only grows.
+        FOR i IN 1 .. coalesce(array_length(r_orgs, 1), 0) LOOP
+            CONTINUE WHEN r_failed[i] IS NOT NULL;
+            IF p_until IS NULL THEN
+                OPEN events FOR EXECUTE
+                    'SELECT * FROM hub.events x WHERE x.org = $1 AND x.seq > $2 '
+                    'AND x.seq <= $3 ORDER BY x.seq'
+                    USING r_orgs[i], r_last[i], r_last[i] + p_limit;
+            ELSE
+                OPEN events FOR EXECUTE
+                    'SELECT * FROM hub.events x WHERE x.org = $1 AND x.seq > $2 '
+                    'AND x.created_at <= $3 ORDER BY x.seq LIMIT $4'
+                    USING r_orgs[i], r_last[i], p_until, p_limit;
             END IF;
-            CONTINUE WHEN skip_org = e.org;
-            IF proj.event_types IS NULL OR e.type = ANY (proj.event_types) THEN
-                IF NOT p_isolate THEN
-                    IF proj.run_as IS NOT NULL THEN
-                        PERFORM set_config('role', proj.run_as, true);
-                    END IF;
-                    EXECUTE call USING e;
-                    PERFORM set_config('role', 'none', true);
-                ELSE
-                    BEGIN
+            LOOP
+                FETCH events INTO e;
+                EXIT WHEN NOT FOUND;
+                IF proj.event_types IS NULL OR e.type = ANY (proj.event_types) THEN
+                    IF NOT p_isolate THEN
                         IF proj.run_as IS NOT NULL THEN
                             PERFORM set_config('role', proj.run_as, true);
+                            EXECUTE call USING e;
+                            PERFORM set_config('role', 'none', true);
+                        ELSE
+                            EXECUTE call USING e;
                         END IF;
-                        EXECUTE call USING e;
-                        PERFORM set_config('role', 'none', true);
-                    EXCEPTION WHEN OTHERS THEN
-                        r_failed[i] := SQLERRM; r_failed_seq[i] := e.seq;
-                        skip_org := e.org;
-                        CONTINUE;
-                    END;
+                    ELSE
+                        BEGIN
+                            IF proj.run_as IS NOT NULL THEN
+                                PERFORM set_config('role', proj.run_as, true);
+                                EXECUTE call USING e;
+                                PERFORM set_config('role', 'none', true);
+                            ELSE
+                                EXECUTE call USING e;
+                            END IF;
+                        EXCEPTION WHEN OTHERS THEN
+                            r_failed[i] := SQLERRM; r_failed_seq[i] := e.seq;
+                            EXIT;
+                        END;
+                    END IF;
+                    r_done[i] := r_done[i] + 1;
                 END IF;
-                r_done[i] := r_done[i] + 1;
-            END IF;
-            r_last[i] := e.seq;
+                r_last[i] := e.seq;
+            END LOOP;
+            CLOSE events;
         END LOOP;
     END IF;
     UPDATE hub.projection_checkpoints c
