@@ -193,23 +193,34 @@ async def test_orgless_rows_reach_free_names_and_never_org_topics(
 async def test_supabase_realtime_publication_add_and_remove_without_restart(
     hub: HubProcess, db: asyncpg.Connection
 ) -> None:
-    """realtime-py, as a Supabase app uses it."""
+    """realtime-py, as a Supabase app uses it: the table joins the
+    publication (an app's migration), the app subscribes and gets Supabase's
+    ok, rows flow; the table leaves it, rows stop.  (Subscribed before the
+    table is in the publication, realtime-py gets the system error and its
+    rejoin is closed as a duplicate join, as with Supabase: see
+    test_realtime_py_reports_the_system_error_of_an_untracked_table.)"""
     table = new_table()
     await db.execute(f"CREATE TABLE public.{table} (id bigserial PRIMARY KEY, title text)")
+    await db.execute(f"INSERT INTO public.{table} (title) VALUES ('before')")
+    await db.execute(f"ALTER PUBLICATION supabase_realtime ADD TABLE public.{table}")
+    await publication_trigger(db, table, present=True)
     client = AsyncRealtimeClient(f"ws://127.0.0.1:{hub.port}/realtime/v1", hub.token(sub="py"))
     await asyncio.wait_for(client.connect(), T)
     try:
         got: list[Any] = []
+        subscribed: list[Any] = []
         channel = client.channel("schema-db-changes", {"config": {}})
         channel.on_postgres_changes("*", got.append, table=table, schema="public")
+        channel.on_system(subscribed.append)
         states: asyncio.Queue[Any] = asyncio.Queue()
         await asyncio.wait_for(channel.subscribe(lambda s, e: states.put_nowait((s, e))), T)
         state, error = await asyncio.wait_for(states.get(), T)
         assert state == RealtimeSubscribeStates.SUBSCRIBED, error
-
-        await db.execute(f"INSERT INTO public.{table} (title) VALUES ('before')")
-        await db.execute(f"ALTER PUBLICATION supabase_realtime ADD TABLE public.{table}")
-        await publication_trigger(db, table, present=True)
+        deadline = time.monotonic() + T
+        while not subscribed:
+            assert time.monotonic() < deadline, "realtime-py never got Subscribed to PostgreSQL"
+            await asyncio.sleep(0.05)
+        assert states.empty()  # no CHANNEL_ERROR
         await db.execute(f"INSERT INTO public.{table} (title) VALUES ('in')")
         deadline = time.monotonic() + T
         while not got:
