@@ -241,8 +241,16 @@ async def _replay(
 ) -> None:
     """Run ``name`` into ``target`` from seq 0 until no org moves."""
     await _forget(conn, name, target)
+    await _advance(conn, name, target, until)
+
+
+async def _advance(
+    conn: asyncpg.Connection, name: str, target: str, until: dt.datetime | None
+) -> None:
+    """Run ``name`` into ``target`` from its checkpoints until no org
+    moves; a handler's error aborts with ProjectionError."""
     orgs = [str(row["org"]) for row in await conn.fetch("SELECT org FROM hub.org_seq")]
-    seqs = dict.fromkeys(orgs, 0)
+    seqs: dict[str, int] = {}
     while orgs:
         rows = await conn.fetch(
             "SELECT * FROM hub.project($1, $2, $3, $4, $5, true)",
@@ -260,7 +268,7 @@ async def _replay(
                     f"rebuild of {name!r} stopped: org {org!r}, the event after seq {seq}: "
                     f"{row['error']}"
                 )
-            if seq > seqs[org]:
+            if seq > seqs.get(org, -1):
                 moved.append(org)
             seqs[org] = seq
         orgs = moved
@@ -274,7 +282,7 @@ async def _switch(
         # lock shared), until this transaction ends.
         await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", PROJECTION_LOCK, name)
         # What committed since the replay: caught up inside the switch.
-        await _replay_rest(conn, name, scratch)
+        await _advance(conn, name, scratch, None)
         for table in tables:
             await conn.execute(f'TRUNCATE "{live}"."{table}"')
             await conn.execute(
@@ -294,31 +302,6 @@ async def _switch(
             live,
         )
     log.info("projection %s rebuilt and switched in", name)
-
-
-async def _replay_rest(conn: asyncpg.Connection, name: str, target: str) -> None:
-    while True:
-        rows = await conn.fetch(
-            "SELECT p.org FROM hub.org_seq p LEFT JOIN hub.projection_checkpoints c "
-            "ON c.projection = $1 AND c.target = $2 AND c.org = p.org "
-            "WHERE coalesce(c.seq, 0) < p.seq",
-            name,
-            target,
-        )
-        if not rows:
-            return
-        result = await conn.fetch(
-            "SELECT * FROM hub.project($1, $2, $3, $4, NULL, true)",
-            name,
-            target,
-            [str(row["org"]) for row in rows],
-            REBUILD_BATCH,
-        )
-        for row in result:
-            if row["error"] is not None:
-                raise ProjectionError(
-                    f"rebuild of {name!r} stopped: org {row['org']!r}: {row['error']}"
-                )
 
 
 async def _forget(conn: asyncpg.Connection, name: str, target: str) -> None:
