@@ -29,6 +29,7 @@ from tests.support.mother import (
     new_org,
     publish,
 )
+from tests.support.projections import caught_up
 
 pytestmark = pytest.mark.e2e
 
@@ -322,12 +323,7 @@ async def test_dashboard_seven_day_history_and_its_csv_match_the_sql_views(
     hub = mother_hub({"HUB_DATABASE_URL": fresh_dsn})
     conn = await asyncpg.connect(fresh_dsn)
     try:
-        deadline = time.monotonic() + WAIT_MS / 1000
-        while await conn.fetchval(
-            "SELECT count(*) FROM hub.projection_lag WHERE projection = 'mother' AND lag > 0"
-        ):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await caught_up(conn, "mother", within=WAIT_MS / 1000)
         expected = {
             r["org"]: int(r["events"])
             for r in await conn.fetch(

@@ -21,9 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import re
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -39,7 +37,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from hub.client.rest import HubClient, HubClientError
-from tests.support.hubs import ROOT, HubProcess, start_hub, stop_hub
+from tests.support.hubs import HubProcess, run_cli, start_hub, stop_hub
 from tests.support.jsclient import JsClientUnavailable, JsDriver, install_js_client
 from tests.support.pg import pg_dsn  # noqa: F401 - fixture
 
@@ -97,30 +95,6 @@ def assert_clean_log(hub: HubProcess, since: int) -> None:
 
 
 # -- the CLI -------------------------------------------------------------------
-
-
-async def run_cli(*args: str, env: dict[str, str], within: float = 30) -> tuple[int, str, str]:
-    """Run ``hub ARGS``; return (exit code, stdout, stderr)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    full_env.update(env)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hub",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=full_env,
-        cwd=ROOT,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), within)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise AssertionError(f"hub {' '.join(args)} ran for more than {within} s") from None
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 # -- a raw vsn 1.0.0 client ------------------------------------------------------

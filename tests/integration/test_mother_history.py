@@ -16,17 +16,9 @@ import httpx
 
 from tests.support.hubs import HubProcess
 from tests.support.mother import StartHub, new_org, publish
+from tests.support.projections import caught_up
 
 T = 30.0
-
-
-async def caught_up(db: asyncpg.Connection) -> None:
-    deadline = time.monotonic() + T
-    while await db.fetchval(
-        "SELECT count(*) FROM hub.projection_lag WHERE projection = 'mother' AND lag > 0"
-    ):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
 
 
 async def get(hub: HubProcess, path: str, **params: str) -> httpx.Response:
@@ -49,7 +41,7 @@ async def test_live_counters_and_rollups_agree_and_history_survives_a_restart(
         )
     db = await asyncpg.connect(fresh_dsn)
     try:
-        await caught_up(db)
+        await caught_up(db, "mother", within=T)
         # The live counters (GET /api/mother/stats: per org, the last hour per
         # minute, newest last) and mother.org_activity, minute by minute.
         snapshot = (await get(hub, "/api/mother/stats")).json()

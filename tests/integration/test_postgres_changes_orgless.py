@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,7 +29,7 @@ from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 
 from hub.client.realtime import AsyncClient, Message
 from hub.store.migrate import migrate
-from tests.support.hubs import ROOT, HubProcess, start_hub, stop_hub
+from tests.support.hubs import HubProcess, run_cli, start_hub, stop_hub
 from tests.support.pg import create_database, drop_database, new_database_name, run_sync
 from tests.support.rawclients import (
     close_raw_clients,  # noqa: F401 - autouse
@@ -109,20 +107,8 @@ async def wait_rows(client: AsyncClient, topic: str, count: int) -> list[dict[st
 
 
 async def hub_cli(*args: str, dsn: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    env["HUB_DATABASE_URL"] = dsn
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hub",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=ROOT,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, (out, err)
+    code, out, err = await run_cli(*args, env={"HUB_DATABASE_URL": dsn})
+    assert code == 0, (out, err)
 
 
 async def publication_trigger(db: asyncpg.Connection, table: str, *, present: bool) -> None:

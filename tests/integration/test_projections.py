@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,8 +26,9 @@ from hub.projections import catalog
 from hub.projections.catalog import ProjectionError
 from hub.projections.runner import ProjectionRunner
 from hub.store.migrate import migrate
-from tests.support.hubs import ROOT, HubProcess, start_hub, stop_hub
+from tests.support.hubs import ROOT, HubProcess, run_cli, start_hub, stop_hub
 from tests.support.pg import create_database, drop_database, new_database_name
+from tests.support.projections import caught_up as wait_projection
 
 T = 30.0
 
@@ -115,15 +115,7 @@ async def append(db: asyncpg.Connection, org: str, type_: str, payload: dict[str
 
 
 async def caught_up(db: asyncpg.Connection, projection: str = "open_tickets") -> None:
-    deadline = time.monotonic() + T
-    while True:
-        behind = await db.fetchval(
-            "SELECT count(*) FROM hub.projection_lag WHERE projection = $1 AND lag > 0", projection
-        )
-        if behind == 0:
-            return
-        assert time.monotonic() < deadline, await db.fetch("SELECT * FROM hub.projection_lag")
-        await asyncio.sleep(0.05)
+    await wait_projection(db, projection, within=T)
 
 
 def fold(events: list[asyncpg.Record]) -> set[tuple[str, str, str | None]]:
@@ -228,12 +220,7 @@ async def test_a_handler_that_raises_stops_that_org_only_and_resumes_once_fixed(
 
 
 async def caught_up_org(db: asyncpg.Connection, org: str) -> None:
-    deadline = time.monotonic() + T
-    while await db.fetchval(
-        "SELECT lag FROM hub.projection_lag WHERE projection = 'open_tickets' AND org = $1", org
-    ):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await wait_projection(db, "open_tickets", org=org, within=T)
 
 
 async def test_a_handler_past_the_timeout_stops_its_org_and_others_go_on(
@@ -483,20 +470,9 @@ async def test_the_mother_rollups_count_exactly_the_events_of_the_log(
 
 
 async def hub_cli(dsn: str, *args: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hub",
-        "projections",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**env, "HUB_DATABASE_URL": dsn},
-        cwd=ROOT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), T)
-    return process.returncode or 0, out.decode()
+    """``hub projections ARGS``: (exit code, stdout and stderr)."""
+    code, out, err = await run_cli("projections", *args, env={"HUB_DATABASE_URL": dsn})
+    return code, out + err
 
 
 async def test_the_projections_command(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -117,3 +118,27 @@ def stop_hub(hub: HubProcess) -> None:
         except subprocess.TimeoutExpired:
             hub.process.kill()
             hub.process.wait()
+
+
+async def run_cli(*args: str, env: dict[str, str], within: float = 30) -> tuple[int, str, str]:
+    """Run ``hub ARGS``; return (exit code, stdout, stderr)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    full_env.update(env)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hub",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=full_env,
+        cwd=ROOT,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), within)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"hub {' '.join(args)} ran for more than {within} s") from None
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
