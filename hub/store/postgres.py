@@ -54,7 +54,7 @@ from hub.store.broadcasts import BROADCAST_CHANNEL, broadcast_relay, key_of
 from hub.store.listener import Listener
 from hub.store.pgjson import dumps, loads
 from hub.store.rowchanges import CHANGES_CHANNEL, change_relay, check_change
-from hub.store.tracking import TRIGGERS
+from hub.store.tracking import TRACKED_TABLES, TRIGGERS
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,6 @@ _READ_SINCE: Final = (
     "ORDER BY seq LIMIT $3"
 )
 _ORG_SEQS: Final = "SELECT org, seq FROM hub.org_seq"
-#: The tracked tables: those carrying one of the capture triggers.
-_TRACKED_TABLES: Final = (
-    "SELECT DISTINCT n.nspname AS schema, c.relname AS name FROM pg_trigger t "
-    "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE t.tgname = ANY($1::text[])"
-)
 #: A fresh read of the tracked tables reuses one at most this old (s): a
 #: client joining bindings on untracked tables in a loop costs a query per
 #: this much time, not per join.
@@ -466,8 +460,8 @@ class PostgresStore(EventStore):
 
     async def _read_tables(self) -> None:
         started = time.monotonic()
-        rows = await self._require_pool().fetch(_TRACKED_TABLES, list(TRIGGERS))
-        self._tables = frozenset((str(row["schema"]), str(row["name"])) for row in rows)
+        rows = await self._require_pool().fetch(TRACKED_TABLES, list(TRIGGERS))
+        self._tables = frozenset((str(row["schema"]), str(row["table"])) for row in rows)
         self._tables_at = started
 
     async def sync_publication(self) -> list[str]:

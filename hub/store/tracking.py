@@ -39,6 +39,17 @@ PUBLICATION_TRIGGER = "hub_capture_publication"
 TRIGGERS = (TRIGGER, PUBLIC_TRIGGER, PUBLICATION_TRIGGER)
 
 
+#: Every tracked table (``$1``: :data:`TRIGGERS`): its schema and name, the
+#: quoted ``schema.table``, and the trigger's arguments (the org column).
+TRACKED_TABLES = (
+    "SELECT n.nspname AS schema, c.relname AS table, "
+    "format('%I.%I', n.nspname, c.relname) AS name, t.tgargs AS args "
+    "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE t.tgname = ANY($1::text[]) ORDER BY 3"
+)
+
+
 class TrackingError(StoreError):
     """A table cannot be tracked: it does not exist, is not a table, or has
     no such org column."""
@@ -133,13 +144,7 @@ async def tracked(dsn: str) -> list[tuple[str, str | None]]:
     org column is None for a table tracked without one."""
     conn = await _connect(dsn)
     try:
-        rows = await conn.fetch(
-            "SELECT format('%I.%I', n.nspname, c.relname) AS name, t.tgargs AS args "
-            "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE t.tgname = ANY($1::text[]) ORDER BY 1",
-            list(TRIGGERS),
-        )
+        rows = await conn.fetch(TRACKED_TABLES, list(TRIGGERS))
     finally:
         await conn.close()
     # tgargs holds each argument followed by a NUL byte (none: no org column).
