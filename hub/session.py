@@ -61,8 +61,9 @@ PHOENIX: Final = "phoenix"
 log = logging.getLogger(__name__)
 
 
-class _JoinRate:
-    """A token bucket: ``rate`` joins per second, bursts up to ``burst``."""
+class _TokenBucket:
+    """A token bucket: ``rate`` per second, bursts up to ``burst`` (joins,
+    presence calls)."""
 
     __slots__ = ("rate", "burst", "tokens", "stamp")
 
@@ -178,8 +179,8 @@ class Session:
         self.quotas = quotas or Quotas()
         now = clock()
         self.last_seen = now
-        self._join_rate = _JoinRate(limits.joins_per_second, limits.join_burst, now)
-        self._presence_rate = _JoinRate(
+        self._join_rate = _TokenBucket(limits.joins_per_second, limits.join_burst, now)
+        self._presence_rate = _TokenBucket(
             limits.presence_calls / PRESENCE_WINDOW, limits.presence_calls, now
         )
         #: wire topic (``realtime:org:42``) -> subscription
