@@ -215,16 +215,14 @@ class ProjectionRunner(Observer):
         hub.project()); when a handler raised in it, the same batch again
         with each event isolated, which stops only the org that failed."""
         try:
-            rows = await conn.fetch(_PROJECT, name, target, orgs, self.batch, retry, retry)
+            try:
+                rows = await conn.fetch(_PROJECT, name, target, orgs, self.batch, retry, retry)
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, asyncpg.QueryCanceledError) or _connection_lost(exc):
+                    raise
+                rows = await conn.fetch(_PROJECT, name, target, orgs, self.batch, retry, True)
         except asyncpg.QueryCanceledError:
             return await self._one_by_one(conn, name, target, orgs, retry=retry)
-        except asyncpg.PostgresError as exc:
-            if _connection_lost(exc):
-                raise
-            try:
-                rows = await conn.fetch(_PROJECT, name, target, orgs, self.batch, retry, True)
-            except asyncpg.QueryCanceledError:
-                return await self._one_by_one(conn, name, target, orgs, retry=retry)
         return self._count(name, rows)
 
     async def _one_by_one(

@@ -201,22 +201,18 @@ BEGIN
                       ORDER BY ev.seq LIMIT p_limit) x) u
              WHERE c.failed IS NULL AND u.upto IS NOT NULL;
         END IF;
+        -- The handler runs as run_as (when set), the bookkeeping as the hub.
+        IF proj.run_as IS NOT NULL THEN
+            PERFORM set_config('role', proj.run_as, true);
+        END IF;
         IF NOT p_isolate AND cardinality(b_orgs) > 0 THEN
-            IF proj.run_as IS NOT NULL THEN
-                PERFORM set_config('role', proj.run_as, true);
-            END IF;
             EXECUTE call USING b_orgs, b_after, b_upto;
-            PERFORM set_config('role', 'none', true);
         END IF;
         FOR j IN 1 .. cardinality(b_orgs) LOOP
             i := array_position(r_orgs, b_orgs[j]);
             IF p_isolate THEN
                 BEGIN
-                    IF proj.run_as IS NOT NULL THEN
-                        PERFORM set_config('role', proj.run_as, true);
-                    END IF;
                     EXECUTE call USING ARRAY[b_orgs[j]], ARRAY[b_after[j]], ARRAY[b_upto[j]];
-                    PERFORM set_config('role', 'none', true);
                 EXCEPTION WHEN OTHERS THEN
                     r_failed[i] := SQLERRM; r_failed_seq[i] := b_after[j] + 1;
                     CONTINUE;
@@ -224,6 +220,9 @@ BEGIN
             END IF;
             r_done[i] := b_upto[j] - b_after[j]; r_last[i] := b_upto[j];
         END LOOP;
+        IF proj.run_as IS NOT NULL THEN
+            PERFORM set_config('role', 'none', true);
+        END IF;
     ELSE
         -- Org by org, each a key range of the primary key (seqs are
         -- gap-free).  Planned at each open (EXECUTE): a plan cached while
@@ -242,27 +241,20 @@ BEGIN
                     'AND x.created_at <= $3 ORDER BY x.seq LIMIT $4'
                     USING r_orgs[i], r_last[i], p_until, p_limit;
             END IF;
+            -- Opened as the hub (its rights were checked then), the
+            -- handler runs as run_as (when set).
+            IF proj.run_as IS NOT NULL THEN
+                PERFORM set_config('role', proj.run_as, true);
+            END IF;
             LOOP
                 FETCH events INTO e;
                 EXIT WHEN NOT FOUND;
                 IF proj.event_types IS NULL OR e.type = ANY (proj.event_types) THEN
                     IF NOT p_isolate THEN
-                        IF proj.run_as IS NOT NULL THEN
-                            PERFORM set_config('role', proj.run_as, true);
-                            EXECUTE call USING e;
-                            PERFORM set_config('role', 'none', true);
-                        ELSE
-                            EXECUTE call USING e;
-                        END IF;
+                        EXECUTE call USING e;
                     ELSE
                         BEGIN
-                            IF proj.run_as IS NOT NULL THEN
-                                PERFORM set_config('role', proj.run_as, true);
-                                EXECUTE call USING e;
-                                PERFORM set_config('role', 'none', true);
-                            ELSE
-                                EXECUTE call USING e;
-                            END IF;
+                            EXECUTE call USING e;
                         EXCEPTION WHEN OTHERS THEN
                             r_failed[i] := SQLERRM; r_failed_seq[i] := e.seq;
                             EXIT;
@@ -273,6 +265,9 @@ BEGIN
                 r_last[i] := e.seq;
             END LOOP;
             CLOSE events;
+            IF proj.run_as IS NOT NULL THEN
+                PERFORM set_config('role', 'none', true);
+            END IF;
         END LOOP;
     END IF;
     UPDATE hub.projection_checkpoints c
