@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     track = commands.add_parser(
         "track", help="capture INSERT/UPDATE/DELETE of an app table as durable change events"
     )
-    track.add_argument("table", help="SCHEMA.TABLE")
+    track.add_argument("table", help="SCHEMA.TABLE, or TABLE with --org-from-schema")
     columns = track.add_mutually_exclusive_group()
     columns.add_argument(
         "--org-column", default="org_id", help="column holding the org id [org_id]"
@@ -62,8 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the table has no org column: its rows go to postgres_changes bindings on "
         "free-name channels (subject to the table's RLS policies), never to org: topics",
     )
+    columns.add_argument(
+        "--org-from-schema",
+        metavar="PATTERN",
+        help="schema per org: track TABLE in every schema matching PATTERN, such as "
+        "'org_{org}', now and as schemas are created; the org id is the schema's {org}",
+    )
     untrack = commands.add_parser("untrack", help="stop capturing an app table")
-    untrack.add_argument("table", help="SCHEMA.TABLE")
+    untrack.add_argument("table", help="SCHEMA.TABLE, or TABLE with --org-from-schema")
+    untrack.add_argument("--org-from-schema", metavar="PATTERN", help="as given to track")
 
     projections = commands.add_parser(
         "projections",
@@ -337,6 +344,26 @@ async def _database_command(args: argparse.Namespace) -> None:
     if args.command == "migrate":
         applied = await migrate(url)
         print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    elif args.command == "track" and args.org_from_schema:
+        done = await tracking.track_schemas(url, args.org_from_schema, args.table)
+        for name, org in done.tables:
+            print(f"tracking {name} (org {org})")
+        for name in done.skipped:
+            print(f"left alone: {name} is already tracked with an org column or --no-org")
+        later = (
+            "in the transaction that creates them (event trigger)"
+            if done.event_trigger
+            else "by running hub nodes within a second (no event trigger: the role is not "
+            "a superuser; rows written before that are not captured)"
+        )
+        print(
+            f"{args.table} in schemas {args.org_from_schema}: {len(done.tables)} tracked now; "
+            f"tables created later are tracked {later}"
+        )
+    elif args.command == "untrack" and args.org_from_schema:
+        for line in await tracking.untrack_schemas(url, args.org_from_schema, args.table):
+            print(line)
+        print(f"no longer tracking {args.table} in schemas {args.org_from_schema}")
     elif args.command == "track":
         if args.no_org:
             await tracking.track(url, args.table, None)

@@ -24,7 +24,9 @@ and untracks those removed, so ``alter publication supabase_realtime add
 table todos`` takes effect within about a second, with no hub command and
 no restart.  Polling rather than an event trigger: creating an event
 trigger needs a superuser, which the hub's role on a Supabase database is
-not.  The same task prunes ``hub.change_overflow``.
+not.  The same poll tracks the tables of per-org schemas created since
+(``hub track --org-from-schema``, see :mod:`hub.store.tracking`) where no
+event trigger did it already, and prunes ``hub.change_overflow``.
 """
 
 from __future__ import annotations
@@ -466,8 +468,12 @@ class PostgresStore(EventStore):
 
     async def sync_publication(self) -> list[str]:
         """Track the tables of the publication supabase_realtime without an
-        org column, untrack those that left it; return what changed."""
-        rows = await self._require_pool().fetch("SELECT hub.sync_realtime_publication() AS line")
+        org column, untrack those that left it; track the tables of per-org
+        schemas that appeared (or lost their trigger), untrack those no
+        registration wants; return what changed."""
+        pool = self._require_pool()
+        rows = await pool.fetch("SELECT hub.sync_realtime_publication() AS line")
+        rows += await pool.fetch("SELECT hub.sync_schema_tracking() AS line")
         return [str(row["line"]) for row in rows]
 
     async def _follow_publication(self) -> None:

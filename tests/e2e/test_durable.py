@@ -1080,6 +1080,91 @@ async def test_postgres_changes_to_python_and_js_with_filters_and_tenancy(
     assert_clean_log(hub, log_start)
 
 
+async def test_postgres_changes_from_per_org_schemas_to_python_and_js(
+    pg_hub: HubProcess,
+    pg_dsn: str,  # noqa: F811
+    py_clients: Any,
+    js: JsDriver,
+) -> None:
+    """The schema-per-org layout: `hub track --org-from-schema` on a table of
+    every org's schema, one schema created after the command; realtime-py
+    and supabase-js members get their own org's rows, in order, from a
+    binding on their schema, and nothing from the other org's schema."""
+    hub = pg_hub
+    log_start = len(hub.log())
+    tag = uuid.uuid4().hex[:6]
+    pattern, table = f"s{tag}_{{org}}", "posts"
+    org, other = new_org(), new_org()
+    schema, other_schema = f"s{tag}_{org}", f"s{tag}_{other}"
+    env = {"HUB_DATABASE_URL": pg_dsn}
+    conn = await asyncpg.connect(pg_dsn)
+    ddl = "(id bigserial PRIMARY KEY, title text NOT NULL)"
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE "{schema}".posts {ddl}')
+        code, out, err = await run_cli("track", table, "--org-from-schema", pattern, env=env)
+        assert code == 0, err
+        assert f"tracking {schema}.posts (org {org})" in out, out
+        assert "1 tracked now" in out and "(event trigger)" in out, out
+        code, _, err = await run_cli("track", "public.posts", "--org-from-schema", pattern, env=env)
+        assert code == 1 and "bare name" in err, err
+        # The other org's schema arrives after the command.
+        await conn.execute(
+            f'CREATE SCHEMA "{other_schema}"; CREATE TABLE "{other_schema}".posts {ddl}'
+        )
+
+        py = await py_clients(hub, hub.token(sub="py-a", orgs=[org]))
+        channel = py.channel(f"org:{org}", {"config": {}})
+        py_own, py_cross = Collector(), Collector()
+        channel.on_postgres_changes("*", py_own, table=table, schema=schema)
+        channel.on_postgres_changes("*", py_cross, table=table, schema=other_schema)
+        await py_subscribe(channel)
+        await js.client("b", hub.http_url, hub.token(sub="js-b", orgs=[other]))
+        js_since = js.mark()
+        await js_subscribe(
+            js,
+            "b",
+            "c",
+            f"org:{other}",
+            {},
+            [
+                {"label": "own", "event": "*", "schema": other_schema, "table": table},
+                {"label": "any", "event": "INSERT", "schema": "*", "table": table},
+            ],
+        )
+
+        for n in range(5):
+            await conn.execute(f'INSERT INTO "{schema}".posts (title) VALUES ($1)', f"a{n}")
+            await conn.execute(f'INSERT INTO "{other_schema}".posts (title) VALUES ($1)', f"b{n}")
+        await conn.execute(f"UPDATE \"{other_schema}\".posts SET title = 'b-last' WHERE id = 5")
+        await conn.execute(f'DELETE FROM "{schema}".posts WHERE id = 1')
+
+        await py_own.wait(lambda items: len(items) >= 6, "python's six changes")
+        assert [py_change_key(p) for p in py_own.items] == [
+            *(("INSERT", i) for i in range(1, 6)),
+            ("DELETE", 1),
+        ]
+        assert {p["data"]["schema"] for p in py_own.items} == {schema}
+        await js.wait_for(
+            lambda e: (
+                e["ev"] == "change" and e["label"] == "own" and js_change_key(e)[0] == "UPDATE"
+            ),
+            T,
+            "supabase-js's update",
+            js_since,
+        )
+        got = [js_change_key(e) for e in js.select(js_since, ev="change", client="b", label="own")]
+        assert got == [*(("INSERT", i) for i in range(1, 6)), ("UPDATE", 5)]
+        titles = [
+            e["payload"]["new"]["title"]
+            for e in js.select(js_since, ev="change", client="b", label="any")
+        ]
+        assert titles == [f"b{n}" for n in range(5)]
+        assert py_cross.items == [], "a binding on another org's schema got rows"
+    finally:
+        await conn.close()
+    assert_clean_log(hub, log_start)
+
+
 # ==============================================================================
 # 4. resume
 # ==============================================================================

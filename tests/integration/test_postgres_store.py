@@ -41,6 +41,7 @@ VERSIONS = [
     "0006_orgless_changes",
     "0007_rls_prepared_lookup",
     "0008_projections",
+    "0009_schema_per_org",
 ]
 
 
