@@ -13,12 +13,13 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from hub import __version__
 from hub.auth.principal import SERVICE_ROLE, parse_claim_path
 from hub.auth.tokens import issue_token
-from hub.config import Settings, add_arguments, load_settings
+from hub.config import Settings, add_arguments, load_settings, parse_retention
 from hub.errors import ConfigError, HubError
 
 log = logging.getLogger("hub")
@@ -105,6 +106,17 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--org", help="only this org")
     remove = actions.add_parser("remove", help="unregister (its tables stay)")
     remove.add_argument("name")
+
+    archive = commands.add_parser(
+        "archive",
+        help="write the event log's partitions past HUB_RETENTION to gzipped JSON lines, "
+        "then drop them (docs/retention.md)",
+    )
+    archive.add_argument("--dir", required=True, type=Path, help="where the files go")
+    archive.add_argument(
+        "--retention", help="instead of HUB_RETENTION [30d]: Nd or Nh, at least a day"
+    )
+    archive.add_argument("--dry-run", action="store_true", help="only say what would go")
 
     publish = commands.add_parser(
         "publish",
@@ -376,6 +388,32 @@ async def _database_command(args: argparse.Namespace) -> None:
         print(f"no longer tracking {args.table}")
 
 
+async def _archive(args: argparse.Namespace) -> None:
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    from hub.store import retention
+    from hub.store.migrate import migrate
+
+    text = args.retention or os.environ.get("HUB_RETENTION") or "30d"
+    try:
+        seconds = parse_retention(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a retention: Nd or Nh, at least a day") from None
+    if seconds is None:
+        raise ConfigError("the retention is off: nothing is past it")
+    url = _database_url()
+    await migrate(url)
+    conn = await asyncpg.connect(url, server_settings={"application_name": "hub archive"})
+    try:
+        lines = await retention.maintain(conn, seconds, args.dir, dry_run=args.dry_run)
+    finally:
+        await conn.close()
+    for line in lines:
+        print(line)
+    if not lines:
+        print("nothing is past the retention")
+
+
 async def _publish(args: argparse.Namespace) -> dict[str, Any]:
     from hub.client.rest import HubClient
 
@@ -404,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_database_command(args))
         elif args.command == "projections":
             asyncio.run(_projections_command(args))
+        elif args.command == "archive":
+            asyncio.run(_archive(args))
         elif args.command == "publish":
             print(json.dumps(asyncio.run(_publish(args))))
         elif args.command == "token":

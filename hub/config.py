@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,33 @@ def _flag(value: str) -> bool:
 
 
 _flag.__name__ = "boolean (1/0, true/false)"
+
+_DURATION = re.compile(r"(\d+)\s*([dh])")
+
+
+def parse_retention(text: str) -> float | None:
+    """``30d``, ``36h`` or ``off`` as seconds (None: keep everything).
+    Raises ValueError for anything else, and for less than one day: a
+    partition of the event log is a day, so a shorter retention would drop
+    today's events."""
+    value = text.strip().lower()
+    if value in ("off", "none", "forever"):
+        return None
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        raise ValueError(text)
+    seconds = int(match[1]) * (86_400 if match[2] == "d" else 3_600)
+    if seconds < 86_400:
+        raise ValueError(text)
+    return float(seconds)
+
+
+def _retention(value: str) -> str:
+    parse_retention(value)
+    return value
+
+
+_retention.__name__ = "retention (Nd or Nh, at least a day, or off)"
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -228,6 +256,21 @@ OPTIONS: tuple[Option, ...] = (
         positive=True,
     ),
     Option(
+        "retention",
+        _retention,
+        "30d",
+        "How long the event log keeps events (with a database): Nd or Nh of at least a "
+        "day, or off. Daily partitions wholly past it are dropped (archived first with "
+        "HUB_ARCHIVE_DIR), unless a projection has not applied them yet (docs/retention.md).",
+    ),
+    Option(
+        "archive_dir",
+        _text,
+        None,
+        "Directory where the node that drops a partition past HUB_RETENTION first writes "
+        "it as gzipped JSON lines. Unset: dropped without a copy.",
+    ),
+    Option(
         "memory_events_per_org",
         int,
         10_000,
@@ -329,6 +372,8 @@ class Settings:
     projections: bool = True
     projection_timeout: float = 30.0
     projection_retry: float = 30.0
+    retention: str = "30d"
+    archive_dir: str | None = None
     replay_max: int = 10_000
     private_only: bool = False
     free_messages_per_second: int = 1000
@@ -383,6 +428,11 @@ class Settings:
         """The per-org overrides, and the free-name channels' bucket."""
         free = OrgQuota(messages_per_second=self.free_messages_per_second)
         return {**self.org_quota_overrides, FREE_CHANNELS: free}
+
+    @property
+    def retention_seconds(self) -> float | None:
+        """HUB_RETENTION in seconds; None keeps every event."""
+        return parse_retention(self.retention)
 
     @property
     def limits(self) -> SessionLimits:

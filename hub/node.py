@@ -306,7 +306,11 @@ def _make_store(settings: Settings) -> EventStore:
     if settings.database_url:
         from hub.store.postgres import PostgresStore
 
-        return PostgresStore(settings.database_url)
+        return PostgresStore(
+            settings.database_url,
+            retention=settings.retention_seconds,
+            archive_dir=settings.archive_dir,
+        )
     from hub.store.memory import MemoryStore
 
     return MemoryStore(max_events_per_org=settings.memory_events_per_org)

@@ -183,7 +183,7 @@ class DurableFeed:
             return
         org = sub.topic.owner
         limit = min(request.limit or self.replay_max, self.replay_max)
-        first_held = 0
+        first_held = head = 0
         try:
             if request.after_id is not None:
                 seq = await self.store.seq_of(org, request.after_id)
@@ -197,6 +197,10 @@ class DurableFeed:
                         )
                     return
                 request = ReplayRequest(after=seq, limit=request.limit)
+            # The head before the read: if the read finds nothing after
+            # `after` although the head was past it, those events are gone
+            # (retention dropped them), not yet to come.
+            head = await self.store.last_seq(org) if request.after is not None else 0
             events = await self._read(org, request, limit + 1)
             if request.since is not None and events:
                 first_held = await self.store.first_seq(org)
@@ -227,6 +231,8 @@ class DurableFeed:
                 f"ReplayGap: events {start + 1}..{gap_end} are no longer held",
                 gap_end,
             )
+        elif not events and start is not None and head > start:
+            self._notice(sub, f"ReplayGap: events {start + 1}..{head} are no longer held", head)
         elif events and events[0].seq == first_held > 1:
             # `since` reached back to the oldest event held: older ones in
             # the requested range may have been forgotten.

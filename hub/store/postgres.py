@@ -27,6 +27,9 @@ trigger needs a superuser, which the hub's role on a Supabase database is
 not.  The same poll tracks the tables of per-org schemas created since
 (``hub track --org-from-schema``, see :mod:`hub.store.tracking`) where no
 event trigger did it already, and prunes ``hub.change_overflow``.
+
+Another task keeps the event log's daily partitions and its retention
+(:mod:`hub.store.retention`): at start and every 10 minutes.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
+from hub.store import retention
 from hub.store.base import (
     MAX_READ,
     DatabaseBroadcast,
@@ -55,6 +60,7 @@ from hub.store.base import (
 from hub.store.broadcasts import BROADCAST_CHANNEL, broadcast_relay, key_of
 from hub.store.listener import Listener
 from hub.store.pgjson import dumps, loads
+from hub.store.retention import MAINTENANCE_INTERVAL
 from hub.store.rowchanges import CHANGES_CHANNEL, change_relay, check_change
 from hub.store.tracking import TRACKED_TABLES, TRIGGERS
 
@@ -156,6 +162,9 @@ class PostgresStore(EventStore):
         reconnect_max: float = 5.0,
         queue_size: int = 100_000,
         publication_interval: float = PUBLICATION_INTERVAL,
+        retention: float | None = None,
+        archive_dir: str | None = None,
+        maintenance_interval: float = MAINTENANCE_INTERVAL,
     ) -> None:
         super().__init__()
         self._dsn = dsn
@@ -183,6 +192,10 @@ class PostgresStore(EventStore):
         self._tables: frozenset[Table] | None = None
         self._tables_at = -math.inf
         self._tables_lock = asyncio.Lock()
+        self._retention = retention
+        self._archive_dir = Path(archive_dir) if archive_dir else None
+        self._maintenance_interval = maintenance_interval
+        self._maintenance: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -220,6 +233,7 @@ class PostgresStore(EventStore):
             await pool.close()
             raise
         self._publication = asyncio.create_task(self._follow_publication(), name="hub-publication")
+        self._maintenance = asyncio.create_task(self._maintain(), name="hub-retention")
 
     async def stop(self) -> None:
         """Stop announcing, close the listener and the pool."""
@@ -227,10 +241,12 @@ class PostgresStore(EventStore):
         # asyncpg to release the connection, which waits for the server to
         # confirm the cancel and can take forever on a sick server.
         # Terminating the pool below unblocks it.
-        publication, self._publication = self._publication, None
-        if publication is not None:
-            publication.cancel()
-            await asyncio.wait({publication}, timeout=STOP_TIMEOUT)
+        tasks = {t for t in (self._publication, self._maintenance) if t is not None}
+        self._publication = self._maintenance = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
         stuck = await self._listener.stop(STOP_TIMEOUT)
         try:
             await asyncio.wait_for(self._relay.stop(), STOP_TIMEOUT)
@@ -475,6 +491,27 @@ class PostgresStore(EventStore):
         rows = await pool.fetch("SELECT hub.sync_realtime_publication() AS line")
         rows += await pool.fetch("SELECT hub.sync_schema_tracking() AS line")
         return [str(row["line"]) for row in rows]
+
+    async def _maintain(self) -> None:
+        """At start and every ``maintenance_interval`` seconds: the coming
+        days' partitions, and the retention (:mod:`hub.store.retention`).
+        Its own task: archiving a partition may take minutes."""
+        while True:
+            try:
+                async with self._require_pool().acquire() as conn:
+                    for line in await retention.maintain(conn, self._retention, self._archive_dir):
+                        log.log(
+                            logging.WARNING if line.startswith("kept") else logging.INFO,
+                            "event log: %s",
+                            line,
+                        )
+            except Exception as exc:
+                log.warning(
+                    "event log maintenance failed (retried in %.0f s): %r",
+                    self._maintenance_interval,
+                    exc,
+                )
+            await asyncio.sleep(self._maintenance_interval)
 
     async def _follow_publication(self) -> None:
         """Every ``publication_interval`` seconds: follow the publication;

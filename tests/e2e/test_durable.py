@@ -39,7 +39,9 @@ from websockets.exceptions import ConnectionClosed
 from hub.client.rest import HubClient, HubClientError
 from tests.support.hubs import HubProcess, run_cli, start_hub, stop_hub
 from tests.support.jsclient import JsClientUnavailable, JsDriver, install_js_client
+from tests.support.mother import fresh_dsn  # noqa: F401 - fixture
 from tests.support.pg import pg_dsn  # noqa: F401 - fixture
+from tests.support.projections import caught_up
 
 pytestmark = pytest.mark.e2e
 
@@ -1531,6 +1533,59 @@ async def test_embedded_store_forgotten_events_can_be_resumed(fresh_hub: Any, wi
         await wire.wait_seq(topic, 31, mark)
         seen = wire.seqs(topic, mark)
         assert seen == list(range(11, 32))
+
+
+async def test_replay_past_the_retention_reports_the_gap(
+    fresh_dsn: str,  # noqa: F811
+    fresh_hub: Any,
+    wires: Any,
+    tmp_path: Path,
+) -> None:
+    """Events dropped by the retention (`hub archive`): a client resuming
+    from before them is told which are gone (ReplayGap), then gets what is
+    held and the live stream; the same when nothing after them is held."""
+    hub = await fresh_hub({"HUB_DATABASE_URL": fresh_dsn})
+    org, quiet = new_org(), new_org()
+    token = hub.token(sub="retention", orgs=[org, quiet])
+    async with HubClient(hub.http_url, token) as client:
+        await publish_range(client, org, 1, 4)
+        await publish_range(client, quiet, 1, 3)
+        conn = await asyncpg.connect(fresh_dsn)
+        try:
+            await conn.execute(
+                "UPDATE hub.events SET created_at = now() - interval '10 days' "
+                "WHERE org = ANY($1::text[])",
+                [org, quiet],
+            )
+            await caught_up(conn, "mother")  # the mother holds back what it has not applied
+        finally:
+            await conn.close()
+        code, out, err = await run_cli(
+            "archive",
+            "--dir",
+            str(tmp_path),
+            "--retention",
+            "7d",
+            env={"HUB_DATABASE_URL": fresh_dsn},
+        )
+        assert code == 0 and "dropped hub.events_" in out, (code, out, err)
+        await client.publish(org, "t", {"i": 5})
+
+        wire = await wires(hub, token)
+        mark = wire.mark()
+        await wire.joined(f"org:{org}", replay_config(after=2))
+        await wire.wait_seq(f"org:{org}", 5, mark)
+        systems = wire.system(f"org:{org}", mark)
+        assert systems[0]["message"] == "ReplayGap: events 3..4 are no longer held", systems
+        assert systems[0]["resume_after"] == 4
+        assert wire.seqs(f"org:{org}", mark) == [5]
+
+        await wire.joined(f"org:{quiet}", replay_config(after=1))
+        await client.publish(quiet, "t", {"i": 4})
+        await wire.wait_seq(f"org:{quiet}", 4, mark)
+        systems = wire.system(f"org:{quiet}", mark)
+        assert systems[0]["message"] == "ReplayGap: events 2..3 are no longer held", systems
+        assert wire.seqs(f"org:{quiet}", mark) == [4]
 
 
 async def test_realtime_py_resumes_after_the_last_event_id(

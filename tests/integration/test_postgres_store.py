@@ -42,6 +42,7 @@ VERSIONS = [
     "0007_rls_prepared_lookup",
     "0008_projections",
     "0009_schema_per_org",
+    "0010_event_partitions",
 ]
 
 

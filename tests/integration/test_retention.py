@@ -1,0 +1,214 @@
+"""Retention of the event log against a real database: migration 0010
+turns hub.events into daily partitions without losing rows, handlers or
+views; maintenance creates the coming days, archives and drops what is past
+HUB_RETENTION unless a projection still needs it; `hub archive` does it by
+hand; a replay that reaches past the oldest event kept gets ReplayGap."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from hub.store import retention
+from hub.store.migrate import migrate, migrations
+from hub.store.postgres import PostgresStore
+from tests.support.hubs import run_cli
+from tests.support.pg import create_database, drop_database, new_database_name, new_org
+
+DAY = 86_400.0
+
+
+@pytest.fixture
+async def dsn() -> AsyncIterator[str]:
+    """A database of this test alone (partitions are per database)."""
+    name = new_database_name()
+    dsn = await create_database(name)
+    try:
+        yield dsn
+    finally:
+        await drop_database(name)
+
+
+async def migrate_until(conn: asyncpg.Connection, last: str) -> None:
+    """Apply the migrations up to ``last`` as `hub migrate` would have."""
+    await conn.execute(
+        "CREATE SCHEMA IF NOT EXISTS hub; CREATE TABLE IF NOT EXISTS hub.schema_migrations "
+        "(version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for version, sql in migrations():
+        if version > last:
+            break
+        async with conn.transaction():
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO hub.schema_migrations (version) VALUES ($1)", version)
+
+
+async def append(conn: asyncpg.Connection, org: str, n: int, at: dt.datetime | None = None) -> None:
+    """``n`` events for ``org``; with ``at``, stamped at that time (the
+    partition they land in)."""
+    for i in range(n):
+        await conn.execute("SELECT hub.append_event($1, 'event', 't', $2::jsonb)", org, str(i))
+    if at is not None:
+        await conn.execute(
+            "UPDATE hub.events SET created_at = $2 WHERE org = $1 AND created_at > $2", org, at
+        )
+
+
+async def partitions(conn: asyncpg.Connection) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'hub.events'::regclass ORDER BY 1"
+    )
+    return [r["relname"] for r in rows]
+
+
+async def test_migration_keeps_rows_handlers_grants_and_views(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate_until(conn, "0009_schema_per_org")
+        org = new_org()
+        await append(conn, org, 5)
+        # What names hub.events: an event-mode handler, a grant on it, a view.
+        await conn.execute(
+            "CREATE TABLE public.counted (org text PRIMARY KEY, n int NOT NULL);"
+            "CREATE SCHEMA app; "
+            "CREATE FUNCTION app.count_event(e hub.events) RETURNS void LANGUAGE sql AS "
+            "$$ INSERT INTO counted VALUES (e.org, 1) "
+            "ON CONFLICT (org) DO UPDATE SET n = counted.n + 1 $$;"
+            "REVOKE ALL ON FUNCTION app.count_event(hub.events) FROM PUBLIC;"
+            "CREATE VIEW public.event_types AS SELECT org, type FROM hub.events;"
+            "SELECT hub.register_projection('counter', 'app.count_event(hub.events)'::"
+            "regprocedure, NULL, 'public')"
+        )
+        assert await migrate(dsn) == ["0010_event_partitions"]
+
+        today = dt.datetime.now(dt.UTC).date()
+        names = await partitions(conn)
+        upto = f"events_upto_{(today + dt.timedelta(days=1)):%Y%m%d}"
+        assert upto in names and "events_default" in names
+        assert [f"events_{(today + dt.timedelta(days=d)):%Y%m%d}" for d in (1, 2, 3)] == [
+            n for n in names if n not in (upto, "events_default")
+        ]
+        assert await conn.fetchval("SELECT count(*) FROM hub.events WHERE org = $1", org) == 5
+        await append(conn, org, 2)
+        seqs = await conn.fetch("SELECT seq FROM hub.events WHERE org = $1 ORDER BY seq", org)
+        assert [r["seq"] for r in seqs] == list(range(1, 8))
+        assert await conn.fetchval("SELECT count(*) FROM public.event_types") == 7
+        # The handler takes the new row type, keeps its grants, and runs.
+        assert (
+            await conn.fetchval("SELECT handler::text FROM hub.projections WHERE name = 'counter'")
+            == "app.count_event(hub.events)"
+        )
+        assert not await conn.fetchval(
+            "SELECT has_function_privilege('public', 'app.count_event(hub.events)', 'EXECUTE')"
+        )
+        assert not await conn.fetchval(
+            "SELECT has_function_privilege('public', "
+            "'hub.append_event(text, text, text, jsonb)', 'EXECUTE')"
+        )
+        rows = await conn.fetch("SELECT * FROM hub.project('counter', 'public', $1, 100)", [org])
+        assert [(r["seq"], r["error"]) for r in rows] == [(7, None)]
+        assert await conn.fetchval("SELECT n FROM public.counted WHERE org = $1", org) == 7
+    finally:
+        await conn.close()
+
+
+async def test_maintenance_archives_and_drops_what_is_past_the_retention(
+    dsn: str, tmp_path: Path
+) -> None:
+    await migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        today = dt.datetime.now(dt.UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+        old, recent = new_org(), new_org()
+        # Events of 40 days ago (a node was down, or this is a test): they
+        # wait in the default partition until maintenance gives them their day.
+        long_ago = today - dt.timedelta(days=40)
+        await append(conn, old, 3, at=long_ago)
+        await append(conn, recent, 2)
+        day = f"events_{long_ago:%Y%m%d}"
+        assert await conn.fetchval("SELECT count(*) FROM hub.events_default") == 3
+
+        # A projection that has not applied them holds the partition back.
+        await conn.execute(
+            "CREATE SCHEMA app; CREATE FUNCTION app.noop(e hub.events) RETURNS void "
+            "LANGUAGE sql AS $$ $$; "
+            "SELECT hub.register_projection('keeper', 'app.noop(hub.events)'::regprocedure)"
+        )
+        lines = await retention.maintain(conn, 30 * DAY, tmp_path)
+        assert await conn.fetchval("SELECT count(*) FROM hub.events_default") == 0
+        assert lines == [
+            f"created partition hub.{day}",
+            f"kept hub.{day} past the retention: projection keeper (org {old}) "
+            "has not applied all of its events",
+        ]
+        await conn.fetch("SELECT * FROM hub.project('keeper', 'public', $1, 100)", [old])
+        # ... and so does the built-in mother until it has them.
+        assert await retention.maintain(conn, 30 * DAY, tmp_path) == [
+            f"kept hub.{day} past the retention: projection mother (org {old}) "
+            "has not applied all of its events"
+        ]
+        await conn.fetch("SELECT * FROM hub.project('mother', 'mother', $1, 100)", [old])
+        [line] = await retention.maintain(conn, 30 * DAY, tmp_path, dry_run=True)
+        assert line.startswith(f"would drop hub.{day} "), line
+        # Not past a longer retention.
+        assert await retention.maintain(conn, 41 * DAY, tmp_path) == []
+
+        lines = await retention.maintain(conn, 30 * DAY, tmp_path)
+        archived = tmp_path / f"{await conn.fetchval('SELECT current_database()')}-{day}.jsonl.gz"
+        assert lines[0] == f"archived hub.{day} to {archived}"
+        assert lines[1].startswith(f"dropped hub.{day} ")
+        with gzip.open(archived, "rt") as f:
+            kept = [json.loads(line) for line in f]
+        assert [(e["org"], e["seq"], e["payload"]) for e in kept] == [
+            (old, 1, 0),
+            (old, 2, 1),
+            (old, 3, 2),
+        ]
+        assert day not in await partitions(conn)
+        assert [p.name for p in tmp_path.iterdir()] == [archived.name]  # noqa: ASYNC240
+        # The org's seq goes on from where it was.
+        await append(conn, old, 1)
+        assert await conn.fetchval("SELECT min(seq) FROM hub.events WHERE org = $1", old) == 4
+        assert await conn.fetchval("SELECT count(*) FROM hub.events WHERE org = $1", recent) == 2
+    finally:
+        await conn.close()
+
+
+async def test_hub_archive_command_and_replay_gap_from_the_store(dsn: str, tmp_path: Path) -> None:
+    await migrate(dsn)
+    env = {"HUB_DATABASE_URL": dsn}
+    code, _, err = await run_cli("archive", "--dir", str(tmp_path), "--retention", "5h", env=env)
+    assert code == 2 and "is not a retention" in err, err
+    code, out, err = await run_cli("archive", "--dir", str(tmp_path), "--dry-run", env=env)
+    assert code == 0, err
+    assert out.strip() == "nothing is past the retention", out
+
+    conn = await asyncpg.connect(dsn)
+    store = PostgresStore(dsn)
+    await store.start()
+    try:
+        org = new_org()
+        long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+        await append(conn, org, 4, at=long_ago)
+        name = f"events_{long_ago:%Y%m%d}"
+        await conn.execute("DELETE FROM hub.projections WHERE name = 'mother'")
+        code, out, err = await run_cli(
+            "archive", "--dir", str(tmp_path), "--retention", "7d", env=env
+        )
+        assert code == 0, err
+        assert f"dropped hub.{name}" in out, out
+        assert (tmp_path / f"{dsn.rsplit('/', 1)[1]}-{name}.jsonl.gz").exists()
+        await append(conn, org, 1)
+        assert await store.first_seq(org) == 5
+        assert [e.seq for e in await store.read(org, after=2)] == [5]
+        assert await store.last_seq(org) == 5
+    finally:
+        await store.stop()
+        await conn.close()
