@@ -43,7 +43,11 @@ def create_app(node: Node) -> Starlette:
         """200 when this node's engine and store links are up, else 503: a
         load balancer should stop sending clients to a node that is deaf."""
         checks = {"engine": node.engine.ready, "store": node.store.ready}
-        return JSONResponse(checks, status_code=200 if all(checks.values()) else 503)
+        status = 200 if all(checks.values()) else 503
+        # A tenant database that is unwell harms only its orgs: named here,
+        # it does not take the node out of the pool.
+        databases = {d.name: d.ready for d in node.store.databases()}
+        return JSONResponse({**checks, "databases": databases} if databases else checks, status)
 
     async def metrics(request: Request) -> Response:
         return Response(render(node.metrics), media_type=CONTENT_TYPE)

@@ -304,12 +304,49 @@ def _make_engine(settings: Settings, node_id: str, quotas: Quotas) -> Engine:
 
 def _make_store(settings: Settings) -> EventStore:
     if settings.database_url:
+        from hub.store.federation import (
+            TENANT_POOL_IDLE,
+            TENANT_POOL_MAX,
+            FederatedStore,
+        )
         from hub.store.postgres import PostgresStore
 
-        return PostgresStore(
+        # One record of the last seq announced per org for every database's
+        # listener: an org that moves goes on from where it was.
+        announced: dict[str, int] = {}
+
+        def tenant(dsn: str, shared: dict[str, int]) -> PostgresStore:
+            return PostgresStore(
+                dsn,
+                pool_min=0,
+                pool_max=TENANT_POOL_MAX,
+                pool_idle=TENANT_POOL_IDLE,
+                application_name="hub tenant",
+                retention=settings.retention_seconds,
+                archive_dir=settings.archive_dir,
+                announced=shared,
+            )
+
+        def runner(dsn: str) -> ProjectionRunner:
+            return ProjectionRunner(
+                dsn,
+                application_name=f"hub {settings.node_id}",
+                timeout=settings.projection_timeout,
+                retry=settings.projection_retry,
+            )
+
+        control = PostgresStore(
             settings.database_url,
             retention=settings.retention_seconds,
             archive_dir=settings.archive_dir,
+            announced=announced,
+        )
+        return FederatedStore(
+            control,
+            settings.database_url,
+            make_store=tenant,
+            runner=runner if settings.projections else None,
+            announced=announced,
         )
     from hub.store.memory import MemoryStore
 

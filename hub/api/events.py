@@ -26,7 +26,7 @@ from hub.auth.tokens import TokenVerifier
 from hub.channels.topics import InvalidTopic, parse_topic
 from hub.errors import AuthError
 from hub.protocol import MAX_BINARY_FIELD, is_event_name
-from hub.store.base import MAX_READ, EventStore, StoredEvent, StoreError
+from hub.store.base import MAX_READ, EventStore, StoredEvent, StoreError, StoreUnavailable
 
 #: Events one request may append.
 MAX_BATCH: Final = 100
@@ -117,6 +117,8 @@ class EventsApi:
             except (StoreError, TypeError) as exc:
                 # The store's own checks (NUL bytes, unencodable values).
                 raise Rejected(422, f"event refused: {exc}") from None
+            except StoreUnavailable as exc:
+                raise Rejected(503, str(exc)) from None
         except Rejected as rejected:
             return error_response(rejected.status, rejected.message)
         return JSONResponse(
@@ -128,8 +130,10 @@ class EventsApi:
             org = await _authorized_org(request, self.verifier)
             after = _int_param(request, "after", 0, 0, 2**62)
             limit = _int_param(request, "limit", 100, 1, MAX_READ)
+            events = await self.store.read(org, after=after, limit=limit)
+            last_seq = await self.store.last_seq(org)
         except Rejected as rejected:
             return error_response(rejected.status, rejected.message)
-        events = await self.store.read(org, after=after, limit=limit)
-        last_seq = await self.store.last_seq(org)
+        except StoreUnavailable as exc:
+            return error_response(503, str(exc))
         return JSONResponse({"events": [event_json(e) for e in events], "last_seq": last_seq})

@@ -31,6 +31,12 @@ class StoreError(HubError):
     argument it refuses (the message says which)."""
 
 
+class StoreUnavailable(HubError):
+    """The database that holds an org cannot be reached now (a tenant
+    database down, or an org frozen by a move for too long): retry later.
+    The HTTP API answers 503."""
+
+
 # An escaped NUL in JSON text: \u0000 after an even number of backslashes.
 _JSON_NUL: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -124,6 +130,19 @@ OnChange = Callable[[dict[str, Any]], None]
 Table = tuple[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class DatabaseState:
+    """One database of a node's store, as ``/readyz`` and the dashboard
+    show it."""
+
+    name: str
+    ready: bool
+    #: Orgs registered in it (-1: the control database, every other org).
+    orgs: int
+    #: Why it is not ready (the last connection error), if known.
+    error: str | None
+
+
 class EventStore(abc.ABC):
     """An append-only log per org.
 
@@ -186,6 +205,11 @@ class EventStore(abc.ABC):
     def ready(self) -> bool:
         """Whether appended events are being announced right now."""
         return True
+
+    def databases(self) -> list[DatabaseState]:
+        """The databases behind this store, when it spans several (see
+        :mod:`hub.store.federation`); empty otherwise."""
+        return []
 
     @property
     def listener_reconnects(self) -> int:

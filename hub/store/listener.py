@@ -131,6 +131,7 @@ class Listener:
         org_seqs: Callable[[], Awaitable[dict[str, int]]],
         deliver: Callable[[StoredEvent], None],
         also: Mapping[str, Callable[[str], None]] | None = None,
+        announced: dict[str, int] | None = None,
     ) -> None:
         self._dsn = dsn
         self._also = dict(also or {})
@@ -149,7 +150,11 @@ class Listener:
         self._queue: asyncio.Queue[str | _Wake] = asyncio.Queue(queue_size)
         self._tasks: list[asyncio.Task[None]] = []
         #: The last seq announced per org (or known at start, see module doc).
-        self._last: dict[str, int] = {}
+        #: Shared by the listeners of every database of a node
+        #: (``announced``): an org that moves between databases goes on from
+        #: the seq the old database's listener announced, and an event both
+        #: databases hold (copied by the move) is announced once.
+        self._last: dict[str, int] = announced if announced is not None else {}
         # A catch-up is pending while requested > done.  Counters rather than
         # a flag, so a request made during a catch-up is not lost.
         self._catch_up_requested = 0
@@ -174,7 +179,9 @@ class Listener:
         Raises the driver's exceptions when the connection fails; nothing is
         left running then.
         """
-        self._last = last
+        for org, seq in last.items():
+            if seq > self._last.get(org, 0):
+                self._last[org] = seq
         await self._connect()
         self._request_catch_up()
         self._tasks = [

@@ -146,6 +146,12 @@ class PostgresStore(EventStore):
     ``liveness_interval`` seconds and gives it ``liveness_timeout`` seconds to
     answer; reconnect attempts wait ``reconnect_min`` doubling up to
     ``reconnect_max`` seconds (with jitter).
+
+    ``retention`` (seconds, None: keep all) and ``archive_dir`` drive the
+    event log's maintenance (:mod:`hub.store.retention`).  ``announced`` is
+    the listener's record of the last seq announced per org, shared by the
+    stores of one node's databases (:mod:`hub.store.federation`).  Pool
+    connections idle for ``pool_idle`` seconds are closed.
     """
 
     def __init__(
@@ -165,6 +171,8 @@ class PostgresStore(EventStore):
         retention: float | None = None,
         archive_dir: str | None = None,
         maintenance_interval: float = MAINTENANCE_INTERVAL,
+        announced: dict[str, int] | None = None,
+        pool_idle: float = 300.0,
     ) -> None:
         super().__init__()
         self._dsn = dsn
@@ -184,7 +192,9 @@ class PostgresStore(EventStore):
             org_seqs=self._org_seqs,
             deliver=self._deliver,
             also={BROADCAST_CHANNEL: self._relay_notify, CHANGES_CHANNEL: self._change_notify},
+            announced=announced,
         )
+        self._pool_idle = pool_idle
         self._relay = broadcast_relay(self._read_broadcast, self._deliver_broadcast)
         self._changes = change_relay(self._read_change, self._deliver_change)
         self._publication_interval = publication_interval
@@ -212,6 +222,7 @@ class PostgresStore(EventStore):
             min_size=self._pool_min,
             max_size=self._pool_max,
             init=_init_connection,
+            max_inactive_connection_lifetime=self._pool_idle,
             server_settings={"application_name": f"{self._app_name} store"},
         )
         try:
@@ -332,6 +343,11 @@ class PostgresStore(EventStore):
             )
             for row in rows
         ]
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The started store's pool (the registry and moves use it)."""
+        return self._require_pool()
 
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:

@@ -43,6 +43,7 @@ VERSIONS = [
     "0008_projections",
     "0009_schema_per_org",
     "0010_event_partitions",
+    "0011_org_databases",
 ]
 
 

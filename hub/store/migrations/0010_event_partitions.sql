@@ -135,11 +135,14 @@ UPDATE hub.projections p
 
 -- One partition per UTC day from yesterday (a row stamped just before
 -- midnight may commit after it) to days_ahead days from now, and for every
--- day with rows in the default partition (the hub was down for days); rows
+-- day with rows in the default partition (the hub was down for days), and
+-- for the days in extra (an org's days before its events are copied in,
+-- hub.store.moves); rows
 -- of such a day move from the default partition into it.  Returns the
 -- partitions created.  Any node may call it: the advisory lock makes one
 -- at a time do the work.
-CREATE FUNCTION hub.ensure_event_partitions(days_ahead integer DEFAULT 3)
+CREATE FUNCTION hub.ensure_event_partitions(days_ahead integer DEFAULT 3,
+                                            extra date[] DEFAULT '{}')
 RETURNS SETOF text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -159,6 +162,8 @@ BEGIN
         SELECT today + i FROM generate_series(-1, days_ahead) AS i
         UNION
         SELECT DISTINCT (created_at AT TIME ZONE 'UTC')::date FROM hub.events_default
+        UNION
+        SELECT unnest(extra)
         ORDER BY 1
     LOOP
         lo := day::timestamp AT TIME ZONE 'UTC';
@@ -232,5 +237,5 @@ BEGIN
 END
 $$;
 
-REVOKE EXECUTE ON FUNCTION hub.ensure_event_partitions(integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION hub.ensure_event_partitions(integer, date[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION hub.expired_event_partitions(interval) FROM PUBLIC;
