@@ -46,9 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--role", default="authenticated", help="`role` claim [authenticated]")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry [3600]")
 
-    commands.add_parser(
+    migrate = commands.add_parser(
         "migrate", help="create or upgrade the event store schema in HUB_DATABASE_URL"
     )
+    migrate.add_argument("--database", metavar="DSN", help="a tenant database instead")
     track = commands.add_parser(
         "track", help="capture INSERT/UPDATE/DELETE of an app table as durable change events"
     )
@@ -72,6 +73,41 @@ def _parser() -> argparse.ArgumentParser:
     untrack = commands.add_parser("untrack", help="stop capturing an app table")
     untrack.add_argument("table", help="SCHEMA.TABLE, or TABLE with --org-from-schema")
     untrack.add_argument("--org-from-schema", metavar="PATTERN", help="as given to track")
+    for command in (track, untrack):
+        command.add_argument(
+            "--database", metavar="DSN", help="a tenant database instead of HUB_DATABASE_URL"
+        )
+
+    orgs = commands.add_parser(
+        "orgs",
+        help="which database holds which org; move an org between them (docs/tenancy.md)",
+        description="The registry lives in HUB_DATABASE_URL (the control database); "
+        "running nodes follow it within a second.",
+    )
+    org_actions = orgs.add_subparsers(dest="action", required=True)
+    org_add = org_actions.add_parser("add", help="place an org without events in a database")
+    org_add.add_argument("org")
+    org_add.add_argument("--database", metavar="DSN", required=True)
+    org_actions.add_parser("list", help="every org with a database of its own, and moves")
+    org_remove = org_actions.add_parser(
+        "remove", help="unregister an org without events (it lives in the control database)"
+    )
+    org_remove.add_argument("org")
+    org_move = org_actions.add_parser(
+        "move", help="move an org's event log to another database while it is live"
+    )
+    org_move.add_argument("org")
+    target = org_move.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="DSN", help="target database, or 'control'")
+    target.add_argument("--abort", action="store_true", help="roll back the move in progress")
+    org_move.add_argument("--resume", action="store_true", help="finish the move in progress")
+    org_move.add_argument(
+        "--exec",
+        dest="exec_cmd",
+        metavar="CMD",
+        help="shell command run while the org's writes are frozen, before the switch "
+        "(HUB_MOVE_ORG, HUB_MOVE_SOURCE, HUB_MOVE_TARGET set); non-zero stops the move",
+    )
 
     projections = commands.add_parser(
         "projections",
@@ -348,11 +384,45 @@ def _database_url() -> str:
     return url
 
 
+async def _orgs_command(args: argparse.Namespace) -> None:
+    from hub.store import moves, registry
+
+    url = _database_url()
+    if args.action == "add":
+        await registry.add(url, args.org, args.database)
+        print(f"org {args.org} lives in {registry.display_name(args.database)}")
+    elif args.action == "remove":
+        name = await registry.remove(url, args.org)
+        print(f"org {args.org} left {name}: it lives in the control database")
+    elif args.action == "list":
+        entries = await registry.entries(url)
+        print(f"{'org':<24} {'database':<40} {'seq':>10}  move")
+        for entry in entries:
+            seq = "unreachable" if entry.seq is None else str(entry.seq)
+            print(f"{entry.org:<24} {entry.database:<40} {seq:>10}  {entry.moving or ''}")
+    elif args.abort:
+        await moves.abort(url, args.org)
+        print(f"the move of org {args.org} is rolled back")
+    else:
+        report = await moves.move(
+            url, args.org, args.to, resume=args.resume, exec_cmd=args.exec_cmd
+        )
+        blocked = (
+            f"; writes were blocked {report.frozen_for * 1000:.0f} ms"
+            if report.frozen_for is not None
+            else ""
+        )
+        print(
+            f"moved org {report.org} to {report.target}: {report.seq} events "
+            f"({report.copied} copied by this run){blocked}"
+        )
+
+
 async def _database_command(args: argparse.Namespace) -> None:
     from hub.store import tracking
     from hub.store.migrate import migrate
 
-    url = _database_url()
+    url = args.database or _database_url()
     if args.command == "migrate":
         applied = await migrate(url)
         print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
@@ -444,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_projections_command(args))
         elif args.command == "archive":
             asyncio.run(_archive(args))
+        elif args.command == "orgs":
+            asyncio.run(_orgs_command(args))
         elif args.command == "publish":
             print(json.dumps(asyncio.run(_publish(args))))
         elif args.command == "token":

@@ -66,6 +66,8 @@ T = TypeVar("T")
 REGISTRY_INTERVAL: Final = 1.0
 #: Longest time an append waits for a moving org's new database (seconds).
 MOVE_WAIT: Final = 10.0
+#: Longest wait for a tenant database that is still connecting (seconds).
+START_WAIT: Final = 5.0
 #: Pool bounds of a tenant database.
 TENANT_POOL_MAX: Final = 4
 TENANT_POOL_IDLE: Final = 60.0
@@ -90,6 +92,7 @@ class Member:
     started: bool = False
     error: str | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    up: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def ready(self) -> bool:
@@ -138,6 +141,13 @@ class FederatedStore(EventStore):
         except BaseException:
             await self.control.stop()
             raise
+        # Healthy tenant databases are up before the node serves; one that
+        # is down goes on trying in the background.
+        waits = [asyncio.create_task(m.up.wait()) for m in self._members.values()]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=START_WAIT)
+            for task in pending:
+                task.cancel()
         self._poll = asyncio.create_task(self._follow_registry(), name="hub-registry")
 
     async def stop(self) -> None:
@@ -225,6 +235,7 @@ class FederatedStore(EventStore):
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 10.0)
         member.started, member.error = True, None
+        member.up.set()
         log.info("database %s started", member.name)
         if self._make_runner is not None:
             member.runner = self._make_runner(member.dsn)
@@ -260,11 +271,15 @@ class FederatedStore(EventStore):
             )
         return states
 
-    def _store(self, org: str) -> PostgresStore:
+    async def _store(self, org: str) -> PostgresStore:
         dsn = self._routes.get(org)
         if dsn is None:
             return self.control
         member = self._members.get(dsn)
+        if member is not None and not member.started and member.error is None:
+            # Just registered, still connecting: worth a short wait.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(member.up.wait(), START_WAIT)
         if member is None or not member.started:
             name = member.name if member else display_name(dsn)
             raise StoreUnavailable(f"the database of org {org} ({name}) is unavailable")
@@ -277,7 +292,7 @@ class FederatedStore(EventStore):
     ) -> list[StoredEvent]:
         deadline = time.monotonic() + MOVE_WAIT
         while True:
-            store = self._store(org)
+            store = await self._store(org)
             try:
                 return await self._guard(org, store.append(org, events, kind=kind))
             except asyncpg.PostgresError as exc:
@@ -307,19 +322,21 @@ class FederatedStore(EventStore):
             raise StoreUnavailable(f"the database of org {org} is unavailable: {exc!r}") from None
 
     async def read(self, org: str, *, after: int = 0, limit: int = 100) -> list[StoredEvent]:
-        return await self._guard(org, self._store(org).read(org, after=after, limit=limit))
+        return await self._guard(org, (await self._store(org)).read(org, after=after, limit=limit))
 
     async def read_since(self, org: str, *, since: float, limit: int = 100) -> list[StoredEvent]:
-        return await self._guard(org, self._store(org).read_since(org, since=since, limit=limit))
+        return await self._guard(
+            org, (await self._store(org)).read_since(org, since=since, limit=limit)
+        )
 
     async def last_seq(self, org: str) -> int:
-        return await self._guard(org, self._store(org).last_seq(org))
+        return await self._guard(org, (await self._store(org)).last_seq(org))
 
     async def seq_of(self, org: str, event_id: str) -> int | None:
-        return await self._guard(org, self._store(org).seq_of(org, event_id))
+        return await self._guard(org, (await self._store(org)).seq_of(org, event_id))
 
     async def first_seq(self, org: str) -> int:
-        return await self._guard(org, self._store(org).first_seq(org))
+        return await self._guard(org, (await self._store(org)).first_seq(org))
 
     async def orgs(self) -> list[str]:
         """Every org with events, in whichever database it lives; a tenant

@@ -84,3 +84,15 @@ END
 $$;
 
 REVOKE EXECUTE ON FUNCTION hub.append_event(text, text, text, jsonb) FROM PUBLIC;
+
+-- An org that has left this database is no longer projected here (its
+-- rollups and checkpoints are deleted by the move's cleanup).
+CREATE OR REPLACE VIEW hub.projection_lag AS
+SELECT p.name AS projection, p.target_schema AS target, s.org, s.seq AS head,
+       coalesce(c.seq, 0) AS seq, s.seq - coalesce(c.seq, 0) AS lag,
+       c.applied, c.error, c.error_seq, c.error_at, c.updated_at
+  FROM hub.projections p
+ CROSS JOIN hub.org_seq s
+  LEFT JOIN hub.projection_checkpoints c
+    ON c.projection = p.name AND c.target = p.target_schema AND c.org = s.org
+ WHERE s.moved_to IS NULL;
