@@ -52,6 +52,7 @@ from hub.metrics import Gauges, NodeCollector, metrics_registry
 from hub.projections.runner import ProjectionRunner, RunnerState
 from hub.quotas import Quotas
 from hub.store.base import EventStore
+from hub.store.federation import FederatedStore
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,12 @@ class Node:
         # in SQL with a database, else bounded counters of what this node sees.
         self.history: History
         if settings.database_url:
-            self.history = SqlHistory(settings.database_url)
+            self.history = SqlHistory(
+                settings.database_url,
+                tenants=(
+                    self.store.tenant_dsns if isinstance(self.store, FederatedStore) else list
+                ),
+            )
         else:
             memory = MemoryHistory()
             self.observers.add(memory)
@@ -304,11 +310,7 @@ def _make_engine(settings: Settings, node_id: str, quotas: Quotas) -> Engine:
 
 def _make_store(settings: Settings) -> EventStore:
     if settings.database_url:
-        from hub.store.federation import (
-            TENANT_POOL_IDLE,
-            TENANT_POOL_MAX,
-            FederatedStore,
-        )
+        from hub.store.federation import TENANT_POOL_IDLE, TENANT_POOL_MAX
         from hub.store.postgres import PostgresStore
 
         # One record of the last seq announced per org for every database's

@@ -21,8 +21,10 @@ the live counters bucket them.
 from __future__ import annotations
 
 import abc
+import asyncio
 import csv
 import io
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -35,6 +37,8 @@ from hub.channels.observer import Observer
 
 if TYPE_CHECKING:
     from hub.store.base import StoredEvent
+
+log = logging.getLogger(__name__)
 
 #: Range name -> (seconds covered, seconds per bucket).
 RANGES: Final = {"24h": (86_400, 600), "7d": (7 * 86_400, 3_600), "30d": (30 * 86_400, 21_600)}
@@ -182,38 +186,80 @@ class History(abc.ABC):
 
 
 class SqlHistory(History):
-    """The mother's rollups in the control database (the views of the
-    ``mother`` schema), on a pool of at most two connections."""
+    """The mother's rollups (the views of the ``mother`` schema) in the
+    control database and in every tenant database (``tenants()`` names
+    them, :mod:`hub.store.federation`): each database's mother folds its
+    own orgs, so the network's history is their sum.  A pool of at most two
+    connections per database, closed when idle."""
 
-    def __init__(self, dsn: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        tenants: Callable[[], list[str]] = list,
+    ) -> None:
         self.dsn = dsn
         self.clock = clock
-        self._pool: asyncpg.Pool | None = None
+        self.tenants = tenants
+        self._pools: dict[str, asyncpg.Pool] = {}
 
     async def stop(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
             await pool.close()
 
-    async def _connection_pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
+    async def _connection_pool(self, dsn: str | None = None) -> asyncpg.Pool:
+        dsn = dsn or self.dsn
+        if dsn not in self._pools:
+            self._pools[dsn] = await asyncpg.create_pool(
+                dsn,
                 min_size=0,
                 max_size=2,
+                max_inactive_connection_lifetime=60.0,
                 server_settings={"application_name": "hub history"},
             )
-        return self._pool
+        return self._pools[dsn]
 
     async def view(self, range_name: str, org: str | None = None) -> HistoryView:
         now = self.clock()
         bucket, _, first = _frame(range_name, now)
-        since = first * bucket
+        counts: dict[tuple[str, int], int] = {}
+        users: dict[str, int] = {}
+        last: dict[str, float] = {}
+        databases = [self.dsn, *(dsn for dsn in self.tenants() if dsn != self.dsn)]
+        parts = await asyncio.gather(
+            *(self._read(dsn, bucket, first * bucket) for dsn in databases),
+            return_exceptions=True,
+        )
+        for dsn, part in zip(databases, parts, strict=True):
+            if isinstance(part, BaseException):
+                if dsn == self.dsn:
+                    raise part
+                # A tenant database that is down: its orgs' history is
+                # missing from this answer, the rest is whole.
+                log.warning("history of a tenant database unavailable: %r", part)
+                continue
+            # An org lives in one database (a move deletes its rollups from
+            # the one it leaves), so the parts add up.
+            part_counts, part_users, part_last = part
+            for key, value in part_counts.items():
+                counts[key] = counts.get(key, 0) + value
+            users.update(part_users)
+            for who, at in part_last.items():
+                last[who] = max(last.get(who, at), at)
+        return _view(range_name, now, counts, users, last, org, "sql")
+
+    async def _read(
+        self, dsn: str, bucket: int, since: int
+    ) -> tuple[dict[tuple[str, int], int], dict[str, int], dict[str, float]]:
+        """One database's part of a view: counts per (org, slot), distinct
+        users per org, last event per org."""
         fine = bucket < _COARSE
         source, column = (
             ("mother.org_activity", "minute") if fine else ("mother.org_activity_hourly", "hour")
         )
-        pool = await self._connection_pool()
+        pool = await self._connection_pool(dsn)
         async with pool.acquire() as conn:
             rows = await conn.fetch(
                 f"SELECT org, floor(extract(epoch FROM {column}) / $1)::bigint AS slot, "
@@ -237,7 +283,7 @@ class SqlHistory(History):
         counts = {(str(r["org"]), int(r["slot"])): int(r["events"]) for r in rows}
         users = {str(r["org"]): int(r["users"]) for r in user_rows}
         last = {str(r["org"]): float(r["at"]) for r in last_rows}
-        return _view(range_name, now, counts, users, last, org, "sql")
+        return counts, users, last
 
     async def projections(self) -> dict[str, Any] | None:
         """Per projection: orgs behind, events behind (sum and worst org),

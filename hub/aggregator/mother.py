@@ -323,6 +323,8 @@ class Mother(Observer):
             "refused_1h": self._refused.total(now),
             "engine_ready": self.channels.engine.ready,
             "store_ready": self.store.ready,
+            # Tenant databases this node cannot use (their orgs only).
+            "databases_down": [d.name for d in self.store.databases() if not d.ready],
             "redis": self._redis_ok,
             "rebuilt": self.rebuilt,
             "loop_lag_ms": round(self._loop_lag * 1000, 1),
@@ -398,6 +400,8 @@ class Mother(Observer):
             windows = _NO_EVENTS
         return {
             "org": org,
+            # Where its log lives (None: a store of one database).
+            "database": self.store.database_of(org),
             "seq": windows.seq,
             "events": windows.count.windows(now),
             "per_second": windows.count.per_second(now, ORG_SECONDS),
@@ -424,6 +428,7 @@ class Mother(Observer):
             "refused_1h",
             "engine_ready",
             "store_ready",
+            "databases_down",
             "redis",
             "rebuilt",
             "loop_lag_ms",

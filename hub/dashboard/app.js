@@ -711,7 +711,8 @@
     const name = el("td", "left");
     const chip = el("span", "org-chip");
     chip.style.background = orgColor(org);
-    name.append(chip, el("span", "org-name", org));
+    const where = el("span", "db-tag");
+    name.append(chip, el("span", "org-name", org), where);
     const sparkCell = el("td", "left");
     const spark = sparkline(100, 24);
     sparkCell.append(spark.root);
@@ -724,7 +725,7 @@
       tr.append(td);
     }
     tr.addEventListener("click", () => select(org));
-    return { tr, spark, cells };
+    return { tr, spark, cells, where };
   }
 
   function cell(td, text, value, { hot = false, warn = false } = {}) {
@@ -747,6 +748,8 @@
         state.rows.set(org.org, row);
       }
       const c = row.cells;
+      // Where the org's log lives, unless the control database.
+      setText(row.where, org.database && org.database !== "control" ? org.database : "");
       const rate = org.events["1m"] / 60;
       cell(c.rate, fmtRate(rate), org.events["1m"], { hot: true });
       cell(c["1m"], fmtInt(org.events["1m"]), org.events["1m"]);
@@ -903,6 +906,8 @@
 
   function health(node) {
     if (node.age !== null && node.age > 5) return ["down", "silent"];
+    const databasesDown = node.databases_down || [];
+    if (databasesDown.length) return ["degraded", `database ${databasesDown.join(", ")} down`];
     if (!node.engine_ready || !node.store_ready || node.redis === false) {
       const parts = [];
       if (!node.engine_ready) parts.push("engine");

@@ -206,6 +206,11 @@ class EventStore(abc.ABC):
         """Whether appended events are being announced right now."""
         return True
 
+    def database_of(self, org: str) -> str | None:
+        """The name of the database ``org`` lives in, when the store spans
+        several; None otherwise."""
+        return None
+
     def databases(self) -> list[DatabaseState]:
         """The databases behind this store, when it spans several (see
         :mod:`hub.store.federation`); empty otherwise."""

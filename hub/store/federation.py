@@ -258,6 +258,11 @@ class FederatedStore(EventStore):
         dsn = self._routes.get(org)
         return self._members[dsn].name if dsn in self._members else "control"
 
+    def tenant_dsns(self) -> list[str]:
+        """The DSNs of the tenant databases started (the mother's history
+        reads each)."""
+        return [dsn for dsn, member in self._members.items() if member.started]
+
     def databases(self) -> list[DatabaseState]:
         """Every database of the node, the control database first (its
         ``orgs`` is -1: every org without a registry entry)."""
