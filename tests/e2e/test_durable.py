@@ -39,7 +39,7 @@ from websockets.exceptions import ConnectionClosed
 from hub.client.rest import HubClient, HubClientError
 from tests.support.hubs import HubProcess, run_cli, start_hub, stop_hub
 from tests.support.jsclient import JsClientUnavailable, JsDriver, install_js_client
-from tests.support.mother import fresh_dsn  # noqa: F401 - fixture
+from tests.support.mother import fresh_database, fresh_dsn  # noqa: F401 - fixture
 from tests.support.pg import pg_dsn  # noqa: F401 - fixture
 from tests.support.projections import caught_up
 
@@ -1165,6 +1165,138 @@ async def test_postgres_changes_from_per_org_schemas_to_python_and_js(
     finally:
         await conn.close()
     assert_clean_log(hub, log_start)
+
+
+@pytest.fixture
+async def tenant_dsns() -> AsyncIterator[tuple[str, str]]:
+    """Two migrated tenant databases of this test; request it before
+    ``fresh_hub`` so the hubs stop before the databases are dropped."""
+    async with fresh_database() as t1, fresh_database() as t2:
+        yield t1, t2
+
+
+async def test_three_layouts_and_a_live_move_through_hub_serve(
+    fresh_dsn: str,  # noqa: F811
+    tenant_dsns: tuple[str, str],
+    fresh_hub: Any,
+    py_clients: Any,
+    js: JsDriver,
+    wires: Any,
+) -> None:
+    """A network of a control database (shared tables), a tenant database
+    holding one org, and a tenant database with a schema per org: realtime-py
+    and supabase-js members get their own org's events in each; then the
+    first org moves to the second database while a publisher goes on, and
+    every subscriber gets every event once, in order, seqs without a gap; a
+    client that was away resumes across the move."""
+    control, (t1, t2) = fresh_dsn, tenant_dsns
+    env = {"HUB_DATABASE_URL": control}
+    shared, solo, schemed = new_org(), new_org(), new_org()
+    for org, dsn in ((solo, t1), (schemed, t2)):
+        code, out, err = await run_cli("orgs", "add", org, "--database", dsn, env=env)
+        assert code == 0 and f"org {org} lives in" in out, (out, err)
+    code, _, err = await run_cli("orgs", "add", solo, "--database", t2, env=env)
+    assert code == 1 and "already registered" in err, err
+    conn = await asyncpg.connect(t2)
+    try:
+        await conn.execute(
+            f'CREATE SCHEMA "org_{schemed}"; CREATE TABLE "org_{schemed}".posts '
+            "(id bigserial PRIMARY KEY, title text)"
+        )
+    finally:
+        await conn.close()
+    code, out, err = await run_cli(
+        "track", "posts", "--org-from-schema", "org_{org}", "--database", t2, env=env
+    )
+    assert code == 0 and f"tracking org_{schemed}.posts (org {schemed})" in out, (out, err)
+
+    hub = await fresh_hub(env)
+    async with httpx.AsyncClient(base_url=hub.http_url, timeout=T) as http:
+        readyz = (await http.get("/readyz")).json()
+    assert list(readyz["databases"].values()) == [True, True, True], readyz
+
+    # realtime-py: the schema-per-org table's rows in the second database.
+    py = await py_clients(hub, hub.token(sub="py", orgs=[schemed]))
+    channel = py.channel(f"org:{schemed}", {"config": {}})
+    rows = Collector()
+    channel.on_postgres_changes("INSERT", rows, table="posts", schema=f"org_{schemed}")
+    await py_subscribe(channel)
+    # supabase-js: the org of its own database, and the shared one.
+    await js.client("solo", hub.http_url, hub.token(sub="js-solo", orgs=[solo]))
+    await js.client("shared", hub.http_url, hub.token(sub="js-shared", orgs=[shared]))
+    since = js.mark()
+    await js_subscribe(js, "solo", "c", f"org:{solo}", {"private": True})
+    await js_subscribe(js, "shared", "c", f"org:{shared}", {"private": True})
+    wire = await wires(hub, hub.token(sub="raw", orgs=[solo]))
+    mark = wire.mark()
+    await wire.joined(f"org:{solo}", replay_config(after=0))
+
+    admin = hub.admin_token()
+    async with HubClient(hub.http_url, admin) as client:
+        await publish_range(client, shared, 1, 3)
+        await publish_range(client, solo, 1, 200)
+        conn = await asyncpg.connect(t2)
+        try:
+            await conn.execute(f"INSERT INTO \"org_{schemed}\".posts (title) VALUES ('hello')")
+        finally:
+            await conn.close()
+        await rows.wait(lambda items: len(items) == 1, "the schema-per-org row")
+        assert rows.items[0]["data"]["record"]["title"] == "hello"
+        await js_wait_seq(js, "shared", 3, since)
+        await js_wait_seq(js, "solo", 200, since)
+
+        # The move, while a publisher goes on through the hub.
+        stop = asyncio.Event()
+        published: list[int] = []
+
+        async def publish() -> None:
+            n = 200
+            while not stop.is_set():
+                n += 1
+                event = await client.publish(solo, "tick", {"i": n})
+                published.append(event["seq"])
+
+        publisher = asyncio.create_task(publish())
+        await asyncio.sleep(0.5)
+        code, out, err = await run_cli("orgs", "move", solo, "--to", t2, env=env)
+        assert code == 0 and "writes were blocked" in out, (out, err)
+        moved_at = published[-1]
+        await asyncio.sleep(0.5)
+        stop.set()
+        await publisher
+        last = published[-1]
+        assert last > moved_at + 1, "the publisher went on after the move"
+        assert published == list(range(201, last + 1))
+
+        await wire.wait_seq(f"org:{solo}", last, mark)
+        assert wire.seqs(f"org:{solo}", mark) == list(range(1, last + 1))
+        await js_wait_seq(js, "solo", last, since)
+        got = [(e.get("meta") or {}).get("seq") for e in js_broadcasts(js, "solo", since)]
+        assert got == list(range(1, last + 1))
+        assert len(js_broadcasts(js, "shared", since)) == 3
+
+        # A client that was away during the move resumes across it.
+        away = await wires(hub, hub.token(sub="away", orgs=[solo]))
+        away_mark = away.mark()
+        await away.joined(f"org:{solo}", replay_config(after=150))
+        await away.wait_seq(f"org:{solo}", last, away_mark)
+        assert away.seqs(f"org:{solo}", away_mark) == list(range(151, last + 1))
+
+        # The mother names where each org lives; the log left the first database.
+        async with httpx.AsyncClient(base_url=hub.http_url, timeout=T) as http:
+            response = await http.get(
+                "/api/mother/stats", headers={"Authorization": f"Bearer {admin}"}
+            )
+        stats = response.json()
+        where = {o["org"]: o["database"] for o in stats["orgs"]}
+        assert where[shared] == "control" and where[solo].endswith(t2.rsplit("/", 1)[1])
+    code, out, _ = await run_cli("orgs", "list", env=env)
+    assert solo in out and t2.rsplit("/", 1)[1] in out
+    conn = await asyncpg.connect(t1)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM hub.events") == 0
+    finally:
+        await conn.close()
 
 
 # ==============================================================================
