@@ -1,7 +1,7 @@
 """``python -m loadtest.bench``: run the benchmark scenarios, print a table and JSON.
 
     python -m loadtest.bench [--scenarios fanout,many_orgs,capacity,multinode,private_joins,
-                                          rls_changes,projections]
+                                          rls_changes,projections,tenancy]
                              [--servers hub,hub-inproc,limit,socketio,channels,broadcaster]
                              [--quick] [--runs N] [--json out.json] [--profile] [--no-docs]
 
@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from loadtest.bench import envs, procs, report, scenarios, servers
+from loadtest.bench import envs, procs, report, scenarios, servers, tenancy
 from loadtest.commands import repeatable_command
 
 SCENARIOS = [
@@ -35,6 +35,7 @@ SCENARIOS = [
     "private_joins",
     "rls_changes",
     "projections",
+    "tenancy",
 ]
 #: Scenarios that need the hub's database (a fresh one unless --database-url).
 DATABASE_SCENARIOS = ("many_orgs", "private_joins", "rls_changes", "projections")
@@ -140,6 +141,7 @@ async def _measure(
     db_url: str | None,
     redis_pid: int | None,
     profile: bool,
+    pg_admin: str = PG_ADMIN,
 ) -> dict[str, Any]:
     """One run of one scenario against one server; an error becomes the result."""
     try:
@@ -160,6 +162,8 @@ async def _measure(
         if scen == "projections":
             assert db_url is not None
             return await scenarios.projections(name, cfg, database_url=db_url)
+        if scen == "tenancy":
+            return await tenancy.tenancy(name, cfg, admin=pg_admin)
         return await scenarios.capacity(name, cfg, profile=profile)
     except Exception as exc:
         traceback.print_exc()
@@ -214,6 +218,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if scen == "multinode" and name not in servers.MULTINODE:
                         out[name] = {"error": "single process only (no broker to share rooms)"}
                         continue
+                    if scen == "tenancy" and name != "hub":
+                        out[name] = {"error": "no equivalent (no database per org)"}
+                        continue
                     if scen == "projections" and name not in HUB_KINDS:
                         out[name] = {"error": "no equivalent (no read models from a log)"}
                         continue
@@ -232,7 +239,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     _say(f"{label} ...")
                     # py-spy slows what it samples: only the first run.
                     profile = args.profile and rnd == 0 and name in HUB_KINDS
-                    r = await _measure(scen, name, cfg, db_url, redis_pid, profile)
+                    r = await _measure(scen, name, cfg, db_url, redis_pid, profile, args.pg_admin)
                     if "profile" in r:
                         results.setdefault("profiles", {})[f"{scen}/{name}"] = r.pop("profile")
                     measured.setdefault(name, []).append(r)
