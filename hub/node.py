@@ -310,7 +310,7 @@ def _make_engine(settings: Settings, node_id: str, quotas: Quotas) -> Engine:
 
 def _make_store(settings: Settings) -> EventStore:
     if settings.database_url:
-        from hub.store.federation import TENANT_POOL_IDLE, TENANT_POOL_MAX
+        from hub.store.federation import TENANT_POLL_INTERVAL, TENANT_POOL_IDLE, TENANT_POOL_MAX
         from hub.store.postgres import PostgresStore
 
         # One record of the last seq announced per org for every database's
@@ -323,6 +323,7 @@ def _make_store(settings: Settings) -> EventStore:
                 pool_min=0,
                 pool_max=TENANT_POOL_MAX,
                 pool_idle=TENANT_POOL_IDLE,
+                publication_interval=TENANT_POLL_INTERVAL,
                 application_name="hub tenant",
                 retention=settings.retention_seconds,
                 archive_dir=settings.archive_dir,

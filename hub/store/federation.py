@@ -10,9 +10,11 @@ control database.  :class:`FederatedStore` is one
   events never land in another org's database;
 * each database has its own :class:`~hub.store.postgres.PostgresStore`: one
   dedicated LISTEN connection, a bounded pool (tenants: at most
-  ``tenant_pool_max`` connections, closed after ``tenant_pool_idle`` idle
-  seconds), its own maintenance (partitions, retention) and, through
-  ``runner``, its own projection runner.  The listeners share one record of
+  :data:`TENANT_POOL_MAX` connections, each closed after
+  :data:`TENANT_POOL_IDLE` idle seconds, the publication and per-org
+  schemas followed every :data:`TENANT_POLL_INTERVAL` seconds), its own
+  maintenance (partitions, retention) and, through ``runner``, its own
+  projection runner (one more connection, for its leader lock).  The listeners share one record of
   the last seq announced per org, so an org that moves between databases
   goes on from where the old one stopped and an event both hold (copied by
   the move) is announced once;
@@ -68,9 +70,15 @@ REGISTRY_INTERVAL: Final = 1.0
 MOVE_WAIT: Final = 10.0
 #: Longest wait for a tenant database that is still connecting (seconds).
 START_WAIT: Final = 5.0
-#: Pool bounds of a tenant database.
+#: Pool bounds of a tenant database: at most this many connections, each
+#: closed after this many idle seconds.
 TENANT_POOL_MAX: Final = 4
-TENANT_POOL_IDLE: Final = 60.0
+TENANT_POOL_IDLE: Final = 2.0
+#: How often a tenant database's publication and per-org schemas are
+#: followed (seconds): longer than the idle time, so an idle tenant keeps
+#: only its LISTEN connection (and its projection runner's) open between
+#: polls.
+TENANT_POLL_INTERVAL: Final = 5.0
 
 
 class Runner(Protocol):

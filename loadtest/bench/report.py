@@ -43,6 +43,18 @@ RUN_METRICS["projections"] = [
     ("bench_count: PostgreSQL CPU us / event added", ("cost", "bench_count_pg_cpu_us_per_event")),
     ("bench_count catch-up events / s", ("with", "catch_up", "bench_count", "events_per_s")),
 ]
+RUN_METRICS["tenancy"] = [
+    ("20 tenant databases: p99 ms", ("tenants_phase", "latency_ms", "p99")),
+    ("20 tenant databases: p50 ms", ("tenants_phase", "latency_ms", "p50")),
+    ("one database: p99 ms", ("shared", "latency_ms", "p99")),
+    ("one database: p50 ms", ("shared", "latency_ms", "p50")),
+    ("20 tenants: deliveries / server CPU-s", ("tenants_phase", "deliveries_per_server_cpu_s")),
+    ("one database: deliveries / server CPU-s", ("shared", "deliveries_per_server_cpu_s")),
+    ("move of 1M events: writes blocked, slowest write ms", ("move", "write_ms", "max")),
+    ("move: seconds in all", ("move", "move_s")),
+    ("hub RSS KB per tenant database", ("per_tenant_database", "rss_kb")),
+    ("hub connections per tenant database", ("per_tenant_database", "hub_connections")),
+]
 RUN_METRICS["rls_changes"] = [
     ("changes / s, every subscriber a distinct user", ("users_1000", "changes_per_s")),
     ("changes / s, 100 users", ("users_100", "changes_per_s")),
@@ -341,6 +353,50 @@ def private_joins_table(runs: dict[str, Any]) -> list[str]:
     return [title, "", *_table(head, rows), "", *notes, *_errors(runs)]
 
 
+def tenancy_table(runs: dict[str, Any]) -> list[str]:
+    ok = _ok(runs)
+    rows = []
+    notes = []
+    for name, r in ok.items():
+        for label, key in (("one database", "shared"), ("20 tenant databases", "tenants_phase")):
+            k = r.get(key) or {}
+            lat = k.get("latency_ms") or {}
+            rows.append(
+                [
+                    f"`{name}`",
+                    label,
+                    _n(k.get("achieved_events_per_s")),
+                    f"{_n(k.get('delivered'))} / {_n(k.get('expected'))}",
+                    _n(k.get("deliveries_per_server_cpu_s")),
+                    _n(lat.get("p50"), 1),
+                    _n(lat.get("p99"), 1),
+                ]
+            )
+        per = r.get("per_tenant_database") or {}
+        move = r.get("move") or {}
+        notes.append(
+            f"`{name}`: per tenant database, idle: {_n(per.get('rss_kb'), 1)} KB of hub RSS and "
+            f"{_n(per.get('hub_connections'), 2)} hub connections (projections off; their "
+            "runner adds one). A move of an org with "
+            f"{_n(move.get('events'))} events under a write every 10 ms: {move.get('report')}; "
+            f"{_n(move.get('move_s'), 1)} s in all; the writer's publishes p50 "
+            f"{_n((move.get('write_ms') or {}).get('p50'), 1)} ms, p99 "
+            f"{_n((move.get('write_ms') or {}).get('p99'), 1)} ms, slowest "
+            f"{_n((move.get('write_ms') or {}).get('max'), 1)} ms."
+        )
+    head = [
+        "server",
+        "orgs live in",
+        "inserts / s",
+        "delivered / expected",
+        "deliveries / server CPU-s",
+        "p50 ms",
+        "p99 ms",
+    ]
+    title = "### Tenancy (200 orgs x 50 subscribers, durable inserts spread over the orgs)"
+    return [title, "", *_table(head, rows), "", *notes, "", *_errors(runs)]
+
+
 def rls_changes_table(runs: dict[str, Any]) -> list[str]:
     ok = _ok(runs)
     rows = []
@@ -468,6 +524,9 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     if "rls_changes" in sc:
         lines += rls_changes_table(sc["rls_changes"])
+        lines.append("")
+    if "tenancy" in sc:
+        lines += tenancy_table(sc["tenancy"])
         lines.append("")
     if "multinode" in sc:
         lines += fanout_table(
