@@ -296,6 +296,7 @@ def _make_engine(settings: Settings, node_id: str, quotas: Quotas) -> Engine:
             node_id=node_id,
             prefix=settings.redis_prefix,
             sharded=settings.redis_sharded,
+            cluster=settings.redis_cluster,
             node_timeout=settings.node_timeout,
             quotas=quotas,
         )

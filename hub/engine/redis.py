@@ -30,6 +30,17 @@ subscribers only; that is the price of an engine without durability.
 With ``sharded=True`` topics use ``SSUBSCRIBE`` / ``SPUBLISH`` (Redis 7+):
 on a Redis Cluster that spreads pub/sub traffic over the shards instead of
 copying every message to every node of the cluster.
+
+With ``cluster=True`` (implies ``sharded``) the URL names one node of a Redis
+Cluster; redis-py's ``RedisCluster`` discovers the others and keeps the slot
+map, and publishes go to the primary owning each channel's slot.  A sharded
+channel must be read on the primary serving its slot, so the subscription is
+one connection per primary (:class:`_Links`), each read by its own task and
+watched by its own PING; the heartbeats channel is sharded too.  A failure of
+any of them (a primary killed, a slot moved away) fails the whole
+subscription, which reconnects as above after refreshing the slot map: once
+the replica is promoted, the node resubscribes on it.  Until then the
+node's subscription is down on every shard, not only the failed one.
 """
 
 from __future__ import annotations
@@ -38,14 +49,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from hub.channels.presence import PresenceDiff
 from hub.engine.base import Engine, NodeGone, PresenceSnapshot
@@ -59,6 +73,11 @@ log = logging.getLogger(__name__)
 #: (and counted) rather than letting a dead Redis eat the node's memory.
 MAX_OUTGOING: Final = 100_000
 PIPELINE_BATCH: Final = 512
+#: Longest wait between two reconnection attempts.  On a cluster a failover
+#: is routine (cluster-node-timeout plus an election, seconds), so the node
+#: retries at least every second to resubscribe soon after the promotion.
+MAX_BACKOFF: Final = 5.0
+MAX_BACKOFF_CLUSTER: Final = 1.0
 
 
 class RedisEngine(Engine):
@@ -69,6 +88,7 @@ class RedisEngine(Engine):
         node_id: str,
         prefix: str = "hub",
         sharded: bool = False,
+        cluster: bool = False,
         heartbeat: float = 1.0,
         node_timeout: float = 10.0,
         health_timeout: float = 5.0,
@@ -78,7 +98,10 @@ class RedisEngine(Engine):
         self.url = url
         self.node_id = node_id
         self.prefix = prefix
-        self.sharded = sharded
+        # Only sharded channels spread over a cluster's shards; classic
+        # pub/sub would copy every message to every node of it.
+        self.sharded = sharded or cluster
+        self.cluster = cluster
         self.heartbeat = heartbeat
         self.node_timeout = node_timeout
         self.health_timeout = health_timeout
@@ -95,7 +118,7 @@ class RedisEngine(Engine):
         self._reconnects = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._nodes: dict[str, float] = {}
-        self._client: aioredis.Redis | None = None
+        self._client: aioredis.Redis | RedisCluster | None = None
         self.published = 0
         self.received = 0
         self.dropped = 0
@@ -146,12 +169,7 @@ class RedisEngine(Engine):
     # -- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        self._client = aioredis.from_url(self.url)
-        try:
-            await asyncio.wait_for(self._client.ping(), self.health_timeout)
-        except (TimeoutError, RedisError, OSError) as exc:
-            await self._client.aclose()
-            raise ConfigError(f"HUB_REDIS_URL: cannot reach Redis at {self.url}: {exc}") from exc
+        self._client = await connect(self.url, cluster=self.cluster, within=self.health_timeout)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._subscriber(), name="redis-subscriber"),
@@ -169,7 +187,11 @@ class RedisEngine(Engine):
         if self._client is not None and self._ready:
             try:
                 goodbye = b"G" + orjson.dumps({"n": self.node_id})
-                await asyncio.wait_for(self._client.publish(self._nodes_channel, goodbye), 1.0)
+                if self.cluster:
+                    sent = self._client.spublish(self._nodes_channel, goodbye)
+                else:
+                    sent = self._client.publish(self._nodes_channel, goodbye)
+                await asyncio.wait_for(sent, 1.0)
             except (TimeoutError, RedisError, OSError):
                 pass
         for task in self._tasks:
@@ -225,26 +247,32 @@ class RedisEngine(Engine):
 
     async def _subscriber(self) -> None:
         backoff = 0.1
+        max_backoff = MAX_BACKOFF_CLUSTER if self.cluster else MAX_BACKOFF
         while True:
-            # A dedicated connection with redis-py's own retries off: a dead
-            # link must surface here, where it is counted and reported.
-            client = aioredis.from_url(self.url, retry=Retry(NoBackoff(), 0))
-            pubsub = client.pubsub()
+            links = _Links(self)
             control: asyncio.Task[None] | None = None
             try:
-                await pubsub.subscribe(self._nodes_channel)
-                await self._subscribe_all(pubsub, self._wanted)
+                if isinstance(self._client, RedisCluster):
+                    # After a failover the primary that served a slot is
+                    # gone: ask a live node who serves it now.
+                    await self._client.nodes_manager.initialize()
+                await links.subscribe([self._nodes_channel], self.cluster)
+                await links.subscribe([self._channel(t) for t in self._wanted], self.sharded)
                 # Drain stale control entries: _wanted is the truth now.
                 while not self._control.empty():
                     self._control.get_nowait()
-                control = asyncio.get_running_loop().create_task(self._apply_control(pubsub))
+                control = asyncio.get_running_loop().create_task(self._apply_control(links))
                 self._nodes = dict.fromkeys(self._nodes, time.monotonic())
                 self._ready = True
                 self._up.set()
                 backoff = 0.1
-                log.info("redis subscription up (%d topics)", len(self._wanted))
+                log.info(
+                    "redis subscription up (%d topics, %d connections)",
+                    len(self._wanted),
+                    links.count,
+                )
                 self._announce()
-                await self._read(pubsub)
+                await links.read()
             except Exception as exc:
                 # Whatever broke the link (RedisError, OSError, a PING
                 # timeout, uvloop's RuntimeError on a closed transport):
@@ -258,60 +286,28 @@ class RedisEngine(Engine):
                 self._ready = False
                 if control is not None:
                     control.cancel()
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                    await client.aclose()
+                await links.aclose()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            backoff = min(backoff * 2, max_backoff)
 
-    async def _subscribe_all(self, pubsub: Any, topics: set[str]) -> None:
-        channels = [self._channel(topic) for topic in topics]
-        for start in range(0, len(channels), 500):
-            chunk = channels[start : start + 500]
-            if self.sharded:
-                await pubsub.ssubscribe(*chunk)
-            else:
-                await pubsub.subscribe(*chunk)
-
-    async def _apply_control(self, pubsub: Any) -> None:
+    async def _apply_control(self, links: _Links) -> None:
         while True:
             add, topic = await self._control.get()
             channel = self._channel(topic)
             try:
                 if add:
-                    if self.sharded:
-                        await pubsub.ssubscribe(channel)
-                    else:
-                        await pubsub.subscribe(channel)
+                    await links.subscribe([channel], self.sharded)
                     self._send(
                         channel, b"S" + orjson.dumps({"n": self.node_id, "t": topic}), self.sharded
                     )
-                elif self.sharded:
-                    await pubsub.sunsubscribe(channel)
                 else:
-                    await pubsub.unsubscribe(channel)
+                    await links.unsubscribe(channel, self.sharded)
             except Exception as exc:
-                # The reader will notice the broken link and resubscribe all.
-                log.debug("redis (un)subscribe of %s failed: %s", topic, exc)
+                # On a cluster the other shards' readers would not notice a
+                # failed subscription on a new owner: fail the whole attempt,
+                # which resubscribes everything.
+                links.fail(exc)
                 return
-
-    async def _read(self, pubsub: Any) -> None:
-        last_seen = time.monotonic()
-        ping_sent: float | None = None
-        while True:
-            message = await pubsub.get_message(timeout=min(1.0, self.health_timeout))
-            now = time.monotonic()
-            if message is not None:
-                last_seen, ping_sent = now, None
-                kind = message.get("type")
-                if kind in ("message", "smessage"):
-                    self._on_message(message["data"])
-                continue
-            if ping_sent is not None and now - ping_sent > self.health_timeout:
-                raise TimeoutError("redis did not answer PING")
-            if ping_sent is None and now - last_seen > self.health_timeout / 2:
-                await pubsub.ping()
-                ping_sent = now
 
     def _on_message(self, data: bytes) -> None:
         listener = self._listener
@@ -388,7 +384,7 @@ class RedisEngine(Engine):
             if self._ready:
                 usage = self.quotas.local_usage() if self.quotas is not None else {}
                 beat = b"H" + orjson.dumps({"n": self.node_id, "q": usage})
-                self._send(self._nodes_channel, beat, False)
+                self._send(self._nodes_channel, beat, self.cluster)
                 now = time.monotonic()
                 for node, seen in list(self._nodes.items()):
                     if now - seen > self.node_timeout:
@@ -397,3 +393,201 @@ class RedisEngine(Engine):
                         )
                         self._gone(node)
             await asyncio.sleep(self.heartbeat)
+
+
+async def connect(url: str, *, cluster: bool, within: float) -> aioredis.Redis | RedisCluster:
+    """A client of the Redis (or, with ``cluster``, the Redis Cluster) at
+    ``url``, checked to answer; ConfigError says what is wrong."""
+    return await (_connect_cluster(url, within) if cluster else _connect_single(url, within))
+
+
+async def _connect_single(url: str, within: float) -> aioredis.Redis:
+    client = aioredis.from_url(url)
+    try:
+        await asyncio.wait_for(client.ping(), within)
+        info = await asyncio.wait_for(client.info("cluster"), within)
+    except (TimeoutError, RedisError, OSError) as exc:
+        await client.aclose()
+        raise ConfigError(f"HUB_REDIS_URL: cannot reach Redis at {url}: {exc}") from exc
+    if info.get("cluster_enabled"):
+        # Bound to one node, the hub would lose its subscriptions at that
+        # node's failover, and sharded channels of other slots would be
+        # refused (MOVED): say so now rather than then.
+        await client.aclose()
+        raise ConfigError(f"HUB_REDIS_URL: {url} is a Redis Cluster node; set HUB_REDIS_CLUSTER=1")
+    return client
+
+
+async def _connect_cluster(url: str, within: float) -> RedisCluster:
+    client = RedisCluster.from_url(url, socket_connect_timeout=within, socket_timeout=within)
+    try:
+        # Loads the slot map (CLUSTER SLOTS) from the node in the URL.
+        await asyncio.wait_for(client.initialize(), within)
+    except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
+        await client.aclose()
+        if "cluster mode is not enabled" in str(exc).lower():
+            raise ConfigError(
+                f"HUB_REDIS_CLUSTER: {url} is not a Redis Cluster node (cluster_enabled:0); "
+                "unset HUB_REDIS_CLUSTER"
+            ) from exc
+        raise ConfigError(f"HUB_REDIS_URL: cannot reach the Redis Cluster at {url}: {exc}") from exc
+    return client
+
+
+class _Links:
+    """The subscription connections of one attempt: one to the Redis, or on
+    a cluster one per primary serving a wanted channel's slot, each read by
+    its own task.  The first failure of any fails the attempt (:meth:`read`
+    raises it).
+
+    redis-py's ``ClusterPubSub`` also keeps a connection per node, but reads
+    them one after the other (``get_sharded_message`` waits on each in
+    turn, so a quiet shard delays the others by the poll timeout) and has no
+    health check per shard; the slot map and connections are still
+    redis-py's (``RedisCluster``), only the per-shard reading is here.
+    """
+
+    def __init__(self, engine: RedisEngine) -> None:
+        self._engine = engine
+        client = engine._client
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        #: owner ("host:port", or "" for a single Redis) -> its connection
+        self._links: dict[str, tuple[aioredis.Redis, PubSub]] = {}
+        #: channel -> the owner it was subscribed on
+        self._where: dict[str, str] = {}
+        #: sunsubscribe confirmations still due for our own requests: any
+        #: other means the channel's slot left that node (a migration).
+        self._leaving: Counter[bytes] = Counter()
+        self._readers: list[asyncio.Task[None]] = []
+        self._failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def count(self) -> int:
+        return len(self._links)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._failed.done():
+            self._failed.set_exception(exc)
+
+    async def read(self) -> None:
+        await self._failed
+
+    async def subscribe(self, channels: list[str], sharded: bool) -> None:
+        by_owner: dict[str, list[str]] = {}
+        for channel in channels:
+            by_owner.setdefault(self._owner(channel), []).append(channel)
+        for owner, owned in by_owner.items():
+            new = owner not in self._links
+            pubsub = self._pubsub(owner)
+            if self._cluster is not None:
+                # A cluster refuses one SSUBSCRIBE naming channels of
+                # different slots (CROSSSLOT), even on the same node.
+                slots: dict[int, list[str]] = {}
+                for channel in owned:
+                    slots.setdefault(self._cluster.keyslot(channel), []).append(channel)
+                chunks = list(slots.values())
+            else:
+                chunks = [owned[start : start + 500] for start in range(0, len(owned), 500)]
+            for chunk in chunks:
+                if sharded:
+                    await pubsub.ssubscribe(*chunk)
+                else:
+                    await pubsub.subscribe(*chunk)
+            for channel in owned:
+                self._where[channel] = owner
+            if new:
+                # Read once subscribed: a pub/sub connection is made by its
+                # first command.
+                reader = asyncio.get_running_loop().create_task(
+                    self._watch(pubsub), name="redis-reader"
+                )
+                self._readers.append(reader)
+
+    async def unsubscribe(self, channel: str, sharded: bool) -> None:
+        owner = self._where.pop(channel, None)
+        if owner is None or owner not in self._links:
+            return
+        pubsub = self._links[owner][1]
+        if sharded:
+            self._leaving[channel.encode()] += 1
+            await pubsub.sunsubscribe(channel)
+        else:
+            await pubsub.unsubscribe(channel)
+
+    def _owner(self, channel: str) -> str:
+        if self._cluster is None:
+            return ""
+        node = self._cluster.get_node_from_key(channel)
+        if node is None:
+            raise ConnectionError(f"{channel}: no node serves its slot")
+        return str(node.name)
+
+    def _pubsub(self, owner: str) -> PubSub:
+        link = self._links.get(owner)
+        if link is not None:
+            return link[1]
+        engine = self._engine
+        # Dedicated connections with redis-py's own retries off: a dead link
+        # must surface here, where it is counted and reported.
+        no_retry = Retry(NoBackoff(), 0)
+        if self._cluster is None:
+            client = aioredis.from_url(engine.url, retry=no_retry)
+        else:
+            host, _, port = owner.rpartition(":")
+            # The URL's credentials and TLS, the node's address.
+            options: dict[str, Any] = {**parse_url(engine.url), "host": host, "port": int(port)}
+            options["socket_connect_timeout"] = engine.health_timeout
+            client = aioredis.Redis(**options, retry=no_retry)
+        pubsub = client.pubsub()
+        self._links[owner] = (client, pubsub)
+        return pubsub
+
+    async def _watch(self, pubsub: PubSub) -> None:
+        try:
+            await self._read(pubsub)
+        except Exception as exc:
+            self.fail(exc)
+
+    async def _read(self, pubsub: PubSub) -> None:
+        engine = self._engine
+        health_timeout = engine.health_timeout
+        last_seen = time.monotonic()
+        ping_sent: float | None = None
+        while True:
+            message = await pubsub.get_message(timeout=min(1.0, health_timeout))
+            now = time.monotonic()
+            if message is not None:
+                last_seen, ping_sent = now, None
+                kind = message.get("type")
+                if kind in ("message", "smessage"):
+                    engine._on_message(message["data"])
+                elif kind == "sunsubscribe" and self._cluster is not None:
+                    self._unsubscribed(message["channel"])
+                continue
+            if ping_sent is not None and now - ping_sent > health_timeout:
+                raise TimeoutError("redis did not answer PING")
+            if ping_sent is None and now - last_seen > health_timeout / 2:
+                await pubsub.ping()
+                ping_sent = now
+
+    def _unsubscribed(self, channel: bytes) -> None:
+        if self._leaving[channel] > 0:
+            self._leaving[channel] -= 1
+            return
+        # Redis drops a node's shard subscriptions of a slot it no longer
+        # serves: resubscribe everything on the current owners.
+        raise ConnectionError(f"{channel.decode(errors='replace')}: its slot left the node")
+
+    async def aclose(self) -> None:
+        for reader in self._readers:
+            reader.cancel()
+        for reader in self._readers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        if self._failed.done() and not self._failed.cancelled():
+            self._failed.exception()  # retrieved: asyncio must not warn
+        for client, pubsub in self._links.values():
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await client.aclose()
+        self._links.clear()
