@@ -36,11 +36,13 @@ Cluster; redis-py's ``RedisCluster`` discovers the others and keeps the slot
 map, and publishes go to the primary owning each channel's slot.  A sharded
 channel must be read on the primary serving its slot, so the subscription is
 one connection per primary (:class:`_Links`), each read by its own task and
-watched by its own PING; the heartbeats channel is sharded too.  A failure of
-any of them (a primary killed, a slot moved away) fails the whole
-subscription, which reconnects as above after refreshing the slot map: once
-the replica is promoted, the node resubscribes on it.  Until then the
-node's subscription is down on every shard, not only the failed one.
+watched by its own PING; the heartbeats channel is sharded too.  When one
+of them fails (its primary killed, a slot moved away) only that shard's
+channels are lost: the failure is logged and counted (``reconnects``), the
+node reports not ready, and it retries (0.1 s doubling to 1 s) to refresh
+the slot map and subscribe them on their current owner, which after a
+failover is the promoted replica; then it re-syncs presence on those
+topics.  The other shards keep delivering meanwhile.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class RedisEngine(Engine):
         self._tasks: list[asyncio.Task[None]] = []
         self._nodes: dict[str, float] = {}
         self._client: aioredis.Redis | RedisCluster | None = None
+        self._links: _Links | None = None
         self.published = 0
         self.received = 0
         self.dropped = 0
@@ -127,7 +130,8 @@ class RedisEngine(Engine):
 
     @property
     def ready(self) -> bool:
-        return self._ready and not self._broken
+        links = self._links
+        return self._ready and not self._broken and (links is None or not links.orphans)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         # These tasks only end when cancelled at shutdown; anything else is
@@ -249,7 +253,7 @@ class RedisEngine(Engine):
         backoff = 0.1
         max_backoff = MAX_BACKOFF_CLUSTER if self.cluster else MAX_BACKOFF
         while True:
-            links = _Links(self)
+            links = self._links = _Links(self)
             control: asyncio.Task[None] | None = None
             try:
                 if isinstance(self._client, RedisCluster):
@@ -303,9 +307,9 @@ class RedisEngine(Engine):
                 else:
                     await links.unsubscribe(channel, self.sharded)
             except Exception as exc:
-                # On a cluster the other shards' readers would not notice a
-                # failed subscription on a new owner: fail the whole attempt,
-                # which resubscribes everything.
+                # (On a cluster a shard's failure is handled inside _Links
+                # and does not come here.)  The reader will notice the
+                # broken link; make sure, and let the attempt start over.
                 links.fail(exc)
                 return
 
@@ -364,13 +368,25 @@ class RedisEngine(Engine):
             body = {"n": self.node_id, "t": topic, "s": state}
             self._send(self._channel(topic), b"T" + orjson.dumps(body), self.sharded)
 
-    def _announce(self) -> None:
-        """After (re)connecting: publish our presence, ask for everyone's."""
+    def _announce(self, only: set[str] | None = None) -> None:
+        """After (re)connecting: publish our presence, ask for everyone's
+        (on the topics in ``only``, if given)."""
         assert self._listener is not None
         for topic in self._listener.topics():
+            if only is not None and topic not in only:
+                continue
             self._send_snapshot(topic)
             request = b"S" + orjson.dumps({"n": self.node_id, "t": topic})
             self._send(self._channel(topic), request, self.sharded)
+
+    def _resubscribed(self, channels: list[str]) -> None:
+        """A cluster shard's channels are subscribed again, on its new owner."""
+        log.info("redis shard channels resubscribed (%d)", len(channels))
+        if self._nodes_channel in channels:
+            # Heartbeats could not be heard meanwhile: nobody is late for it.
+            self._nodes = dict.fromkeys(self._nodes, time.monotonic())
+        start = len(self._topic_prefix)
+        self._announce({c[start:] for c in channels if c.startswith(self._topic_prefix)})
 
     def _gone(self, node: str) -> None:
         self._nodes.pop(node, None)
@@ -437,13 +453,17 @@ async def _connect_cluster(url: str, within: float) -> RedisCluster:
 class _Links:
     """The subscription connections of one attempt: one to the Redis, or on
     a cluster one per primary serving a wanted channel's slot, each read by
-    its own task.  The first failure of any fails the attempt (:meth:`read`
-    raises it).
+    its own task.
+
+    On a single Redis the first failure fails the attempt (:meth:`read`
+    raises it) and the engine starts over.  On a cluster a failed
+    connection orphans only the channels it carried (``orphans``), and a
+    repair task subscribes them again on their current owner.
 
     redis-py's ``ClusterPubSub`` also keeps a connection per node, but reads
     them one after the other (``get_sharded_message`` waits on each in
     turn, so a quiet shard delays the others by the poll timeout) and has no
-    health check per shard; the slot map and connections are still
+    health check per shard; the slot map and the connections are still
     redis-py's (``RedisCluster``), only the per-shard reading is here.
     """
 
@@ -453,12 +473,17 @@ class _Links:
         self._cluster = client if isinstance(client, RedisCluster) else None
         #: owner ("host:port", or "" for a single Redis) -> its connection
         self._links: dict[str, tuple[aioredis.Redis, PubSub]] = {}
-        #: channel -> the owner it was subscribed on
+        self._readers: dict[str, asyncio.Task[None]] = {}
+        #: channel -> the owner it is subscribed on
         self._where: dict[str, str] = {}
+        #: cluster: wanted channels subscribed nowhere right now
+        self.orphans: set[str] = set()
         #: sunsubscribe confirmations still due for our own requests: any
         #: other means the channel's slot left that node (a migration).
-        self._leaving: Counter[bytes] = Counter()
-        self._readers: list[asyncio.Task[None]] = []
+        self._leaving: Counter[str] = Counter()
+        # subscribe, unsubscribe and the repair each take several awaits.
+        self._lock = asyncio.Lock()
+        self._repairing: asyncio.Task[None] | None = None
         self._failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
@@ -472,54 +497,88 @@ class _Links:
     async def read(self) -> None:
         await self._failed
 
+    # -- subscriptions ----------------------------------------------------
+
     async def subscribe(self, channels: list[str], sharded: bool) -> None:
+        async with self._lock:
+            await self._subscribe(channels, sharded)
+
+    async def _subscribe(self, channels: list[str], sharded: bool) -> None:
         by_owner: dict[str, list[str]] = {}
         for channel in channels:
-            by_owner.setdefault(self._owner(channel), []).append(channel)
+            try:
+                owner = self._owner(channel)
+            except (RedisClusterException, RedisError) as exc:
+                # The slot is not served (mid-failover): repair later.
+                log.debug("redis: no owner for %s yet: %s", channel, exc)
+                self.orphans.add(channel)
+                continue
+            by_owner.setdefault(owner, []).append(channel)
         for owner, owned in by_owner.items():
             new = owner not in self._links
             pubsub = self._pubsub(owner)
-            if self._cluster is not None:
-                # A cluster refuses one SSUBSCRIBE naming channels of
-                # different slots (CROSSSLOT), even on the same node.
-                slots: dict[int, list[str]] = {}
-                for channel in owned:
-                    slots.setdefault(self._cluster.keyslot(channel), []).append(channel)
-                chunks = list(slots.values())
-            else:
-                chunks = [owned[start : start + 500] for start in range(0, len(owned), 500)]
-            for chunk in chunks:
-                if sharded:
-                    await pubsub.ssubscribe(*chunk)
-                else:
-                    await pubsub.subscribe(*chunk)
+            try:
+                for chunk in self._chunks(owned):
+                    if sharded:
+                        await pubsub.ssubscribe(*chunk)
+                    else:
+                        await pubsub.subscribe(*chunk)
+            except Exception as exc:
+                if self._cluster is None:
+                    raise
+                await self._lose(owner, pubsub, exc)
+                self.orphans.update(owned)
+                continue
+            if self._links.get(owner, (None, None))[1] is not pubsub:
+                # Lost while subscribing (its reader saw it fail).
+                self.orphans.update(owned)
+                continue
+            self.orphans.difference_update(owned)
             for channel in owned:
                 self._where[channel] = owner
             if new:
                 # Read once subscribed: a pub/sub connection is made by its
                 # first command.
-                reader = asyncio.get_running_loop().create_task(
-                    self._watch(pubsub), name="redis-reader"
+                self._readers[owner] = asyncio.get_running_loop().create_task(
+                    self._watch(owner, pubsub), name="redis-reader"
                 )
-                self._readers.append(reader)
+        self._kick_repair()
+
+    def _chunks(self, channels: list[str]) -> list[list[str]]:
+        if self._cluster is None:
+            return [channels[start : start + 500] for start in range(0, len(channels), 500)]
+        # A cluster refuses one SSUBSCRIBE naming channels of different
+        # slots (CROSSSLOT), even on the same node.
+        slots: dict[int, list[str]] = {}
+        for channel in channels:
+            slots.setdefault(self._cluster.keyslot(channel), []).append(channel)
+        return list(slots.values())
 
     async def unsubscribe(self, channel: str, sharded: bool) -> None:
-        owner = self._where.pop(channel, None)
-        if owner is None or owner not in self._links:
-            return
-        pubsub = self._links[owner][1]
-        if sharded:
-            self._leaving[channel.encode()] += 1
-            await pubsub.sunsubscribe(channel)
-        else:
-            await pubsub.unsubscribe(channel)
+        async with self._lock:
+            self.orphans.discard(channel)
+            owner = self._where.pop(channel, None)
+            if owner is None or owner not in self._links:
+                return
+            pubsub = self._links[owner][1]
+            try:
+                if sharded:
+                    if self._cluster is not None:
+                        self._leaving[channel] += 1
+                    await pubsub.sunsubscribe(channel)
+                else:
+                    await pubsub.unsubscribe(channel)
+            except Exception as exc:
+                if self._cluster is None:
+                    raise
+                await self._lose(owner, pubsub, exc)
 
     def _owner(self, channel: str) -> str:
         if self._cluster is None:
             return ""
         node = self._cluster.get_node_from_key(channel)
         if node is None:
-            raise ConnectionError(f"{channel}: no node serves its slot")
+            raise RedisClusterException(f"{channel}: no node serves its slot")
         return str(node.name)
 
     def _pubsub(self, owner: str) -> PubSub:
@@ -542,13 +601,77 @@ class _Links:
         self._links[owner] = (client, pubsub)
         return pubsub
 
-    async def _watch(self, pubsub: PubSub) -> None:
+    # -- cluster: losing and repairing a shard ------------------------------
+
+    async def _lose(self, owner: str, pubsub: PubSub, exc: BaseException) -> None:
+        link = self._links.get(owner)
+        if link is None or link[1] is not pubsub:
+            return  # lost already
+        del self._links[owner]
+        reader = self._readers.pop(owner, None)
+        lost = [channel for channel, where in self._where.items() if where == owner]
+        for channel in lost:
+            del self._where[channel]
+        self.orphans.update(lost)
+        if lost:
+            self._engine._reconnects += 1
+            log.warning(
+                "redis shard %s lost (%d channels), resubscribing: %s: %s",
+                owner,
+                len(lost),
+                type(exc).__name__,
+                exc,
+            )
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        self._kick_repair()
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await link[0].aclose()
+
+    def _kick_repair(self) -> None:
+        if self._cluster is None or not self.orphans:
+            return
+        if self._repairing is None or self._repairing.done():
+            self._repairing = asyncio.get_running_loop().create_task(
+                self._repair(self._cluster), name="redis-repair"
+            )
+
+    async def _repair(self, cluster: RedisCluster) -> None:
+        backoff = 0.1
         try:
-            await self._read(pubsub)
+            while self.orphans:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_CLUSTER)
+                try:
+                    # After a failover the primary that served a slot is
+                    # gone: ask a live node who serves it now.
+                    await cluster.nodes_manager.initialize()
+                except Exception as exc:
+                    log.debug("redis cluster slot map not refreshed: %s", exc)
+                    continue
+                async with self._lock:
+                    channels = sorted(self.orphans)
+                    await self._subscribe(channels, True)
+                    back = [channel for channel in channels if channel in self._where]
+                if back:
+                    self._engine._resubscribed(back)
         except Exception as exc:
+            # A bug, not a Redis failure: let the attempt start over.
             self.fail(exc)
 
-    async def _read(self, pubsub: PubSub) -> None:
+    # -- reading ----------------------------------------------------------
+
+    async def _watch(self, owner: str, pubsub: PubSub) -> None:
+        try:
+            await self._read(owner, pubsub)
+        except Exception as exc:
+            if self._cluster is None:
+                self.fail(exc)
+            else:
+                await self._lose(owner, pubsub, exc)
+
+    async def _read(self, owner: str, pubsub: PubSub) -> None:
         engine = self._engine
         health_timeout = engine.health_timeout
         last_seen = time.monotonic()
@@ -562,7 +685,7 @@ class _Links:
                 if kind in ("message", "smessage"):
                     engine._on_message(message["data"])
                 elif kind == "sunsubscribe" and self._cluster is not None:
-                    self._unsubscribed(message["channel"])
+                    self._unsubscribed(owner, message["channel"].decode())
                 continue
             if ping_sent is not None and now - ping_sent > health_timeout:
                 raise TimeoutError("redis did not answer PING")
@@ -570,20 +693,27 @@ class _Links:
                 await pubsub.ping()
                 ping_sent = now
 
-    def _unsubscribed(self, channel: bytes) -> None:
+    def _unsubscribed(self, owner: str, channel: str) -> None:
         if self._leaving[channel] > 0:
             self._leaving[channel] -= 1
             return
         # Redis drops a node's shard subscriptions of a slot it no longer
-        # serves: resubscribe everything on the current owners.
-        raise ConnectionError(f"{channel.decode(errors='replace')}: its slot left the node")
+        # serves: subscribe it on the current owner.
+        if self._where.get(channel) == owner:
+            del self._where[channel]
+            self.orphans.add(channel)
+            log.warning("redis channel %s: its slot left %s, resubscribing", channel, owner)
+            self._kick_repair()
 
     async def aclose(self) -> None:
-        for reader in self._readers:
-            reader.cancel()
-        for reader in self._readers:
+        tasks = list(self._readers.values())
+        if self._repairing is not None:
+            tasks.append(self._repairing)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                await task
         if self._failed.done() and not self._failed.cancelled():
             self._failed.exception()  # retrieved: asyncio must not warn
         for client, pubsub in self._links.values():
