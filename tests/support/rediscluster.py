@@ -178,6 +178,25 @@ class RedisCluster:
     def primaries(self) -> list[RedisNode]:
         return [n for n in self if n.alive and n.info("replication").get("role") == "master"]
 
+    def move_slot(self, channel: str, to: RedisNode) -> None:
+        """Move ``channel``'s slot (holding no keys) to the primary ``to``,
+        as ``redis-cli --cluster reshard`` does for one slot."""
+        source = self.owner(channel)
+        slot = key_slot(channel.encode())
+
+        def node_id(node: RedisNode) -> str:
+            with node.client() as client:
+                return str(client.execute_command("CLUSTER", "MYID").decode())
+
+        with to.client() as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", node_id(source))
+        with source.client() as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", node_id(to))
+        for primary in [to, source, *(n for n in self.primaries() if n not in (to, source))]:
+            with primary.client() as client:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", node_id(to))
+        self._wait(lambda: self.owner(channel) is to, 10, f"{to.name} to own slot {slot}")
+
     def kill(self, node: RedisNode) -> None:
         """SIGKILL: no goodbye to clients or to the cluster."""
         os.kill(node.process.pid, signal.SIGKILL)

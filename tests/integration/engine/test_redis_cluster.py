@@ -225,6 +225,41 @@ async def test_a_killed_primary_fails_over_and_the_nodes_resubscribe_on_its_repl
         await cluster.aclose()
 
 
+async def test_a_moved_slot_is_resubscribed_on_its_new_owner(
+    make_hub: MakeHub, tmp_path: Any, redis_cluster: RedisCluster
+) -> None:
+    """Redis drops the shard subscriptions of a slot that leaves a node
+    (``sunsubscribe`` nobody asked for); the nodes subscribe on the new owner."""
+    cluster = await on_cluster(make_hub, tmp_path, redis_cluster)
+    try:
+        a, b = await cluster.start(2)
+        topic = f"org:{new_org()}"
+        name = channel(cluster, topic)
+        token = cluster.token("member", [topic.removeprefix("org:")])
+        at_a = await joined(cluster, a, token, [topic], "A")
+        at_b = await joined(cluster, b, token, [topic], "B")
+        source = redis_cluster.owner(name)
+        await wait_until(lambda: _true(shard_numsub(source, name) == 2), T, "subscriptions")
+
+        target = next(n for n in redis_cluster.primaries() if n is not source)
+        await asyncio.to_thread(redis_cluster.move_slot, name, target)
+        await wait_until(
+            lambda: _true(shard_numsub(target, name) == 2), T, f"resubscribed on {target.name}"
+        )
+        assert shard_numsub(source, name) == 0
+
+        await at_a.broadcast(topic, "moved", {"to": target.port})
+        assert (await at_b.wait(is_event("moved"), T, "a broadcast after the move")).body == {
+            "to": target.port
+        }
+        # A migration is not a lost link.
+        for node in (a, b):
+            assert (await scrape(node.http_url)).value("hub_engine_reconnects_total") == 0
+        assert "Traceback" not in cluster.logs()
+    finally:
+        await cluster.aclose()
+
+
 async def _true(value: bool) -> bool:
     return value
 
