@@ -127,6 +127,7 @@ class Node:
             node_id=self.node_id,
             redis_url=settings.redis_url,
             redis_prefix=settings.redis_prefix,
+            redis_cluster=settings.redis_cluster,
             rate=settings.mother_rate,
         )
         self.observers.add(self.mother)

@@ -28,6 +28,7 @@ from typing import Final, TypeVar
 
 import pytest
 import redis
+import redis.cluster
 from redis.cluster import key_slot
 
 from tests.support.hubs import free_port
@@ -156,6 +157,11 @@ class RedisCluster:
 
     def __iter__(self) -> Iterator[RedisNode]:
         return iter(self.nodes)
+
+    def client(self) -> redis.cluster.RedisCluster:
+        """redis-py's cluster client, through any live node."""
+        node = next(n for n in self.nodes if n.alive)
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=node.port, socket_timeout=2)
 
     # -- topology --------------------------------------------------------
 

@@ -65,6 +65,13 @@ def shard_numsub(node: RedisNode, name: str) -> int:
     return int(reply[1])
 
 
+def mother_nodes(redis: RedisCluster, prefix: str) -> list[str]:
+    """Nodes whose mother share is live in the cluster."""
+    with redis.client() as client:
+        names = sorted(n.decode() for n in client.smembers(f"{prefix}:mother:nodes"))
+        return [n for n in names if client.exists(f"{prefix}:mother:node:{n}")]
+
+
 async def on_cluster(make_hub: MakeHub, tmp_path: Any, redis: RedisCluster) -> Cluster:
     return Cluster(make_hub, tmp_path, HUB_REDIS_URL=redis.url, HUB_REDIS_CLUSTER="1")
 
@@ -113,6 +120,21 @@ async def test_broadcasts_cross_nodes_on_every_shard(
         await asyncio.sleep(0.3)
         assert len(at_b.broadcasts("from_a")) == len(topics)
         assert len(at_a.broadcasts("from_b")) == len(topics)
+
+        # The mother's shares (plain keys, on their slots' primaries) are
+        # written and read back across the cluster too.
+        await wait_until(
+            lambda: _true(set(mother_nodes(redis_cluster, cluster.prefix)) == {"n1", "n2"}),
+            T,
+            "both nodes' mother shares in the cluster",
+        )
+        # (Logged once a whole round, writes and reads, has succeeded.)
+        await wait_until(
+            lambda: _true(cluster.logs().count("mother: sharing through redis") == 2),
+            T,
+            "each node's mother to share through the cluster",
+        )
+        assert "mother: redis failed" not in cluster.logs()
         assert "Traceback" not in cluster.logs()
     finally:
         await cluster.aclose()
