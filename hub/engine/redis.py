@@ -39,8 +39,8 @@ one connection per primary (:class:`_Links`), each read by its own task and
 watched by its own PING; the heartbeats channel is sharded too.  When one
 of them fails (its primary killed, a slot moved away) only that shard's
 channels are lost: the failure is logged and counted (``reconnects``), the
-node reports not ready, and it retries (0.1 s doubling to 1 s) to refresh
-the slot map and subscribe them on their current owner, which after a
+node reports not ready, and every 0.25 s it re-reads the slot map and
+subscribes them on their current owner once that answers, which after a
 failover is the promoted replica; then it re-syncs presence on those
 topics.  The other shards keep delivering meanwhile.
 """
@@ -80,6 +80,8 @@ PIPELINE_BATCH: Final = 512
 #: retries at least every second to resubscribe soon after the promotion.
 MAX_BACKOFF: Final = 5.0
 MAX_BACKOFF_CLUSTER: Final = 1.0
+#: How often a cluster node with orphaned channels re-reads the slot map.
+REPAIR_POLL: Final = 0.25
 
 
 class RedisEngine(Engine):
@@ -592,11 +594,7 @@ class _Links:
         if self._cluster is None:
             client = aioredis.from_url(engine.url, retry=no_retry)
         else:
-            host, _, port = owner.rpartition(":")
-            # The URL's credentials and TLS, the node's address.
-            options: dict[str, Any] = {**parse_url(engine.url), "host": host, "port": int(port)}
-            options["socket_connect_timeout"] = engine.health_timeout
-            client = aioredis.Redis(**options, retry=no_retry)
+            client = aioredis.Redis(**self._node_options(owner), retry=no_retry)
         pubsub = client.pubsub()
         self._links[owner] = (client, pubsub)
         return pubsub
@@ -638,27 +636,54 @@ class _Links:
             )
 
     async def _repair(self, cluster: RedisCluster) -> None:
-        backoff = 0.1
         try:
             while self.orphans:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_CLUSTER)
+                # The slot map is re-read often (one CLUSTER SLOTS) so the
+                # node resubscribes soon after the replica's promotion;
+                # connections are only tried on owners that answer.
+                await asyncio.sleep(REPAIR_POLL)
                 try:
-                    # After a failover the primary that served a slot is
-                    # gone: ask a live node who serves it now.
                     await cluster.nodes_manager.initialize()
                 except Exception as exc:
                     log.debug("redis cluster slot map not refreshed: %s", exc)
                     continue
-                async with self._lock:
-                    channels = sorted(self.orphans)
-                    await self._subscribe(channels, True)
+                by_owner: dict[str, list[str]] = {}
+                for channel in sorted(self.orphans):
+                    with contextlib.suppress(RedisClusterException, RedisError):
+                        by_owner.setdefault(self._owner(channel), []).append(channel)
+                for owner, channels in by_owner.items():
+                    # Outside the lock: a dead owner may take a connect
+                    # timeout to say so, and joins on other shards must not
+                    # wait for it.
+                    if owner not in self._links and not await self._answers(owner):
+                        continue
+                    async with self._lock:
+                        channels = [channel for channel in channels if channel in self.orphans]
+                        await self._subscribe(channels, True)
                     back = [channel for channel in channels if channel in self._where]
-                if back:
-                    self._engine._resubscribed(back)
+                    if back:
+                        self._engine._resubscribed(back)
         except Exception as exc:
             # A bug, not a Redis failure: let the attempt start over.
             self.fail(exc)
+
+    def _node_options(self, owner: str) -> dict[str, Any]:
+        """The URL's credentials and TLS, the cluster node's address."""
+        host, _, port = owner.rpartition(":")
+        options: dict[str, Any] = {**parse_url(self._engine.url), "host": host, "port": int(port)}
+        options["socket_connect_timeout"] = self._engine.health_timeout
+        return options
+
+    async def _answers(self, owner: str) -> bool:
+        client = aioredis.Redis(**self._node_options(owner), retry=Retry(NoBackoff(), 0))
+        try:
+            await asyncio.wait_for(client.ping(), self._engine.health_timeout)
+            return True
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     # -- reading ----------------------------------------------------------
 
