@@ -267,7 +267,8 @@ OPTIONS: tuple[Option, ...] = (
         "redis_sharded",
         _flag,
         False,
-        "Use sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7+); for Redis Cluster.",
+        "Use sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7+) on a single Redis; "
+        "HUB_REDIS_CLUSTER implies it.",
     ),
     Option(
         "redis_cluster",
