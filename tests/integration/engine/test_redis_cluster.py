@@ -140,6 +140,37 @@ async def test_broadcasts_cross_nodes_on_every_shard(
         await cluster.aclose()
 
 
+async def test_presence_and_heartbeats_cross_the_cluster(
+    make_hub: MakeHub, tmp_path: Any, redis_cluster: RedisCluster
+) -> None:
+    """Presence diffs travel on the topic's shard, heartbeats on the
+    heartbeats channel's: two live nodes keep each other's members past
+    HUB_NODE_TIMEOUT, and a SIGKILLed node's members leave after it."""
+    timeout = 3.0
+    cluster = await on_cluster(make_hub, tmp_path, redis_cluster)
+    try:
+        a, b = await cluster.start(2, HUB_NODE_TIMEOUT=str(timeout))
+        org = new_org()
+        topic, wire = f"org:{org}", f"realtime:org:{org}"
+        alice = await cluster.conn(a, cluster.token("alice", [org]), V2, "alice@A")
+        bob = await cluster.conn(b, cluster.token("bob", [org]), V2, "bob@B")
+        for conn, key in ((alice, "alice"), (bob, "bob")):
+            await conn.join(topic, {"presence": {"key": key, "enabled": True}})
+            await conn.track(topic, {"name": key})
+        await alice.wait_presence(wire, {"alice", "bob"}, T, "(alice on A sees bob on B)")
+        await bob.wait_presence(wire, {"alice", "bob"}, T, "(bob on B sees alice on A)")
+
+        # Heard through their heartbeats, neither node expires the other.
+        await asyncio.sleep(timeout + 2)
+        assert alice.presence_keys(wire) == bob.presence_keys(wire) == {"alice", "bob"}
+
+        b.process.kill()  # SIGKILL: no goodbye
+        await alice.wait_presence(wire, {"alice"}, timeout + 3, "(B killed: bob leaves)")
+        assert "Traceback" not in cluster.logs()
+    finally:
+        await cluster.aclose()
+
+
 async def test_a_killed_primary_fails_over_and_the_nodes_resubscribe_on_its_replica(
     make_hub: MakeHub, tmp_path: Any, redis_cluster: RedisCluster
 ) -> None:
