@@ -61,7 +61,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from hub.channels.presence import PresenceDiff
 from hub.engine.base import Engine, NodeGone, PresenceSnapshot
@@ -423,7 +423,13 @@ async def _connect_single(url: str, within: float) -> aioredis.Redis:
     client = aioredis.from_url(url)
     try:
         await asyncio.wait_for(client.ping(), within)
+    except (TimeoutError, RedisError, OSError) as exc:
+        await client.aclose()
+        raise ConfigError(f"HUB_REDIS_URL: cannot reach Redis at {url}: {exc}") from exc
+    try:
         info = await asyncio.wait_for(client.info("cluster"), within)
+    except ResponseError:
+        info = {}  # INFO refused (an ACL): nothing to check
     except (TimeoutError, RedisError, OSError) as exc:
         await client.aclose()
         raise ConfigError(f"HUB_REDIS_URL: cannot reach Redis at {url}: {exc}") from exc
