@@ -6,7 +6,9 @@ channels are picked so that they hash to slots of every primary: each node
 must subscribe on the shard serving the channel, and messages must cross
 nodes on all of them.  Then the primary serving a channel is SIGKILLed
 while a node publishes on it, its replica is promoted by the cluster, and
-the nodes resubscribe on the new owner.
+the nodes resubscribe on the new owner.  Also: a slot moved to another
+primary (a reshard), presence and heartbeats across the cluster, and the
+start-up check of the mode.
 
 What crosses a failover: Redis pub/sub is at-most-once and the engine adds
 no durability, so broadcasts published between the kill and the moment
@@ -23,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from tests.support.cluster import (
@@ -72,7 +75,7 @@ def mother_nodes(redis: RedisCluster, prefix: str) -> list[str]:
         return [n for n in names if client.exists(f"{prefix}:mother:node:{n}")]
 
 
-async def on_cluster(make_hub: MakeHub, tmp_path: Any, redis: RedisCluster) -> Cluster:
+async def on_cluster(make_hub: MakeHub, tmp_path: Path, redis: RedisCluster) -> Cluster:
     return Cluster(make_hub, tmp_path, HUB_REDIS_URL=redis.url, HUB_REDIS_CLUSTER="1")
 
 
@@ -84,7 +87,7 @@ async def joined(cluster: Cluster, node: Any, token: str, topics: list[str], nam
 
 
 async def test_broadcasts_cross_nodes_on_every_shard(
-    make_hub: MakeHub, tmp_path: Any, redis_cluster: RedisCluster
+    make_hub: MakeHub, tmp_path: Path, redis_cluster: RedisCluster
 ) -> None:
     cluster = await on_cluster(make_hub, tmp_path, redis_cluster)
     try:
@@ -141,7 +144,7 @@ async def test_broadcasts_cross_nodes_on_every_shard(
 
 
 async def test_presence_and_heartbeats_cross_the_cluster(
-    make_hub: MakeHub, tmp_path: Any, redis_cluster: RedisCluster
+    make_hub: MakeHub, tmp_path: Path, redis_cluster: RedisCluster
 ) -> None:
     """Presence diffs travel on the topic's shard, heartbeats on the
     heartbeats channel's: two live nodes keep each other's members past
@@ -172,7 +175,7 @@ async def test_presence_and_heartbeats_cross_the_cluster(
 
 
 async def test_a_killed_primary_fails_over_and_the_nodes_resubscribe_on_its_replica(
-    make_hub: MakeHub, tmp_path: Any, redis_cluster: RedisCluster
+    make_hub: MakeHub, tmp_path: Path, redis_cluster: RedisCluster
 ) -> None:
     cluster = await on_cluster(make_hub, tmp_path, redis_cluster)
     try:
@@ -279,7 +282,7 @@ async def test_a_killed_primary_fails_over_and_the_nodes_resubscribe_on_its_repl
 
 
 async def test_a_moved_slot_is_resubscribed_on_its_new_owner(
-    make_hub: MakeHub, tmp_path: Any, redis_cluster: RedisCluster
+    make_hub: MakeHub, tmp_path: Path, redis_cluster: RedisCluster
 ) -> None:
     """Redis drops the shard subscriptions of a slot that leaves a node
     (``sunsubscribe`` nobody asked for); the nodes subscribe on the new owner."""
