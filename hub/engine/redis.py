@@ -75,9 +75,10 @@ log = logging.getLogger(__name__)
 #: (and counted) rather than letting a dead Redis eat the node's memory.
 MAX_OUTGOING: Final = 100_000
 PIPELINE_BATCH: Final = 512
-#: Longest wait between two reconnection attempts.  On a cluster a failover
-#: is routine (cluster-node-timeout plus an election, seconds), so the node
-#: retries at least every second to resubscribe soon after the promotion.
+#: Longest wait between two attempts of the whole subscription.  On a
+#: cluster a failed shard is repaired inside the attempt (every REPAIR_POLL);
+#: the attempt itself only starts over when no node could be reached, and
+#: then retries at least every second, as the cluster is likely mid-failover.
 MAX_BACKOFF: Final = 5.0
 MAX_BACKOFF_CLUSTER: Final = 1.0
 #: How often a cluster node with orphaned channels re-reads the slot map.
