@@ -212,15 +212,15 @@ async def preflight(settings: Settings) -> None:
 
         await JwksCache(settings.jwks_url).load()
     if settings.redis_url:
-        import redis.asyncio as aioredis
+        from hub.engine.redis import connect
 
-        client = aioredis.from_url(settings.redis_url)
         try:
-            await asyncio.wait_for(client.ping(), 5)
+            client = await connect(settings.redis_url, cluster=settings.redis_cluster, within=5)
+        except ConfigError:
+            raise
         except Exception as exc:
             raise ConfigError(f"HUB_REDIS_URL: cannot reach Redis: {exc}") from None
-        finally:
-            await client.aclose()
+        await client.aclose()
     if settings.database_url:
         from hub.store.migrate import applied_versions, migrations
 

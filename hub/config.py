@@ -310,7 +310,15 @@ OPTIONS: tuple[Option, ...] = (
         "redis_sharded",
         _flag,
         False,
-        "Use sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7+); for Redis Cluster.",
+        "Use sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7+) on a single Redis; "
+        "HUB_REDIS_CLUSTER implies it.",
+    ),
+    Option(
+        "redis_cluster",
+        _flag,
+        False,
+        "HUB_REDIS_URL names one node of a Redis Cluster: discover the others, publish "
+        "and subscribe on each channel's shard, follow failovers. Implies HUB_REDIS_SHARDED.",
     ),
     Option(
         "node_timeout",
@@ -380,6 +388,7 @@ class Settings:
     redis_url: str | None = None
     redis_prefix: str = "hub"
     redis_sharded: bool = False
+    redis_cluster: bool = False
     node_timeout: float = 10.0
     drain_timeout: float = 10.0
     mother_rate: float = 1.0
@@ -516,6 +525,10 @@ def _validate(settings: Settings) -> Settings:
         ("redis://", "rediss://", "unix://")
     ):
         raise ConfigError("HUB_REDIS_URL: must be a redis://, rediss:// or unix:// URL")
+    if settings.redis_cluster and (
+        settings.redis_url is None or settings.redis_url.startswith("unix://")
+    ):
+        raise ConfigError("HUB_REDIS_CLUSTER: needs HUB_REDIS_URL, a redis:// or rediss:// URL")
     if settings.node_timeout < 3:
         raise ConfigError("HUB_NODE_TIMEOUT: must be at least 3 s (heartbeats come every 1 s)")
     if settings.max_payload_bytes >= settings.max_frame_bytes:

@@ -128,6 +128,7 @@ class Node:
             node_id=self.node_id,
             redis_url=settings.redis_url,
             redis_prefix=settings.redis_prefix,
+            redis_cluster=settings.redis_cluster,
             rate=settings.mother_rate,
         )
         self.observers.add(self.mother)
@@ -302,6 +303,7 @@ def _make_engine(settings: Settings, node_id: str, quotas: Quotas) -> Engine:
             node_id=node_id,
             prefix=settings.redis_prefix,
             sharded=settings.redis_sharded,
+            cluster=settings.redis_cluster,
             node_timeout=settings.node_timeout,
             quotas=quotas,
         )

@@ -12,7 +12,11 @@ from tests.support.hubs import HubProcess, start_hub, stop_hub
 
 #: Fixtures that live with their harness: the mother's hubs and databases,
 #: the Realtime Authorization database with its policies.
-pytest_plugins = ["tests.support.mother", "tests.support.policies"]
+pytest_plugins = [
+    "tests.support.mother",
+    "tests.support.policies",
+    "tests.support.rediscluster",
+]
 
 
 @pytest.fixture(scope="session")

@@ -173,6 +173,7 @@ class Mother(Observer):
         node_id: str,
         redis_url: str | None = None,
         redis_prefix: str = "hub",
+        redis_cluster: bool = False,
         rate: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -183,6 +184,7 @@ class Mother(Observer):
         self.node_id = node_id
         self.redis_url = redis_url
         self.redis_prefix = redis_prefix
+        self.redis_cluster = redis_cluster
         self.rate = rate
         self.clock = clock
         self.started_at = clock()
@@ -524,11 +526,18 @@ class Mother(Observer):
 
     async def _share_forever(self) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.cluster import RedisCluster
 
         assert self.redis_url is not None
         base = f"{self.redis_prefix}:mother"
         nodes_key, own_key = f"{base}:nodes", f"{base}:node:{self.node_id}"
-        client = aioredis.from_url(self.redis_url)
+        client: aioredis.Redis | RedisCluster
+        if self.redis_cluster:
+            # Each key goes to the primary serving its slot (the pipeline
+            # is split by node, MGET by slot).
+            client = RedisCluster.from_url(self.redis_url)
+        else:
+            client = aioredis.from_url(self.redis_url)
         try:
             while True:
                 try:
@@ -541,7 +550,13 @@ class Mother(Observer):
                     names = sorted(
                         name for raw in members if (name := raw.decode()) != self.node_id
                     )
-                    values = await client.mget([f"{base}:node:{n}" for n in names]) if names else []
+                    keys = [f"{base}:node:{n}" for n in names]
+                    values: list[Any] = []
+                    if isinstance(client, RedisCluster) and keys:
+                        # One MGET may not span slots (CROSSSLOT).
+                        values = await client.mget_nonatomic(keys)
+                    elif keys:
+                        values = await client.mget(keys)
                     remote: dict[str, dict[str, Any]] = {}
                     gone: list[str] = []
                     for name, value in zip(names, values, strict=True):

@@ -105,6 +105,24 @@ def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "env",
+    [
+        {"HUB_REDIS_CLUSTER": "1"},
+        {"HUB_REDIS_CLUSTER": "1", "HUB_REDIS_URL": "unix:///run/redis.sock"},
+    ],
+)
+def test_redis_cluster_needs_a_redis_url_of_a_node(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(**env)
+    assert "HUB_REDIS_CLUSTER" in str(info.value)
+
+
+def test_redis_cluster_with_a_node_url() -> None:
+    loaded = settings(HUB_REDIS_CLUSTER="1", HUB_REDIS_URL="redis://10.0.0.5:7000/0")
+    assert loaded.redis_cluster and loaded.redis_url == "redis://10.0.0.5:7000/0"
+
+
+@pytest.mark.parametrize(
     "path", ["user_metadata.orgs", "orgs", "app_metadata", "app_metadata..orgs", "sub"]
 )
 def test_claim_path_outside_app_metadata_is_refused(path: str) -> None:
