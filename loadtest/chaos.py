@@ -39,7 +39,11 @@ and dropped by the run), then, for ``--duration`` seconds:
     the run's hub processes (found by matching their sockets against
     ``CLIENT LIST``, so other users of the same Redis are left alone;
     ``--pubsub-kill-all`` sends ``CLIENT KILL TYPE pubsub`` instead);
-  - ``drop``: cut a random quarter of the subscribers' sockets.
+  - ``drop``: cut a random quarter of the subscribers' sockets;
+  - with ``--tenants N`` (default 2) tenant databases, where the orgs start
+    spread (``hub orgs add``): ``move``, ``hub orgs move`` of a random org
+    to another of the run's databases while it is live, and ``tenant``,
+    ``pg_terminate_backend`` of every backend of a random tenant database.
 
 Then the publishers stop, killed nodes come back, and the run checks:
 
@@ -69,7 +73,9 @@ Then the publishers stop, killed nodes come back, and the run checks:
    subscriber connected and events flowing for ``--warmup`` seconds), taken
    for every node incarnation alive then; a node restarted later is held to
    the anchor's baseline;
-7. **no tracebacks** in any node's log.
+7. **no tracebacks** in any node's log;
+8. **database per org** (with tenants): no move is left open and each
+   org's log is in the database the registry names, and only there.
 
 It prints every fault as it happens and one line per invariant; the exit
 code is 0 only when every invariant holds (1 otherwise, 2 on a setup error).
@@ -106,12 +112,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from hub.auth.tokens import issue_token
 from hub.client.realtime import decode, encode, socket_url
+from hub.store import moves, registry
 from hub.store.migrate import migrate
 from loadtest import policies
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("HUB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 FAULTS = ("kill", "term", "listen", "pubsub", "drop")
+#: The faults of a run with tenant databases, in addition.
+TENANT_FAULTS = ("move", "tenant")
 #: The public channel on a free name (a topic outside the reserved namespaces).
 PUBLIC_TOPIC = "room:chaos-public"
 #: The free name of the postgres_changes listeners of the RLS table.
@@ -546,6 +555,9 @@ class Chaos:
         self.public_sent = 0
         self.public_failures = 0
         self.restarts: list[asyncio.Task[None]] = []
+        self.tenants = [f"{self.database}_t{i}" for i in range(args.tenants)]
+        self.faults = FAULTS + (TENANT_FAULTS if self.tenants else ())
+        self.moved = 0
 
     # -- setup and teardown --------------------------------------------------
 
@@ -560,6 +572,17 @@ class Chaos:
             await conn.close()
         dsn = self.dsn = self._base(self.database)
         await migrate(dsn)
+        # Database per org: the orgs start spread over the control database
+        # and the tenant databases.
+        for i, tenant in enumerate(self.tenants):
+            conn = await asyncpg.connect(ADMIN_DSN, timeout=10)
+            try:
+                await conn.execute(f'CREATE DATABASE "{tenant}"')
+            finally:
+                await conn.close()
+            await migrate(self._base(tenant))
+            for org in self.orgs[i + 1 :: len(self.tenants) + 1]:
+                await registry.add(dsn, org, self._base(tenant))
         # The RLS table (public.load_todos) and its members.
         await policies.install(dsn, users=max(1, self.args.rls_members))
         env = {
@@ -590,7 +613,8 @@ class Chaos:
         with contextlib.suppress(Exception):
             conn = await asyncpg.connect(ADMIN_DSN, timeout=10)
             try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+                for name in [self.database, *self.tenants]:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             finally:
                 await conn.close()
         with contextlib.suppress(Exception):
@@ -722,6 +746,36 @@ class Chaos:
         elif kind == "pubsub":
             killed = await self._kill_pubsub(cluster)
             self.log(f"pubsub: CLIENT KILL of {killed} Redis pub/sub connections")
+        elif kind == "move":
+            org = self.rng.choice(self.orgs)
+            here = await self._home(org)
+            there = self.rng.choice(
+                [d for d in [registry.CONTROL, *map(self._base, self.tenants)] if d != here]
+            )
+            started = time.monotonic()
+            try:
+                report = await moves.move(self.dsn, org, there, say=lambda _: None)
+            except registry.RegistryError as exc:
+                self.log(f"move: {org} not moved: {exc}")
+                return False
+            self.moved += 1
+            self.log(
+                f"move: {org} to {report.target}, {report.seq} events, writes blocked "
+                f"{1000 * (report.frozen_for or 0):.0f} ms, "
+                f"{time.monotonic() - started:.1f} s in all"
+            )
+        elif kind == "tenant":
+            tenant = self.rng.choice(self.tenants)
+            conn = await asyncpg.connect(ADMIN_DSN, timeout=10)
+            try:
+                rows = await conn.fetch(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    tenant,
+                )
+            finally:
+                await conn.close()
+            self.log(f"tenant: pg_terminate_backend of {len(rows)} backends of {tenant}")
         elif kind == "drop":
             connected = [
                 s
@@ -734,6 +788,49 @@ class Chaos:
             self.log(f"drop: cut {count} subscriber sockets")
         self.report.actions[kind] = self.report.actions.get(kind, 0) + 1
         return True
+
+    async def _home(self, org: str) -> str:
+        """The DSN of the database ``org`` lives in (``control``: the control one)."""
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            dsn = await conn.fetchval("SELECT dsn FROM hub.org_databases WHERE org = $1", org)
+        finally:
+            await conn.close()
+        return str(dsn) if dsn else registry.CONTROL
+
+    async def verify_tenancy(self) -> None:
+        """No move left open; each org's log is where the registry says, only."""
+        if not self.tenants:
+            return
+        problems: list[str] = []
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            open_moves = await conn.fetch("SELECT org, step FROM hub.org_moves")
+            problems += [f"move of {r['org']} left at {r['step']}" for r in open_moves]
+        finally:
+            await conn.close()
+        databases = [self.dsn, *map(self._base, self.tenants)]
+        for org in self.orgs:
+            home = await self._home(org)
+            home = self.dsn if home == registry.CONTROL else home
+            for dsn in databases:
+                conn = await asyncpg.connect(dsn, timeout=10)
+                try:
+                    held = await conn.fetchval(
+                        "SELECT count(*) FROM hub.events WHERE org = $1", org
+                    )
+                finally:
+                    await conn.close()
+                if dsn != home and held:
+                    problems.append(f"{org}: {held} events left in {registry.display_name(dsn)}")
+        self.report.check(
+            self.log,
+            "database per org: no move left open, each org's log only in its database",
+            not problems,
+            "; ".join(problems[:5])
+            or f"{len(self.tenants)} tenant databases, {self.moved} moves during the faults",
+        )
+        self.report.stats.update(moves=self.moved)
 
     async def _restart(self, node: Node, delay: float, http: httpx.AsyncClient) -> None:
         assert self.cluster is not None
@@ -774,7 +871,7 @@ class Chaos:
                 return
             await asyncio.sleep(wait)
             if not cycle:
-                cycle = list(FAULTS)
+                cycle = list(self.faults)
                 self.rng.shuffle(cycle)
             try:
                 kind = cycle.pop()
@@ -954,6 +1051,7 @@ class Chaos:
                 await asyncio.sleep(0.2)
         await self.verify_public(http)
         await self.verify_rls()
+        await self.verify_tenancy()
 
         report.check(
             log,
@@ -1169,6 +1267,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rls-members", type=int, default=2, help="members the RLS listeners' tokens cycle over"
+    )
+    parser.add_argument(
+        "--tenants",
+        type=int,
+        default=2,
+        help="tenant databases the orgs are spread over and moved between (0: none)",
     )
     parser.add_argument("--rate", type=float, default=60.0, help="target events per second")
     parser.add_argument("--fault-interval", type=float, default=3.0, help="mean seconds")

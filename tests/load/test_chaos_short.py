@@ -3,7 +3,9 @@ nodes over Redis and one PostgreSQL store, durable publishers, subscribers
 that resume with ``replay.after``, subscribers of a public channel on a free
 name (``room:chaos-public``) fed by REST broadcasts through any node,
 postgres_changes listeners of a table with RLS fed by an app's inserts, and
-every kind of fault injected at least once.  Every invariant must hold."""
+orgs spread over two tenant databases and moved between them, and every
+kind of fault (tenant databases terminated and moves included) injected at
+least once.  Every invariant must hold."""
 
 from __future__ import annotations
 
@@ -54,14 +56,16 @@ def test_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     report = json.loads(report_path.read_text())
     assert report["ok"], output
     names = [item["name"] for item in report["invariants"]]
-    assert len(names) == 8 and all(item["ok"] for item in report["invariants"]), output
+    assert len(names) == 9 and all(item["ok"] for item in report["invariants"]), output
     assert any(name.startswith("public free-name channel") for name in names), names
     assert any(name.startswith("postgres_changes over RLS") for name in names), names
+    assert any(name.startswith("database per org") for name in names), names
     # Every kind of fault happened, and the subscribers really resumed.
-    for kind in ("kill", "term", "listen", "pubsub", "drop"):
+    for kind in ("kill", "term", "listen", "pubsub", "drop", "move", "tenant"):
         assert report["actions"].get(kind, 0) >= 1, (kind, report["actions"])
     stats = report["stats"]
     assert stats["events"] > 200, stats
+    assert stats["moves"] >= 1, stats
     assert stats["reconnects"] > 0 and stats["replayed"] > 0, stats
     # The public free-name channel carried live messages through the faults
     # (none twice, none foreign: the invariant above) to its subscribers.
