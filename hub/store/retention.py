@@ -6,7 +6,10 @@
 node runs every :data:`MAINTENANCE_INTERVAL` seconds (and ``hub archive``
 runs by hand): it creates the partitions of the next days, then drops each
 partition whose whole day is older than the retention, unless a projection
-has not applied all of its events yet (it waits, and says which one).
+has not applied all of its events yet (it waits, and says which one), and
+deletes the default partition's rows past the retention the same way (rows
+land there only while no node made partitions; they are never moved, see
+the migration).
 With an archive directory, each partition is first written to
 ``<dir>/<database>-<partition>.jsonl.gz``, one JSON object per event
 (``org, seq, id, kind, type, payload, created_at``; oldest first per org),
@@ -68,12 +71,22 @@ async def expired(conn: asyncpg.Connection, retention: float) -> list[Expired]:
     ]
 
 
-async def archive(conn: asyncpg.Connection, partition: str, directory: Path) -> Path:
-    """Write ``partition`` to ``directory`` as gzipped JSON lines; return the
-    file.  Written under a temporary name, flushed to disk, then renamed: a
-    file with the final name is always complete."""
+async def archive(
+    conn: asyncpg.Connection,
+    partition: str,
+    directory: Path,
+    *,
+    before: dt.datetime | None = None,
+) -> Path:
+    """Write ``partition`` (its rows created before ``before``, if given) to
+    ``directory`` as gzipped JSON lines; return the file.  Written under a
+    temporary name, flushed to disk, then renamed: a file with the final
+    name is always complete."""
     database = await conn.fetchval("SELECT current_database()")
-    final = directory / f"{database}-{partition.removeprefix('hub.')}.jsonl.gz"
+    name = partition.removeprefix("hub.")
+    if before is not None:
+        name += f"-before-{before:%Y%m%dT%H%M%S}"
+    final = directory / f"{database}-{name}.jsonl.gz"
     partial = final.with_name(final.name + ".partial")
     await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
     raw = await asyncio.to_thread(open, partial, "wb")
@@ -84,7 +97,9 @@ async def archive(conn: asyncpg.Connection, partition: str, directory: Path) -> 
             cursor = await conn.cursor(
                 "SELECT json_build_object('org', org, 'seq', seq, 'id', id, 'kind', kind, "
                 "'type', type, 'payload', payload, 'created_at', created_at)::text AS line "
-                f"FROM {partition} ORDER BY org, seq"
+                f"FROM {partition} WHERE $1::timestamptz IS NULL OR created_at < $1 "
+                "ORDER BY org, seq",
+                before,
             )
             while rows := await cursor.fetch(ARCHIVE_CHUNK):
                 chunk = "".join(row["line"] + "\n" for row in rows).encode()
@@ -163,4 +178,42 @@ async def _expire(
             lines.append(f"kept {part.partition} for now: hub.events is busy (retried later)")
             continue
         lines.append(f"dropped {part.partition} (~{part.rows_estimate} events)")
+    lines += await _expire_default(conn, retention, archive_dir, dry_run)
+    return lines
+
+
+async def _expire_default(
+    conn: asyncpg.Connection, retention: float, archive_dir: Path | None, dry_run: bool
+) -> list[str]:
+    """Rows of the default partition past the retention (they landed there
+    while no node made partitions, and are never moved): deleted, after the
+    same checks and archive as a partition."""
+    cutoff: dt.datetime = await conn.fetchval("SELECT now() - make_interval(secs => $1)", retention)
+    count = await conn.fetchval(
+        "SELECT count(*) FROM hub.events_default WHERE created_at < $1", cutoff
+    )
+    if not count:
+        return []
+    held = await conn.fetchval(
+        "SELECT p.name || ' (org ' || m.org || ')' "
+        "FROM (SELECT org, max(seq) AS seq FROM hub.events_default WHERE created_at < $1 "
+        "GROUP BY org) m CROSS JOIN hub.projections p "
+        "LEFT JOIN LATERAL (SELECT min(c.seq) AS seq FROM hub.projection_checkpoints c "
+        "WHERE c.projection = p.name AND c.org = m.org) c ON true "
+        "WHERE coalesce(c.seq, 0) < m.seq ORDER BY 1 LIMIT 1",
+        cutoff,
+    )
+    what = f"{count} events of hub.events_default before {cutoff:%Y-%m-%d %H:%M}"
+    if held is not None:
+        return [
+            f"kept {what} past the retention: projection {held} has not applied all of its events"
+        ]
+    if dry_run:
+        return [f"would delete {what}"]
+    lines = []
+    if archive_dir is not None:
+        path = await archive(conn, "hub.events_default", archive_dir, before=cutoff)
+        lines.append(f"archived {what} to {path}")
+    await conn.execute("DELETE FROM hub.events_default WHERE created_at < $1", cutoff)
+    lines.append(f"deleted {what}")
     return lines

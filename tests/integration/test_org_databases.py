@@ -267,6 +267,28 @@ async def test_a_live_move_there_and_back_loses_and_repeats_nothing(
             await moves.move(control, org, t1, resume=True)
 
 
+async def kill_while_copying(org: str, target: str, env: dict[str, str]) -> None:
+    """Start `hub orgs move`, SIGKILL it once it has copied a chunk."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hub",
+        "orgs",
+        "move",
+        org,
+        "--to",
+        target,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    while b"copied" not in await asyncio.wait_for(proc.stdout.readline(), T):
+        pass
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+
+
 async def test_a_move_killed_half_way_is_resumed_or_rolled_back(
     network: tuple[str, str, str],
 ) -> None:
@@ -278,24 +300,7 @@ async def test_a_move_killed_half_way_is_resumed_or_rolled_back(
             await store.append(org, [("tick", {"n": i}) for i in range(1000)])
         env = {**os.environ, "HUB_DATABASE_URL": control, "PYTHONUNBUFFERED": "1"}
         # Killed while copying: the move stays recorded, half copied.
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "hub",
-            "orgs",
-            "move",
-            org,
-            "--to",
-            t1,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        assert proc.stdout is not None
-        while b"copied" not in await asyncio.wait_for(proc.stdout.readline(), T):
-            pass
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
+        await kill_while_copying(org, t1, env)
         [entry] = await registry.entries(control)
         assert entry.moving == "copying"
         partial = await held_by(t1, org)
@@ -311,24 +316,7 @@ async def test_a_move_killed_half_way_is_resumed_or_rolled_back(
         assert await store.last_seq(org) == 61_001
 
         # Killed again, then resumed: the copy goes on where it stopped.
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "hub",
-            "orgs",
-            "move",
-            org,
-            "--to",
-            t1,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        assert proc.stdout is not None
-        while b"copied" not in await asyncio.wait_for(proc.stdout.readline(), T):
-            pass
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
+        await kill_while_copying(org, t1, env)
         report = await moves.move(control, org, t1, resume=True, say=lambda _: None)
         assert report.seq == 61_001 and 0 < report.copied < 61_001
         assert await held_by(t1, org) == 61_001 and await held_by(control, org) == 0

@@ -19,20 +19,18 @@ from hub.store import retention
 from hub.store.migrate import migrate, migrations
 from hub.store.postgres import PostgresStore
 from tests.support.hubs import run_cli
-from tests.support.pg import create_database, drop_database, new_database_name, new_org
+from tests.support.mother import fresh_database
+from tests.support.pg import new_org
 
 DAY = 86_400.0
 
 
 @pytest.fixture
 async def dsn() -> AsyncIterator[str]:
-    """A database of this test alone (partitions are per database)."""
-    name = new_database_name()
-    dsn = await create_database(name)
-    try:
+    """A database of this test alone (partitions are per database), not
+    migrated: each test migrates it as far as it needs."""
+    async with fresh_database(migrated=False) as dsn:
         yield dsn
-    finally:
-        await drop_database(name)
 
 
 async def migrate_until(conn: asyncpg.Connection, last: str) -> None:
@@ -86,7 +84,7 @@ async def test_migration_keeps_rows_handlers_grants_and_views(dsn: str) -> None:
             "SELECT hub.register_projection('counter', 'app.count_event(hub.events)'::"
             "regprocedure, NULL, 'public')"
         )
-        assert await migrate(dsn) == ["0010_event_partitions"]
+        assert (await migrate(dsn))[0] == "0010_event_partitions"
 
         today = dt.datetime.now(dt.UTC).date()
         names = await partitions(conn)
@@ -126,44 +124,55 @@ async def test_maintenance_archives_and_drops_what_is_past_the_retention(
     conn = await asyncpg.connect(dsn)
     try:
         today = dt.datetime.now(dt.UTC).replace(hour=12, minute=0, second=0, microsecond=0)
-        old, recent = new_org(), new_org()
-        # Events of 40 days ago (a node was down, or this is a test): they
-        # wait in the default partition until maintenance gives them their day.
+        old, stray, recent = new_org(), new_org(), new_org()
+        # Events of 40 days ago, in the partition a node made for their day.
         long_ago = today - dt.timedelta(days=40)
+        await conn.fetch("SELECT hub.ensure_event_partitions(0, $1::date[])", [long_ago.date()])
         await append(conn, old, 3, at=long_ago)
-        await append(conn, recent, 2)
         day = f"events_{long_ago:%Y%m%d}"
-        assert await conn.fetchval("SELECT count(*) FROM hub.events_default") == 3
+        assert await conn.fetchval(f"SELECT count(*) FROM hub.{day}") == 3
+        # Events of 35 days ago, when no node made partitions: in the
+        # default partition, where they stay (never moved into a new day).
+        await append(conn, stray, 2, at=today - dt.timedelta(days=35))
+        await append(conn, recent, 2)
+        assert await conn.fetchval("SELECT count(*) FROM hub.events_default") == 2
+        assert await retention.maintain(conn, None) == []
+        assert await conn.fetchval("SELECT count(*) FROM hub.events_default") == 2
 
-        # A projection that has not applied them holds the partition back.
+        # A projection that has not applied them holds them back.
         await conn.execute(
             "CREATE SCHEMA app; CREATE FUNCTION app.noop(e hub.events) RETURNS void "
             "LANGUAGE sql AS $$ $$; "
             "SELECT hub.register_projection('keeper', 'app.noop(hub.events)'::regprocedure)"
         )
-        lines = await retention.maintain(conn, 30 * DAY, tmp_path)
-        assert await conn.fetchval("SELECT count(*) FROM hub.events_default") == 0
-        assert lines == [
-            f"created partition hub.{day}",
+        first, second = await retention.maintain(conn, 30 * DAY, tmp_path)
+        assert first == (
             f"kept hub.{day} past the retention: projection keeper (org {old}) "
-            "has not applied all of its events",
-        ]
-        await conn.fetch("SELECT * FROM hub.project('keeper', 'public', $1, 100)", [old])
-        # ... and so does the built-in mother until it has them.
-        assert await retention.maintain(conn, 30 * DAY, tmp_path) == [
-            f"kept hub.{day} past the retention: projection mother (org {old}) "
             "has not applied all of its events"
+        )
+        assert second.startswith("kept 2 events of hub.events_default before ")
+        assert second.endswith(f"projection keeper (org {stray}) has not applied all of its events")
+        await conn.fetch("SELECT * FROM hub.project('keeper', 'public', $1, 100)", [old, stray])
+        # ... and so does the built-in mother until it has them.
+        lines = await retention.maintain(conn, 30 * DAY, tmp_path)
+        assert [line.split(": projection ")[1] for line in lines] == [
+            f"mother (org {old}) has not applied all of its events",
+            f"mother (org {stray}) has not applied all of its events",
         ]
-        await conn.fetch("SELECT * FROM hub.project('mother', 'mother', $1, 100)", [old])
-        [line] = await retention.maintain(conn, 30 * DAY, tmp_path, dry_run=True)
-        assert line.startswith(f"would drop hub.{day} "), line
+        await conn.fetch("SELECT * FROM hub.project('mother', 'mother', $1, 100)", [old, stray])
+        first, second = await retention.maintain(conn, 30 * DAY, tmp_path, dry_run=True)
+        assert first.startswith(f"would drop hub.{day} "), first
+        assert second.startswith("would delete 2 events of hub.events_default"), second
         # Not past a longer retention.
         assert await retention.maintain(conn, 41 * DAY, tmp_path) == []
 
         lines = await retention.maintain(conn, 30 * DAY, tmp_path)
-        archived = tmp_path / f"{await conn.fetchval('SELECT current_database()')}-{day}.jsonl.gz"
+        database = await conn.fetchval("SELECT current_database()")
+        archived = tmp_path / f"{database}-{day}.jsonl.gz"
         assert lines[0] == f"archived hub.{day} to {archived}"
         assert lines[1].startswith(f"dropped hub.{day} ")
+        assert lines[2].startswith("archived 2 events of hub.events_default before ")
+        assert lines[3].startswith("deleted 2 events of hub.events_default before ")
         with gzip.open(archived, "rt") as f:
             kept = [json.loads(line) for line in f]
         assert [(e["org"], e["seq"], e["payload"]) for e in kept] == [
@@ -171,8 +180,12 @@ async def test_maintenance_archives_and_drops_what_is_past_the_retention(
             (old, 2, 1),
             (old, 3, 2),
         ]
+        [stray_file] = [p for p in tmp_path.iterdir() if "events_default" in p.name]  # noqa: ASYNC240
+        with gzip.open(stray_file, "rt") as f:
+            assert [(e["org"], e["seq"]) for e in map(json.loads, f)] == [(stray, 1), (stray, 2)]
         assert day not in await partitions(conn)
-        assert [p.name for p in tmp_path.iterdir()] == [archived.name]  # noqa: ASYNC240
+        assert not list(tmp_path.glob("*.partial"))  # noqa: ASYNC240
+        assert await conn.fetchval("SELECT count(*) FROM hub.events_default") == 0
         # The org's seq goes on from where it was.
         await append(conn, old, 1)
         assert await conn.fetchval("SELECT min(seq) FROM hub.events WHERE org = $1", old) == 4
@@ -196,6 +209,7 @@ async def test_hub_archive_command_and_replay_gap_from_the_store(dsn: str, tmp_p
     try:
         org = new_org()
         long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+        await conn.fetch("SELECT hub.ensure_event_partitions(0, $1::date[])", [long_ago.date()])
         await append(conn, org, 4, at=long_ago)
         name = f"events_{long_ago:%Y%m%d}"
         await conn.execute("DELETE FROM hub.projections WHERE name = 'mother'")

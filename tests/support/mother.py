@@ -46,12 +46,13 @@ def hub_starter(tmp_path: Path) -> Iterator[StartHub]:
 
 
 @contextlib.asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """A migrated database of its own, dropped on exit."""
+async def fresh_database(*, migrated: bool = True) -> AsyncIterator[str]:
+    """A database of its own (migrated unless told not to), dropped on exit."""
     name = new_database_name()
     dsn = await create_database(name)
     try:
-        await migrate(dsn)
+        if migrated:
+            await migrate(dsn)
         yield dsn
     finally:
         await drop_database(name)

@@ -6,9 +6,11 @@
 -- The rows already stored stay where they are: the old table becomes the
 -- partition hub.events_upto_<day after this migration>, holding everything
 -- before that day, and goes as one partition once that day is past the
--- retention (a new install, with no rows, has no such partition).  A default partition catches a row no daily partition covers
--- (the hub down for days); hub.ensure_event_partitions() moves such rows
--- into the day's partition when it creates it.
+-- retention (a new install, with no rows, has no such partition).  A
+-- default partition catches a row no daily partition covers (every node
+-- down for days).  Such rows stay there (moving them would hide them from
+-- a concurrent reader whose list of partitions predates the move) and go
+-- by DELETE once past the retention (hub.store.retention).
 --
 -- The primary key becomes (org, seq, created_at): a partitioned table's
 -- unique keys must hold its partition key.  (org, seq) stays unique as
@@ -134,12 +136,13 @@ UPDATE hub.projections p
  WHERE p.handler::oid = f.oid;
 
 -- One partition per UTC day from yesterday (a row stamped just before
--- midnight may commit after it) to days_ahead days from now, and for every
--- day with rows in the default partition (the hub was down for days), and
--- for the days in extra (an org's days before its events are copied in,
--- hub.store.moves); rows
--- of such a day move from the default partition into it.  Returns the
--- partitions created.  Any node may call it: the advisory lock makes one
+-- midnight may commit after it) to days_ahead days from now, and for the
+-- days in extra (an org's days before its events are copied in,
+-- hub.store.moves), except a day with rows in the default partition: rows
+-- are never moved between partitions, because a reader that listed the
+-- partitions before the move and took its snapshot after it (it waited for
+-- the attach's lock on the default partition) would miss them.  Returns
+-- the partitions created.  Any node may call it: the advisory lock makes one
 -- at a time do the work.
 CREATE FUNCTION hub.ensure_event_partitions(days_ahead integer DEFAULT 3,
                                             extra date[] DEFAULT '{}')
@@ -161,8 +164,6 @@ BEGIN
     FOR day IN
         SELECT today + i FROM generate_series(-1, days_ahead) AS i
         UNION
-        SELECT DISTINCT (created_at AT TIME ZONE 'UTC')::date FROM hub.events_default
-        UNION
         SELECT unnest(extra)
         ORDER BY 1
     LOOP
@@ -180,12 +181,13 @@ BEGIN
                         THEN to_date(right(c.relname, 8), 'YYYYMMDD') > day
                         ELSE c.relname = name END)
           INTO covered;
-        CONTINUE WHEN covered;
+        CONTINUE WHEN covered
+            OR EXISTS (SELECT 1 FROM hub.events_default
+                        WHERE created_at >= lo AND created_at < hi);
+        -- Created empty, then attached: the attach checks (under its lock)
+        -- that the default partition holds nothing of that day.
         EXECUTE format('CREATE TABLE hub.%I (LIKE hub.events INCLUDING DEFAULTS '
                        'INCLUDING CONSTRAINTS)', name);
-        EXECUTE format('INSERT INTO hub.%I SELECT * FROM hub.events_default '
-                       'WHERE created_at >= $1 AND created_at < $2', name) USING lo, hi;
-        DELETE FROM hub.events_default WHERE created_at >= lo AND created_at < hi;
         EXECUTE format('ALTER TABLE hub.events ATTACH PARTITION hub.%I '
                        'FOR VALUES FROM (%L) TO (%L)', name, lo, hi);
         RETURN NEXT 'hub.' || name;
