@@ -137,7 +137,7 @@ def _brief(r: dict[str, Any]) -> str:
     if "fixed_rate" in r:
         out["fixed_latency_ms"] = r["fixed_rate"]["latency_ms"]
     for regime in ("burst", "paced", "fixed_rate"):
-        if regime in r:
+        if regime in r and "latency_ms" in r[regime]:
             out[regime] = [
                 r[regime].get("deliveries_per_server_cpu_s"),
                 r[regime]["latency_ms"]["p99"],

@@ -233,6 +233,9 @@ def regimes_table(runs: dict[str, Any]) -> list[str]:
             g = r.get(key)
             if not g:
                 continue
+            if "skipped" in g:
+                rows.append([label, f"`{name}`", g["skipped"], *["—"] * 5, r.get("client", "")])
+                continue
             rate = g.get("deliveries_per_server_cpu_s")
             rows.append(
                 [
