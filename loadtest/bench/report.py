@@ -1,4 +1,7 @@
-"""Tables (Markdown, printed and written into docs/benchmarks.md) from results."""
+"""Tables (Markdown, printed and written into docs/benchmarks.md) from results.
+
+python -m loadtest.bench.report RESULTS.json   # the tables of a run's JSON again
+"""
 
 from __future__ import annotations
 
@@ -620,3 +623,12 @@ def write_doc(text: str) -> None:
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     doc = pattern.sub(lambda _: f"{START}\n{text}{END}", doc)
     DOC.write_text(doc)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import orjson
+
+    for path in sys.argv[1:]:
+        print(render(orjson.loads(Path(path).read_bytes())))
