@@ -69,3 +69,19 @@ def test_a_skipped_regime_says_why_and_a_failed_server_is_left_out() -> None:
     assert rows[(burst, "`socketio`")][2] == "not run: too slow"
     # Its error is listed under the saturated table (fanout_table).
     assert not any(name == "`channels`" for _, name in rows)
+
+
+def test_with_several_runs_each_regime_row_is_that_regimes_median_run() -> None:
+    def full(saturated: float, burst: float, paced: float) -> dict[str, Any]:
+        run = _run(burst, paced, 1e5, 10.0)
+        run["saturated"] = {"deliveries_per_server_cpu_s": saturated}
+        return run
+
+    # The saturated median (run b) is neither regime's median.
+    runs = [full(1.0, 30.0, 200.0), full(2.0, 10.0, 300.0), full(3.0, 20.0, 100.0)]
+    chosen = report.median_run("fanout", runs)
+    assert chosen["saturated"]["deliveries_per_server_cpu_s"] == 2.0
+    assert chosen["regime_medians"]["burst"]["deliveries_per_server_cpu_s"] == 20.0
+    assert chosen["regime_medians"]["paced"]["deliveries_per_server_cpu_s"] == 200.0
+    rows = _rows(report.regimes_table({"hub": chosen}))
+    assert rows[(report.REGIMES[0][1], "`hub`")][2] == "20"
