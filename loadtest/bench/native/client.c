@@ -161,9 +161,15 @@ static void note_failure(const char *reason) {
             why_n[i]++;
             return;
         }
-    if (nwhy < 32) {
+    if (nwhy < 31) {
         why[nwhy] = strdup(reason);
         why_n[nwhy++] = 1;
+    } else { /* every failure is counted, past 31 distinct reasons under one */
+        if (nwhy == 31) {
+            why[nwhy] = strdup("other reasons");
+            why_n[nwhy++] = 0;
+        }
+        why_n[31]++;
     }
 }
 
@@ -520,6 +526,9 @@ static void emit_ready(double secs, double cpu) {
 }
 
 static void emit_stats(void) {
+    /* Read before printing: a million latency samples take a good part of a
+     * second to format, which is not the measured phase's. */
+    double cpu = cpu_s() - base_cpu;
     long open = 0, mn = -1, mx = 0, zero = 0, joined = 0;
     for (int i = 0; i < nconns; i++) {
         struct conn *c = &conns[i];
@@ -533,7 +542,7 @@ static void emit_stats(void) {
     printf("{\"ev\":\"stats\",\"count\":%ld,\"lat\":[", total);
     for (size_t i = 0; i < nlat; i++) printf(i ? ",%.4f" : "%.4f", lat[i]);
     printf("],\"cpu\":%.6f,\"conns\":%ld,\"open\":%ld,\"closed\":%ld,\"close_codes\":{",
-           cpu_s() - base_cpu, joined, open, closed);
+           cpu, joined, open, closed);
     for (int i = 0; i < ncodes; i++) printf(i ? ",\"%d\":%d" : "\"%d\":%d", codes[i][0], codes[i][1]);
     printf("},\"min_per_conn\":%ld,\"max_per_conn\":%ld,\"zero_conns\":%ld,\"per_url\":{",
            mn < 0 ? 0 : mn, mx, zero);
