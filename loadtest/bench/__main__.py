@@ -1,9 +1,11 @@
 """``python -m loadtest.bench``: run the benchmark scenarios, print a table and JSON.
 
     python -m loadtest.bench [--scenarios fanout,many_orgs,capacity,multinode,private_joins,
-                                          rls_changes,projections,tenancy]
-                             [--servers hub,hub-inproc,limit,socketio,channels,broadcaster]
-                             [--quick] [--runs N] [--json out.json] [--profile] [--no-docs]
+                                          rls_changes,projections,drain,tenancy]
+                             [--servers hub,hub-inproc,limit,bun,floor,socketio,channels,
+                                        broadcaster]
+                             [--client native|python] [--quick] [--runs N] [--json out.json]
+                             [--profile] [--no-docs]
 
 See docs/benchmarks.md.
 """
@@ -35,14 +37,18 @@ SCENARIOS = [
     "private_joins",
     "rls_changes",
     "projections",
+    "drain",
     "tenancy",
 ]
 #: Scenarios that need the hub's database (a fresh one unless --database-url).
 DATABASE_SCENARIOS = ("many_orgs", "private_joins", "rls_changes", "projections")
 HUB_KINDS = ("hub", "hub-inproc")
-#: Measured --runs times; the peers, 10 to 500 times slower and minutes per
-#: run, once.
-REPEATED = ("hub", "hub-inproc", "limit")
+#: Measured --runs times; the Python peers, 10 to 500 times slower and
+#: minutes per run, once.
+REPEATED = ("hub", "hub-inproc", "limit", "bun", "floor")
+#: drain measures the load clients, against the one server that is surely
+#: faster than they are.
+DRAIN_SERVERS = ("floor",)
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -131,6 +137,18 @@ def _brief(r: dict[str, Any]) -> str:
         out[key] = {k: r[key][k] for k in ("delivered", "expected", "changes_per_s")}
     if "fixed_rate" in r:
         out["fixed_latency_ms"] = r["fixed_rate"]["latency_ms"]
+    for regime in ("burst", "paced", "fixed_rate"):
+        if regime in r and "latency_ms" in r[regime]:
+            out[regime] = [
+                r[regime].get("deliveries_per_server_cpu_s"),
+                r[regime]["latency_ms"]["p99"],
+            ]
+    for client in ("native", "python"):
+        if client in r and "frames_per_wall_s" in r[client]:
+            out[client] = {
+                k: r[client][k]
+                for k in ("frames_per_wall_s", "frames_per_client_cpu_s", "client_busy_pct")
+            }
     return orjson.dumps(out).decode()
 
 
@@ -162,6 +180,8 @@ async def _measure(
         if scen == "projections":
             assert db_url is not None
             return await scenarios.projections(name, cfg, database_url=db_url)
+        if scen == "drain":
+            return await scenarios.drain(name, cfg)
         if scen == "tenancy":
             return await tenancy.tenancy(name, cfg, admin=pg_admin)
         return await scenarios.capacity(name, cfg, profile=profile)
@@ -172,7 +192,7 @@ async def _measure(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     procs.pin_self()
-    cfg = scenarios.Config.make(args.quick, args.capacity)
+    cfg = scenarios.Config.make(args.quick, args.capacity, args.client)
     chosen = [s for s in args.scenarios.split(",") if s]
     names = [s for s in args.servers.split(",") if s]
     for s in chosen:
@@ -221,6 +241,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if scen == "tenancy" and name != "hub":
                         out[name] = {"error": "no equivalent (no database per org)"}
                         continue
+                    if scen == "drain" and name not in DRAIN_SERVERS:
+                        out[name] = {"error": "drain measures the clients against the floor only"}
+                        continue
                     if scen == "projections" and name not in HUB_KINDS:
                         out[name] = {"error": "no equivalent (no read models from a log)"}
                         continue
@@ -268,10 +291,18 @@ def main() -> None:
     )
     ap.add_argument("--capacity", type=int, help="idle connections [19000; quick 5000]")
     ap.add_argument(
+        "--client",
+        choices=("native", "python"),
+        default="native",
+        help="load client of fanout, multinode and many_orgs (Socket.IO is always "
+        "Python's) [native]",
+    )
+    ap.add_argument(
         "--runs",
         type=int,
         default=1,
-        help="measure hub, hub-inproc and limit this many times; report the median run [1]",
+        help="measure hub, hub-inproc, limit, bun and floor this many times; report the "
+        "median run [1]",
     )
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument(

@@ -1,9 +1,13 @@
 """The load generator's harness side: client processes and publishers.
 
-:class:`ClientPool` spreads connections over several
-``loadtest.bench.client`` processes (each stays far below the 20,000
-open-files limit per process), pinned to the load generator's core, and
-keeps the sum of their delivered-frame counts.
+:class:`ClientPool` spreads connections over several client processes
+(each stays far below the 20,000 open-files limit per process), pinned to
+the load generator's core, and keeps the sum of their delivered-frame
+counts.  The processes are either ``loadtest.bench.client`` (Python, about
+1M frames/s on its core; every protocol, two-step joins) or the native
+client ``loadtest/bench/native/client.c`` (built on first use; several
+times faster, so that a fast server does not measure the client; ``phx``
+and ``plain`` only).  Both speak the same line protocol on stdin/stdout.
 
 Publishers put messages into a server:
 
@@ -32,16 +36,22 @@ from typing import Any
 
 import orjson
 
-from loadtest.bench import procs
+from loadtest.bench import build, procs
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Connections per client process.
 PER_PROCESS = 4800
+#: The native client holds one small record per connection: one process
+#: serves a whole scenario (each one is a core's worth of epoll).
+NATIVE_PER_PROCESS = 16_000
+#: What the native client speaks.
+NATIVE_PROTOS = frozenset({"phx", "plain"})
 BODY = 100
 
 
 class ClientPool:
-    def __init__(self) -> None:
+    def __init__(self, native: bool = False) -> None:
+        self.native = native
         self.procs: list[asyncio.subprocess.Process] = []
         self.counts: list[int] = []
         self.actives: list[int] = []
@@ -81,10 +91,21 @@ class ClientPool:
         only connect (upgrade) now and return ``connected`` instead of
         ``joined``; :meth:`join` then joins them all, ``concurrency`` in flight.
         """
-        nproc = processes or max(1, math.ceil(len(conns) / PER_PROCESS))
+        if self.native and (defer_join or private or not join_token):
+            raise ValueError("the native client joins in one step, public, with the token")
+        per = NATIVE_PER_PROCESS if self.native else PER_PROCESS
+        nproc = processes or max(1, math.ceil(len(conns) / per))
         chunks = [conns[i::nproc] for i in range(nproc)]
         t0 = time.perf_counter()
         for i, chunk in enumerate(chunks):
+            if self.native:
+                path = Path(self._tmp.name) / f"spec-{i}.txt"
+                path.write_text(
+                    native_spec(chunk, sample, max(1, concurrency // nproc), join_timeout)
+                )
+                cmd = procs.pinned([str(build.native("client")), str(path)], procs.CLIENT_CORES)
+                await self._spawn(i, cmd)
+                continue
             targets: dict[tuple[str, str], dict[str, Any]] = {}
             for c in chunk:
                 t = targets.setdefault(
@@ -108,23 +129,26 @@ class ClientPool:
             cmd = procs.pinned(
                 [sys.executable, "-m", "loadtest.bench.client", str(path)], procs.CLIENT_CORES
             )
-            p = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                cwd=ROOT,
-                limit=64 * 1024 * 1024,
-            )
-            self.procs.append(p)
-            self.counts.append(0)
-            self.actives.append(0)
-            self.queues.append(asyncio.Queue())
-            self._readers.append(asyncio.create_task(self._read(i, p)))
+            await self._spawn(i, cmd)
         ev = "connected" if defer_join else "ready"
         readies = [await self._expect(i, ev, join_timeout * 3 + 60) for i in range(nproc)]
         self.ready = self._sum(readies, ev if defer_join else "joined", t0)
         self._join_timeout = join_timeout
         return self.ready
+
+    async def _spawn(self, i: int, cmd: list[str]) -> None:
+        p = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+            limit=64 * 1024 * 1024,
+        )
+        self.procs.append(p)
+        self.counts.append(0)
+        self.actives.append(0)
+        self.queues.append(asyncio.Queue())
+        self._readers.append(asyncio.create_task(self._read(i, p)))
 
     async def join(self) -> dict[str, Any]:
         """Join the connections of a ``defer_join`` start; what :meth:`start`
@@ -234,6 +258,29 @@ class ClientPool:
         for t in self._readers:
             t.cancel()
         self._tmp.cleanup()
+
+
+def native_spec(
+    conns: list[dict[str, Any]], sample: int, concurrency: int, join_timeout: float
+) -> str:
+    """The native client's spec (see the head of native/client.c): one line
+    per item, the URL's placeholders already filled in per connection."""
+    lines = [f"sample {sample}", f"concurrency {concurrency}", f"join_timeout {join_timeout}"]
+    targets: dict[tuple[str, str], int] = {}
+    for c in conns:
+        if c["proto"] not in NATIVE_PROTOS:
+            raise ValueError(f"the native client does not speak {c['proto']!r}")
+        key = (c["url"], c["proto"])
+        if key not in targets:
+            targets[key] = len(targets)
+            hostport = c["url"].split("//", 1)[1].partition("/")[0]
+            host, port = hostport.rsplit(":", 1)
+            lines.append(f"target {targets[key]} {c['proto']} {host} {port} {c['url']}")
+        rest = c["url"].split("//", 1)[1].partition("/")[2]
+        token = c.get("token")
+        path = "/" + rest.replace("{room}", c["room"]).replace("{token}", token or "")
+        lines.append(f"conn {targets[key]} {path} {c['room']} {token or '-'}")
+    return "\n".join(lines) + "\n"
 
 
 def percentiles(lat: list[float]) -> dict[str, float | int | None]:

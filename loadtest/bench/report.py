@@ -1,4 +1,7 @@
-"""Tables (Markdown, printed and written into docs/benchmarks.md) from results."""
+"""Tables (Markdown, printed and written into docs/benchmarks.md) from results.
+
+python -m loadtest.bench.report RESULTS.json   # the tables of a run's JSON again
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,11 @@ RUN_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("deliveries / server CPU-s", ("saturated", "deliveries_per_server_cpu_s")),
         ("fixed-rate p50 ms", ("fixed_rate", "latency_ms", "p50")),
         ("fixed-rate p99 ms", ("fixed_rate", "latency_ms", "p99")),
+        ("burst: deliveries / server CPU-s", ("burst", "deliveries_per_server_cpu_s")),
+        ("burst p99 ms", ("burst", "latency_ms", "p99")),
+        ("paced: deliveries / server CPU-s", ("paced", "deliveries_per_server_cpu_s")),
+        ("paced p99 ms", ("paced", "latency_ms", "p99")),
+        ("1 per 10 ms: deliveries / server CPU-s", ("fixed_rate", "deliveries_per_server_cpu_s")),
     ],
     "many_orgs": [
         ("p99 ms", ("latency_ms", "p99")),
@@ -30,7 +38,12 @@ RUN_METRICS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("server CPU % while idle", ("idle_cpu_pct",)),
     ],
 }
-RUN_METRICS["multinode"] = RUN_METRICS["fanout"]
+RUN_METRICS["multinode"] = RUN_METRICS["fanout"][:3]
+RUN_METRICS["drain"] = [
+    ("native client frames / wall s", ("native", "frames_per_wall_s")),
+    ("native client frames / client CPU-s", ("native", "frames_per_client_cpu_s")),
+    ("Python client frames / wall s", ("python", "frames_per_wall_s")),
+]
 RUN_METRICS["private_joins"] = [
     ("private joins / hub CPU-s", ("private", "joins_per_server_cpu_s")),
     ("private joins / wall s", ("private", "joins_per_wall_s")),
@@ -84,6 +97,16 @@ def median_run(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         return runs[0]
     path = RUN_METRICS[scenario][0][1]
     chosen = dict(sorted(ok, key=lambda r: _get(r, path))[(len(ok) - 1) // 2])
+    if scenario == "fanout" and len(ok) > 1:
+        # Each regime's row is that regime's median run: the saturated
+        # number that picks the run above says nothing about the regimes.
+        medians = {}
+        for key, _ in REGIMES:
+            rate = (key, "deliveries_per_server_cpu_s")
+            have = [r for r in ok if isinstance(_get(r, rate), int | float)]
+            if have:
+                medians[key] = sorted(have, key=lambda r: _get(r, rate))[(len(have) - 1) // 2][key]
+        chosen["regime_medians"] = medians
     if len(runs) > 1:
         chosen["runs"] = [
             {"error": r["error"]}
@@ -213,6 +236,118 @@ def fanout_table(runs: dict[str, Any], title: str, multinode: bool = False) -> l
         "fixed rate delivered / expected",
     ]
     return [f"### {title}", "", *_table(head, rows), "", *_errors(runs)]
+
+
+#: The fan-out's regimes (issue 15), each a key of a fanout result.
+REGIMES = (
+    ("burst", "burst: 1,000 messages at once"),
+    ("paced", "paced: 30 messages per 10 ms"),
+    ("fixed_rate", "one message per 10 ms"),
+)
+
+
+def _regime(r: dict[str, Any], key: str) -> Any:
+    return r.get("regime_medians", {}).get(key) or r.get(key)
+
+
+def regimes_table(runs: dict[str, Any]) -> list[str]:
+    """Each server against the hub in each regime; with ``--runs``, each
+    row is that regime's median run (by deliveries per server CPU-second)."""
+    ok = _ok(runs)
+    hub = ok.get("hub", {})
+    rows = []
+    for key, label in REGIMES:
+        base = _get(_regime(hub, key), ("deliveries_per_server_cpu_s",))
+        base_p99 = _get(_regime(hub, key), ("latency_ms", "p99"))
+        for name, r in ok.items():
+            g = _regime(r, key)
+            if not g:
+                continue
+            if "skipped" in g:
+                rows.append([label, f"`{name}`", g["skipped"], *["—"] * 5, r.get("client", "")])
+                continue
+            rate = g.get("deliveries_per_server_cpu_s")
+            rows.append(
+                [
+                    label,
+                    f"`{name}`",
+                    _n(rate),
+                    _ratio(rate, base),
+                    _lat(g.get("latency_ms")),
+                    _ratio(g.get("latency_ms", {}).get("p99"), base_p99),
+                    _got(g),
+                    f"{_n(g['server_cpu_s'], 2)} / {_n(g['loadgen_cpu_s'], 2)}",
+                    r.get("client", "python"),
+                ]
+            )
+    if not rows:
+        return []
+    head = [
+        "regime",
+        "server",
+        "deliveries / server CPU-s",
+        "vs hub",
+        "latency p50 / p99 / max ms",
+        "p99 vs hub",
+        "delivered / expected",
+        "CPU s server / load gen",
+        "client",
+    ]
+    median = any("regime_medians" in r for r in ok.values())
+    return [
+        "### Fan-out regimes (1,000 subscribers; each server as a ratio to the hub)",
+        "",
+        *(
+            [
+                "With more than one run, each row is that regime's median run by deliveries per "
+                "server CPU-second.",
+                "",
+            ]
+            if median
+            else []
+        ),
+        *_table(head, rows),
+        "",
+    ]
+
+
+def drain_table(runs: dict[str, Any]) -> list[str]:
+    ok = _ok(runs)
+    rows = []
+    for name, r in ok.items():
+        for client in ("native", "python"):
+            d = r.get(client)
+            if not d:
+                continue
+            rows.append(
+                [
+                    client,
+                    f"`{name}`",
+                    f"{_n(d['frames'])} / {_n(d['expected'])}",
+                    _n(d.get("frames_per_wall_s")),
+                    _n(d.get("frames_per_client_cpu_s")),
+                    _n(d.get("client_busy_pct"), 1),
+                    f"{_n(d['client_cpu_s'], 2)} / {_n(d['server_cpu_s'], 2)}",
+                    _lat(d.get("latency_ms")),
+                ]
+            )
+    head = [
+        "load client",
+        "server",
+        "frames / expected",
+        "frames / wall s",
+        "frames / client CPU-s",
+        "client busy %",
+        "CPU s client / server",
+        "latency p50 / p99 / max ms",
+    ]
+    return [
+        "### Load clients' drain rate (1,000 subscribers, bursts of 1,000)",
+        "",
+        *_table(head, rows),
+        "",
+        *_errors(runs),
+    ]
 
 
 def many_orgs_table(runs: dict[str, Any]) -> list[str]:
@@ -491,7 +626,10 @@ def projections_table(runs: dict[str, Any]) -> list[str]:
 def _runs_note(runs: int) -> str:
     if runs <= 1:
         return ", one run of each"
-    return f", hub, hub-inproc and limit {runs} runs each (median run shown), the peers one"
+    return (
+        f", hub, hub-inproc, limit, bun and floor {runs} runs each (median run shown), "
+        "the Python peers one"
+    )
 
 
 def render(results: dict[str, Any]) -> str:
@@ -509,6 +647,10 @@ def render(results: dict[str, Any]) -> str:
     sc = results["scenarios"]
     if "fanout" in sc:
         lines += fanout_table(sc["fanout"], "Fan-out (1 org x 1,000 subscribers, vsn 2.0.0)")
+        lines.append("")
+        lines += regimes_table(sc["fanout"])
+    if "drain" in sc:
+        lines += drain_table(sc["drain"])
         lines.append("")
     if "many_orgs" in sc:
         lines += many_orgs_table(sc["many_orgs"])
@@ -565,3 +707,12 @@ def write_doc(text: str) -> None:
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     doc = pattern.sub(lambda _: f"{START}\n{text}{END}", doc)
     DOC.write_text(doc)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import orjson
+
+    for path in sys.argv[1:]:
+        print(render(orjson.loads(Path(path).read_bytes())))

@@ -1,5 +1,6 @@
 """The four scenarios of issue 6 (and ``private_joins`` and ``rls_changes``,
-issue 12), each run against one server kind.
+issue 12; the fan-out's regimes and ``drain``, issue 15), each run against
+one server kind.
 
 Each function deploys the server, opens and joins the connections, runs the
 measured phase(s) and returns a flat dict of results.  CPU seconds come from
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.bench import envs, procs
-from loadtest.bench.loadgen import ClientPool, paced, percentiles, saturate
+from loadtest.bench.loadgen import NATIVE_PROTOS, ClientPool, paced, percentiles, saturate
 from loadtest.bench.servers import Deployment, deploy
 from loadtest.policies import POLICIES_SQL
 
@@ -31,12 +32,30 @@ PROFILE_DIR = envs.CACHE / "profiles"
 @dataclass(frozen=True)
 class Config:
     quick: bool
+    #: The load client of the delivery scenarios (fanout, multinode,
+    #: many_orgs): "native" (native/client.c) wherever the server's protocol
+    #: allows, else the Python one.  capacity and private_joins always use
+    #: the Python client (two-step joins, 19,000 sockets over 4 processes).
+    client: str = "native"
     fanout_subs: int = 1000
     fanout_messages: int = 5000  # x 1000 subscribers = 5,000,000 deliveries
     fanout_window: int = 300  # messages in flight at most
     fanout_timeout: float = 120.0
     latency_rate: float = 100.0  # messages/s x 1000 subscribers = 100,000 deliveries/s
     latency_seconds: float = 20.0
+    #: The burst regime: this many messages published at once, the next
+    #: burst once every subscriber has the last one.
+    burst_messages: int = 1000
+    bursts: int = 5
+    #: The paced regime: 30 messages every 10 ms (3,000/s, 3M deliveries/s
+    #: offered to 1,000 subscribers) for this long, open loop.
+    paced_per_tick: int = 30
+    paced_seconds: float = 2.0
+    #: Servers that deliver fewer per wall second in the saturated phase
+    #: skip the burst and paced regimes (the Python peers: 5k-90k/s).
+    regimes_min_rate: float = 250_000.0
+    #: drain: messages to the floor's 1,000 subscribers per client.
+    drain_messages: int = 20_000
     orgs: int = 200
     org_subs: int = 50
     org_rate: float = 2000.0
@@ -63,10 +82,14 @@ class Config:
     projection_seconds: float = 20.0
 
     @classmethod
-    def make(cls, quick: bool, capacity: int | None = None) -> Config:
+    def make(cls, quick: bool, capacity: int | None = None, client: str = "native") -> Config:
         if quick:
             return cls(
                 quick=True,
+                client=client,
+                bursts=2,
+                paced_seconds=1.0,
+                drain_messages=3000,
                 fanout_messages=500,
                 fanout_timeout=30.0,
                 latency_seconds=3.0,
@@ -77,7 +100,7 @@ class Config:
                 rls_changes=60,
                 projection_seconds=3.0,
             )
-        return cls(quick=False, capacity=capacity or 19_000)
+        return cls(quick=False, client=client, capacity=capacity or 19_000)
 
 
 def _rate(n: float, d: float) -> float | None:
@@ -111,6 +134,12 @@ class Meter:
         if self.redis_pid:
             out["redis_cpu_s"] = round(procs.cpu_seconds(self.redis_pid) - self.r0, 3)
         return out
+
+
+def _pool(cfg: Config, dep: Deployment) -> ClientPool:
+    """The delivery scenarios' client pool: native where it speaks the protocol."""
+    native = cfg.client == "native" and dep.proto in NATIVE_PROTOS
+    return ClientPool(native=native)
 
 
 def _bound(m: dict[str, Any]) -> str:
@@ -168,8 +197,13 @@ async def fanout(
     name: str, cfg: Config, *, nodes: int = 1, profile: bool = False, redis_pid: int | None = None
 ) -> dict[str, Any]:
     dep = await deploy(name, nodes=nodes)
-    pool = ClientPool()
-    result: dict[str, Any] = {"server": name, "nodes": nodes, "subscribers": cfg.fanout_subs}
+    pool = _pool(cfg, dep)
+    result: dict[str, Any] = {
+        "server": name,
+        "nodes": nodes,
+        "subscribers": cfg.fanout_subs,
+        "client": "native" if pool.native else "python",
+    }
     try:
         ready = await pool.start(
             dep.connections(cfg.fanout_subs, 1), sample=16, concurrency=cfg.connect_concurrency
@@ -221,8 +255,22 @@ async def fanout(
                     m["delivered"], m["server_cpu_s"] + m["redis_cpu_s"]
                 )
         result["saturated"] = sat
-        # Latency at a fixed, moderate rate.
         await _settle(pool, expected, quiet=1.0, cap=10.0)
+        wall_rate = sat["deliveries_per_wall_s"] or 0.0
+        if nodes == 1 and wall_rate < cfg.regimes_min_rate:
+            # A burst is a million deliveries and the paced phase offers 3M
+            # a second: a server this slow would hold minutes of backlog
+            # (gigabytes of queued frames), and the next phase would measure
+            # that backlog instead of its own regime.
+            why = (
+                f"not run: the saturated phase delivered {wall_rate:,.0f}/s, under "
+                f"{cfg.regimes_min_rate:,.0f}/s"
+            )
+            result["burst"] = result["paced"] = {"skipped": why}
+        elif nodes == 1:
+            result["burst"] = await _burst(dep, pool, cfg, subs, redis_pid)
+            result["paced"] = await _paced(dep, pool, cfg, subs, redis_pid)
+        # Latency at a fixed, moderate rate: one message per 10 ms.
         await pool.reset(sample=4)
         meter = Meter(dep, redis_pid)
 
@@ -243,11 +291,131 @@ async def fanout(
             "expected": n * subs,
             "target": int(cfg.latency_rate * cfg.latency_seconds) * subs,
             **m,
+            "deliveries_per_server_cpu_s": _rate(m["delivered"], m["server_cpu_s"]),
             "latency_ms": percentiles(st["lat"]),
         }
         result["server_rss_kb"] = dep.rss_kb()
     finally:
         await pool.close()
+        await dep.stop()
+    return result
+
+
+async def _burst(
+    dep: Deployment, pool: ClientPool, cfg: Config, subs: int, redis_pid: int | None
+) -> dict[str, Any]:
+    """The burst regime: ``burst_messages`` published at once (one control
+    command, or REST requests of 100 as fast as the hub answers them), the
+    next burst once every subscriber has the last one.  Each socket has
+    many frames due per loop turn: what batching its writes is worth."""
+    await pool.reset(sample=64)
+    meter = Meter(dep, redis_pid)
+    n = cfg.burst_messages
+
+    async def bursts() -> int:
+        sent = 0
+        for _ in range(cfg.bursts):
+            await dep.publisher.publish(n, sent, 1)
+            sent += n
+            await _settle(pool, sent * subs, quiet=2.0, cap=30.0)
+        return sent
+
+    m, (sent, st) = await _delivery_phase(dep, pool, meter, bursts(), subs)
+    return {
+        "messages_per_burst": n,
+        "messages": sent,
+        "expected": sent * subs,
+        **m,
+        "deliveries_per_server_cpu_s": _rate(m["delivered"], m["server_cpu_s"]),
+        "deliveries_per_wall_s": _rate(m["delivered"], m["wall_s"]),
+        "latency_ms": percentiles(st["lat"]),
+    }
+
+
+async def _paced(
+    dep: Deployment, pool: ClientPool, cfg: Config, subs: int, redis_pid: int | None
+) -> dict[str, Any]:
+    """The paced regime: ``paced_per_tick`` messages every 10 ms, open loop
+    (as the fixed-rate phase).  A socket has a few frames due per loop turn.
+    A server slower than the offered rate falls behind: its deliveries then
+    batch more, and its latency shows the queue."""
+    await pool.reset(sample=64)
+    meter = Meter(dep, redis_pid)
+    t: dict[str, float] = {}
+    rate = cfg.paced_per_tick * 100.0
+
+    async def run() -> int:
+        t0 = time.perf_counter()
+        k = await paced(dep.publisher, rate=rate, seconds=cfg.paced_seconds)
+        t["publish_s"] = time.perf_counter() - t0
+        await _settle(pool, k * subs, quiet=2.0, cap=30.0)
+        return k
+
+    m, (k, st) = await _delivery_phase(dep, pool, meter, run(), subs)
+    return {
+        "messages_per_tick": cfg.paced_per_tick,
+        "achieved_messages_per_s": _rate(k, t["publish_s"]),
+        "messages": k,
+        "expected": k * subs,
+        "target": int(rate * cfg.paced_seconds) * subs,
+        **m,
+        "deliveries_per_server_cpu_s": _rate(m["delivered"], m["server_cpu_s"]),
+        "latency_ms": percentiles(st["lat"]),
+    }
+
+
+# -- the load client's own drain rate ---------------------------------------------
+
+
+async def drain(name: str, cfg: Config) -> dict[str, Any]:
+    """How many frames per second each load client takes in on its one
+    core: ``drain_messages`` to 1,000 subscribers of a server that is not
+    the bottleneck (the floor), published a burst of 1,000 at a time with
+    at most four bursts in flight (enough that the client never waits for
+    the publisher, few enough that the floor's backlog stays small).
+    Frames per client CPU-second, and per wall second while the client's
+    core is busy (*client busy %* near 100 means the client, not the
+    server, set the pace)."""
+    dep = await deploy(name)
+    subs = cfg.fanout_subs
+    result: dict[str, Any] = {"server": name, "subscribers": subs}
+    try:
+        for client in ("native", "python"):
+            if client == "native" and dep.proto not in NATIVE_PROTOS:
+                continue
+            pool = ClientPool(native=client == "native")
+            try:
+                ready = await pool.start(
+                    dep.connections(subs, 1), sample=16, concurrency=cfg.connect_concurrency
+                )
+                _joined_ok(ready, subs)
+                await pool.reset()
+                t0, cpu0 = time.perf_counter(), sum(dep.cpu())
+                published, burst = 0, 1000
+                while published < cfg.drain_messages:
+                    if (published - 3 * burst) * subs <= pool.count:
+                        await dep.publisher.publish(burst, published, 1)
+                        published += burst
+                    else:
+                        await pool.wait_moved(0.05)
+                await _settle(pool, published * subs, quiet=2.0, cap=60.0)
+                wall = time.perf_counter() - t0
+                server_cpu = sum(dep.cpu()) - cpu0
+                st = await pool.stats()
+                result[client] = {
+                    "frames": st["count"],
+                    "expected": published * subs,
+                    "wall_s": round(wall, 3),
+                    "client_cpu_s": round(st["client_cpu"], 3),
+                    "server_cpu_s": round(server_cpu, 3),
+                    "client_busy_pct": round(100 * st["client_cpu"] / wall, 1),
+                    "frames_per_client_cpu_s": _rate(st["count"], st["client_cpu"]),
+                    "frames_per_wall_s": _rate(st["count"], wall),
+                    "latency_ms": percentiles(st["lat"]),
+                }
+            finally:
+                await pool.close()
+    finally:
         await dep.stop()
     return result
 
@@ -266,7 +434,7 @@ async def many_orgs(
     hub_kind = name in ("hub", "hub-inproc")
     durable = hub_kind and database_url is not None
     dep = await deploy(name, database_url=database_url if hub_kind else None, durable=durable)
-    pool = ClientPool()
+    pool = _pool(cfg, dep)
     n = cfg.orgs * cfg.org_subs
     result: dict[str, Any] = {
         "server": name,
@@ -275,6 +443,7 @@ async def many_orgs(
         "source": "postgres insert (hub.append_event)"
         if durable
         else "in-process publish (no database)",
+        "client": "native" if pool.native else "python",
     }
     try:
         ready = await pool.start(

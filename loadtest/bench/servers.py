@@ -6,6 +6,10 @@
 ``hub-inproc`` the same app and uvicorn configuration, published to in-process
                with ``hub.channels.publish`` (peers/hub_inproc.py)
 ``limit``      the raw limit probe (peers/limit_server.py)
+``bun``        Bun's built-in pub/sub, uWebSockets (peers/bun_server.js), run
+               by the ``bun`` binary of its npm package (build.bun)
+``floor``      the native floor: C, epoll, frames built once, one writev per
+               connection per loop turn (native/floor.c, built by build.native)
 ``socketio``   python-socketio, ASGI, rooms (peers/socketio_server.py)
 ``channels``   Django Channels + channels-redis pub/sub layer (peers/channels_server.py)
 ``broadcaster`` encode/broadcaster behind Starlette (peers/broadcaster_server.py);
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench import envs, procs
+from loadtest.bench import build, envs, procs
 from loadtest.bench.loadgen import ControlPublisher, PgPublisher, Publisher, RestPublisher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +37,7 @@ PEERS = Path(__file__).resolve().parent / "peers"
 LOGS = envs.CACHE / "logs"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
-ALL = ["hub", "hub-inproc", "limit", "socketio", "channels", "broadcaster"]
+ALL = ["hub", "hub-inproc", "limit", "bun", "floor", "socketio", "channels", "broadcaster"]
 #: Servers that can run on two nodes (they need a shared broker).
 MULTINODE = {"hub", "hub-inproc", "socketio", "channels", "broadcaster"}
 VENV = {
@@ -191,17 +195,22 @@ async def deploy(
                 control=control,
             )
 
-        py = str(envs.ensure(VENV[name]))
+        if name in ("limit", "bun", "floor") and nodes > 1:
+            raise ValueError(f"{name} has no broker: single node only")
+        if name == "bun":
+            head = [str(build.bun()), str(PEERS / "bun_server.js")]
+        elif name == "floor":
+            head = [str(build.native("floor"))]
+        else:
+            head = [str(envs.ensure(VENV[name])), str(PEERS / f"{name}_server.py")]
         for i, (port, ctl) in enumerate(zip(ports, ctl_ports, strict=True)):
-            cmd = [py, str(PEERS / f"{name}_server.py"), str(port), str(ctl)]
+            cmd = [*head, str(port), str(ctl)]
             if name == "socketio" and redis:
                 cmd += ["--redis", redis, "--prefix", prefix]
             elif name == "channels":
                 cmd += ["--redis", REDIS_URL, "--prefix", prefix]
             elif name == "broadcaster":
                 cmd += ["--backend", redis or "memory://", "--prefix", prefix]
-            elif name == "limit" and nodes > 1:
-                raise ValueError("the limit probe has no broker: single node only")
             import os
 
             servers.append(

@@ -33,8 +33,16 @@ from typing import Any
 
 import orjson
 
-from loadtest.bench.loadgen import BODY, ClientPool, Publisher, percentiles
-from loadtest.bench.scenarios import Config, Meter, _delivery_phase, _joined_ok, _rate, _settle
+from loadtest.bench.loadgen import BODY, Publisher, percentiles
+from loadtest.bench.scenarios import (
+    Config,
+    Meter,
+    _delivery_phase,
+    _joined_ok,
+    _pool,
+    _rate,
+    _settle,
+)
 from loadtest.bench.servers import ROOT, deploy
 
 #: Tenant databases of the spread phase.
@@ -180,7 +188,7 @@ async def _orgs_phase(
         name, database_url=control, durable=False, hub_extra={"HUB_PROJECTIONS": "false"}
     )
     publisher = RoutedPgPublisher(dsn_of, control)
-    pool = ClientPool()
+    pool = _pool(cfg, dep)
     n = cfg.orgs * cfg.org_subs
     out: dict[str, Any] = {"databases": len(set(dsn_of.values())) or 1}
     try:
