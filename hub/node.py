@@ -348,7 +348,6 @@ def _make_store(settings: Settings) -> EventStore:
         )
         return FederatedStore(
             control,
-            settings.database_url,
             make_store=tenant,
             runner=runner if settings.projections else None,
             announced=announced,

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -117,7 +118,6 @@ class FederatedStore(EventStore):
     def __init__(
         self,
         control: PostgresStore,
-        control_dsn: str,
         *,
         make_store: Callable[[str, dict[str, int]], PostgresStore],
         runner: Callable[[str], Runner] | None = None,
@@ -126,7 +126,6 @@ class FederatedStore(EventStore):
     ) -> None:
         super().__init__()
         self.control = control
-        self._control_dsn = control_dsn
         self._make_store = make_store
         self._make_runner = runner
         self._interval = registry_interval
@@ -136,6 +135,10 @@ class FederatedStore(EventStore):
         self._members: dict[str, Member] = {}
         self._poll: asyncio.Task[None] | None = None
         self._registry_ok = True
+        # One registry read at a time: the poll and every append blocked by
+        # a move share it (as PostgresStore.tracked_tables shares its read).
+        self._refresh_lock = asyncio.Lock()
+        self._refreshed_at = -math.inf
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -203,8 +206,18 @@ class FederatedStore(EventStore):
                 self._registry_ok = False
 
     async def _refresh(self) -> None:
-        """Read the registry; open the databases it names, close the others."""
-        routes = await read_routes(self.control)
+        """Read the registry; open the databases it names, close the others.
+        A caller that waited while another read ran, started after it
+        arrived, takes that read's result instead of reading again."""
+        arrived = time.monotonic()
+        async with self._refresh_lock:
+            if self._refreshed_at >= arrived:
+                return
+            started = time.monotonic()
+            await self._apply(await read_routes(self.control))
+            self._refreshed_at = started
+
+    async def _apply(self, routes: dict[str, str]) -> None:
         if routes != self._routes:
             moved = {
                 org

@@ -60,7 +60,6 @@ from hub.store.base import (
 from hub.store.broadcasts import BROADCAST_CHANNEL, broadcast_relay, key_of
 from hub.store.listener import Listener
 from hub.store.pgjson import dumps, loads
-from hub.store.retention import MAINTENANCE_INTERVAL
 from hub.store.rowchanges import CHANGES_CHANNEL, change_relay, check_change
 from hub.store.tracking import TRACKED_TABLES, TRIGGERS
 
@@ -170,7 +169,7 @@ class PostgresStore(EventStore):
         publication_interval: float = PUBLICATION_INTERVAL,
         retention: float | None = None,
         archive_dir: str | None = None,
-        maintenance_interval: float = MAINTENANCE_INTERVAL,
+        maintenance_interval: float = retention.MAINTENANCE_INTERVAL,
         announced: dict[str, int] | None = None,
         pool_idle: float = 300.0,
     ) -> None:

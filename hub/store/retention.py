@@ -51,7 +51,9 @@ RETENTION_LOCK: Final = 7526449310231155714
 
 @dataclass(frozen=True, slots=True)
 class Expired:
-    """A partition wholly older than the retention."""
+    """A partition wholly older than the retention, or the default
+    partition's rows older than it (``upper_bound`` is then the cutoff and
+    ``rows_estimate`` their exact count)."""
 
     partition: str
     upper_bound: dt.datetime
@@ -155,65 +157,51 @@ async def maintain(
     return lines
 
 
+#: How the default partition shows in hub.expired_event_partitions().
+DEFAULT_PARTITION: Final = "hub.events_default"
+
+
 async def _expire(
     conn: asyncpg.Connection, retention: float, archive_dir: Path | None, dry_run: bool
 ) -> list[str]:
     lines: list[str] = []
     for part in await expired(conn, retention):
+        # The default partition's old rows go by DELETE (it stays), a day's
+        # partition by DROP; the checks before either are the same.
+        old_rows = part.partition == DEFAULT_PARTITION
+        what = (
+            f"{part.rows_estimate} events of {part.partition} before "
+            f"{part.upper_bound:%Y-%m-%d %H:%M}"
+            if old_rows
+            else part.partition
+        )
         if part.held_by is not None:
             lines.append(
-                f"kept {part.partition} past the retention: projection {part.held_by} "
+                f"kept {what} past the retention: projection {part.held_by} "
                 "has not applied all of its events"
             )
             continue
         if dry_run:
-            lines.append(f"would drop {part.partition} (~{part.rows_estimate} events)")
+            lines.append(
+                f"would delete {what}"
+                if old_rows
+                else f"would drop {what} (~{part.rows_estimate} events)"
+            )
             continue
         if archive_dir is not None:
-            path = await archive(conn, part.partition, archive_dir)
-            lines.append(f"archived {part.partition} to {path}")
+            before = part.upper_bound if old_rows else None
+            path = await archive(conn, part.partition, archive_dir, before=before)
+            lines.append(f"archived {what} to {path}")
+        if old_rows:
+            await conn.execute(
+                f"DELETE FROM {DEFAULT_PARTITION} WHERE created_at < $1", part.upper_bound
+            )
+            lines.append(f"deleted {what}")
+            continue
         try:
             await drop(conn, part.partition)
         except asyncpg.LockNotAvailableError:
-            lines.append(f"kept {part.partition} for now: hub.events is busy (retried later)")
+            lines.append(f"kept {what} for now: hub.events is busy (retried later)")
             continue
-        lines.append(f"dropped {part.partition} (~{part.rows_estimate} events)")
-    lines += await _expire_default(conn, retention, archive_dir, dry_run)
-    return lines
-
-
-async def _expire_default(
-    conn: asyncpg.Connection, retention: float, archive_dir: Path | None, dry_run: bool
-) -> list[str]:
-    """Rows of the default partition past the retention (they landed there
-    while no node made partitions, and are never moved): deleted, after the
-    same checks and archive as a partition."""
-    cutoff: dt.datetime = await conn.fetchval("SELECT now() - make_interval(secs => $1)", retention)
-    count = await conn.fetchval(
-        "SELECT count(*) FROM hub.events_default WHERE created_at < $1", cutoff
-    )
-    if not count:
-        return []
-    held = await conn.fetchval(
-        "SELECT p.name || ' (org ' || m.org || ')' "
-        "FROM (SELECT org, max(seq) AS seq FROM hub.events_default WHERE created_at < $1 "
-        "GROUP BY org) m CROSS JOIN hub.projections p "
-        "LEFT JOIN LATERAL (SELECT min(c.seq) AS seq FROM hub.projection_checkpoints c "
-        "WHERE c.projection = p.name AND c.org = m.org) c ON true "
-        "WHERE coalesce(c.seq, 0) < m.seq ORDER BY 1 LIMIT 1",
-        cutoff,
-    )
-    what = f"{count} events of hub.events_default before {cutoff:%Y-%m-%d %H:%M}"
-    if held is not None:
-        return [
-            f"kept {what} past the retention: projection {held} has not applied all of its events"
-        ]
-    if dry_run:
-        return [f"would delete {what}"]
-    lines = []
-    if archive_dir is not None:
-        path = await archive(conn, "hub.events_default", archive_dir, before=cutoff)
-        lines.append(f"archived {what} to {path}")
-    await conn.execute("DELETE FROM hub.events_default WHERE created_at < $1", cutoff)
-    lines.append(f"deleted {what}")
+        lines.append(f"dropped {what} (~{part.rows_estimate} events)")
     return lines

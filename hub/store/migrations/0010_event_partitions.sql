@@ -198,20 +198,23 @@ $$;
 SELECT hub.ensure_event_partitions();
 
 -- The partitions wholly older than the retention (their upper bound at or
--- before now() - retention), oldest first, with what holds each one back:
--- NULL when it may go, else the first projection (and org) that has not
--- applied all of its events (hub.projection_checkpoints, every target,
--- rebuilds included).  The default partition is never listed.
+-- before now() - retention), oldest first, then the default partition when
+-- it holds rows older than that (it is never dropped: those rows go by
+-- DELETE, upper_bound being the cutoff and rows_estimate their count);
+-- each with what holds it back: NULL when it may go, else the first
+-- projection (and org) that has not applied all of those events
+-- (hub.projection_checkpoints, every target, rebuilds included).
 CREATE FUNCTION hub.expired_event_partitions(retention interval)
 RETURNS TABLE (partition text, upper_bound timestamptz, rows_estimate bigint, held_by text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    cutoff timestamptz := now() - retention;
     part record;
 BEGIN
     FOR part IN
-        SELECT c.oid, c.relname, c.reltuples,
+        SELECT c.relname, greatest(c.reltuples, 0)::bigint AS estimate,
                CASE WHEN c.relname ~ '^events_upto_[0-9]{8}$'
                     THEN to_date(right(c.relname, 8), 'YYYYMMDD')
                     WHEN c.relname ~ '^events_[0-9]{8}$'
@@ -220,20 +223,27 @@ BEGIN
           FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
          WHERE i.inhparent = 'hub.events'::regclass
            AND c.relname ~ '^events_(upto_)?[0-9]{8}$'
-         ORDER BY 4
+        UNION ALL
+        SELECT 'events_default', count(*), cutoff
+          FROM hub.events_default WHERE created_at < cutoff
+        HAVING count(*) > 0
+         ORDER BY 3
     LOOP
-        CONTINUE WHEN part.upper_bound > now() - retention;
+        CONTINUE WHEN part.upper_bound > cutoff;
         partition := 'hub.' || quote_ident(part.relname);
         upper_bound := part.upper_bound;
-        rows_estimate := greatest(part.reltuples, 0)::bigint;
+        rows_estimate := part.estimate;
+        -- A day's partition holds nothing at or past its upper bound, so
+        -- the same query serves it and the default partition's old rows.
         EXECUTE format(
             'SELECT p.name || '' (org '' || m.org || '')'' '
-            '  FROM (SELECT org, max(seq) AS seq FROM hub.%I GROUP BY org) m '
+            '  FROM (SELECT org, max(seq) AS seq FROM hub.%I WHERE created_at < $1 '
+            '         GROUP BY org) m '
             ' CROSS JOIN hub.projections p '
             '  LEFT JOIN LATERAL (SELECT min(c.seq) AS seq FROM hub.projection_checkpoints c '
             '                      WHERE c.projection = p.name AND c.org = m.org) c ON true '
             ' WHERE coalesce(c.seq, 0) < m.seq ORDER BY 1 LIMIT 1', part.relname)
-          INTO held_by;
+          INTO held_by USING part.upper_bound;
         RETURN NEXT;
     END LOOP;
 END
