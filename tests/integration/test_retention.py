@@ -6,6 +6,7 @@ hand; a replay that reaches past the oldest event kept gets ReplayGap."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import gzip
 import json
@@ -115,6 +116,28 @@ async def test_migration_keeps_rows_handlers_grants_and_views(dsn: str) -> None:
         assert await conn.fetchval("SELECT n FROM public.counted WHERE org = $1", org) == 7
     finally:
         await conn.close()
+
+
+async def test_a_past_day_asked_for_while_a_node_makes_partitions_is_made(dsn: str) -> None:
+    """A move's target asks for the days it is about to copy; a node's
+    maintenance holding the partition lock at that moment must delay the
+    request, not skip it (the rows would land in the default partition)."""
+    await migrate(dsn)
+    holder, caller = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        day = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=12)
+        async with holder.transaction():
+            await holder.execute("SELECT hub.ensure_event_partitions()")
+            asked = asyncio.create_task(
+                caller.fetch("SELECT hub.ensure_event_partitions(0, $1::date[]) AS p", [day])
+            )
+            await asyncio.sleep(0.3)
+            assert not asked.done()
+        made = [r["p"] for r in await asked]
+        assert made == [f"hub.events_{day:%Y%m%d}"]
+    finally:
+        await holder.close()
+        await caller.close()
 
 
 async def test_maintenance_archives_and_drops_what_is_past_the_retention(
