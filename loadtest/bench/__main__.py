@@ -5,7 +5,7 @@
                              [--servers hub,hub-inproc,limit,bun,floor,socketio,channels,
                                         broadcaster]
                              [--client native|python] [--quick] [--runs N] [--json out.json]
-                             [--profile] [--no-docs]
+                             [--profile] [--perf] [--no-docs]
 
 See docs/benchmarks.md.
 """
@@ -160,11 +160,14 @@ async def _measure(
     redis_pid: int | None,
     profile: bool,
     pg_admin: str = PG_ADMIN,
+    perf: bool = False,
 ) -> dict[str, Any]:
     """One run of one scenario against one server; an error becomes the result."""
     try:
         if scen == "fanout":
-            return await scenarios.fanout(name, cfg, profile=profile, redis_pid=redis_pid)
+            return await scenarios.fanout(
+                name, cfg, profile=profile, perf=perf, redis_pid=redis_pid
+            )
         if scen == "multinode":
             return await scenarios.fanout(name, cfg, nodes=2, redis_pid=redis_pid)
         if scen == "many_orgs":
@@ -262,9 +265,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     _say(f"{label} ...")
                     # py-spy slows what it samples: only the first run.
                     profile = args.profile and rnd == 0 and name in HUB_KINDS
-                    r = await _measure(scen, name, cfg, db_url, redis_pid, profile, args.pg_admin)
+                    # perf costs the sampled process little, but only the
+                    # first run is sampled all the same.
+                    perf = args.perf and rnd == 0
+                    r = await _measure(
+                        scen, name, cfg, db_url, redis_pid, profile, args.pg_admin, perf
+                    )
                     if "profile" in r:
                         results.setdefault("profiles", {})[f"{scen}/{name}"] = r.pop("profile")
+                    if "perf" in r:
+                        results.setdefault("perf", {})[name] = r.pop("perf")
                     measured.setdefault(name, []).append(r)
                     _say(f"{label}: {_brief(r)}")
                     await asyncio.sleep(1.0)
@@ -309,6 +319,12 @@ def main() -> None:
         "--profile",
         action="store_true",
         help="py-spy hub and hub-inproc during fan-out saturation, many_orgs and connects",
+    )
+    ap.add_argument(
+        "--perf",
+        action="store_true",
+        help="Linux perf on every server (kernel included) at one message per 10 ms in "
+        "fanout, first run only",
     )
     ap.add_argument(
         "--no-docs",

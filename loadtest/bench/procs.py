@@ -20,12 +20,19 @@ SERVER_CORES = "0"
 CLIENT_CORES = "1" if CORES > 1 else "0"
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, from /proc/<pid>/stat: user space, and
+    the kernel (system calls, and the loopback receiver's TCP work that this
+    kernel charges to the sender)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
     fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process."""
+    return sum(cpu_split(pid))
 
 
 def rss_kb(pid: int) -> int:
@@ -84,6 +91,9 @@ class Server:
 
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
+
+    def kernel_cpu(self) -> float:
+        return cpu_split(self.proc.pid)[1]
 
     def rss_kb(self) -> int:
         return rss_kb(self.proc.pid)

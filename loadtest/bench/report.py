@@ -250,6 +250,56 @@ def _regime(r: dict[str, Any], key: str) -> Any:
     return r.get("regime_medians", {}).get(key) or r.get(key)
 
 
+def _per_delivery(g: dict[str, Any]) -> str:
+    """Server CPU per delivery, split into the server's own code and the
+    kernel's work (runs before the split was recorded have no kernel part)."""
+    kernel, total, n = g.get("server_kernel_cpu_s"), g.get("server_cpu_s"), g.get("delivered")
+    if kernel is None or not n or total is None:
+        return "—"
+    return f"{(total - kernel) / n * 1e6:.2f} / {kernel / n * 1e6:.2f}"
+
+
+def perf_tables(perf: dict[str, Any]) -> list[str]:
+    """Each server's perf profile at one message per 10 ms, side by side."""
+    ok = {name: p for name, p in perf.items() if "error" not in p and p.get("symbol_pct")}
+    lines: list[str] = []
+    for name, p in perf.items():
+        if name not in ok:
+            lines += [f"perf of `{name}` failed: {p.get('error', 'no samples')}", ""]
+    if not ok:
+        return lines
+    lines += [
+        "### Where each server spends its CPU at one message per 10 ms (perf, first run, "
+        "% of samples)",
+        "",
+    ]
+    lines += _table(
+        ["server", "kernel", "binaries (besides the kernel)"],
+        [
+            [
+                f"`{name}`",
+                f"{p['kernel_pct']}%",
+                ", ".join(f"{d} {v}%" for d, v in p["dso_pct"] if not d.startswith("[kernel"))[
+                    :300
+                ],
+            ]
+            for name, p in ok.items()
+        ],
+    )
+    lines.append("")
+    depth = max(len(p["symbol_pct"]) for p in ok.values())
+    rows = []
+    for i in range(min(depth, 12)):
+        row = [str(i + 1)]
+        for p in ok.values():
+            sym = p["symbol_pct"][i] if i < len(p["symbol_pct"]) else None
+            row.append(f"`{sym[0][:60]}` {sym[1]}" if sym else "")
+        rows.append(row)
+    lines += _table(["#", *[f"`{n}`" for n in ok]], rows)
+    lines.append("")
+    return lines
+
+
 def regimes_table(runs: dict[str, Any]) -> list[str]:
     """Each server against the hub in each regime; with ``--runs``, each
     row is that regime's median run (by deliveries per server CPU-second)."""
@@ -264,7 +314,7 @@ def regimes_table(runs: dict[str, Any]) -> list[str]:
             if not g:
                 continue
             if "skipped" in g:
-                rows.append([label, f"`{name}`", g["skipped"], *["—"] * 5, r.get("client", "")])
+                rows.append([label, f"`{name}`", g["skipped"], *["—"] * 6, r.get("client", "")])
                 continue
             rate = g.get("deliveries_per_server_cpu_s")
             rows.append(
@@ -277,6 +327,7 @@ def regimes_table(runs: dict[str, Any]) -> list[str]:
                     _ratio(g.get("latency_ms", {}).get("p99"), base_p99),
                     _got(g),
                     f"{_n(g['server_cpu_s'], 2)} / {_n(g['loadgen_cpu_s'], 2)}",
+                    _per_delivery(g),
                     r.get("client", "python"),
                 ]
             )
@@ -291,6 +342,7 @@ def regimes_table(runs: dict[str, Any]) -> list[str]:
         "p99 vs hub",
         "delivered / expected",
         "CPU s server / load gen",
+        "us per delivery: user / kernel",
         "client",
     ]
     median = any("regime_medians" in r for r in ok.values())
@@ -678,6 +730,7 @@ def render(results: dict[str, Any]) -> str:
         )
         lines.append("")
     lines += spread_table(sc)
+    lines += perf_tables(results.get("perf", {}))
     for name, prof in results.get("profiles", {}).items():
         if "error" in prof or not prof.get("samples"):
             lines += [f"Profile of `{name}` failed: {prof.get('error', 'no samples')}", ""]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -118,6 +120,7 @@ class Meter:
     def start(self) -> None:
         self.t0 = time.perf_counter()
         self.cpu0 = self.dep.cpu()
+        self.k0 = self.dep.kernel_cpu()
         self.h0 = procs.self_cpu()
         self.r0 = procs.cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
 
@@ -127,6 +130,9 @@ class Meter:
         out: dict[str, Any] = {
             "wall_s": round(wall, 3),
             "server_cpu_s": round(sum(cpu), 3),
+            # The part spent in the kernel: what a server's own code can
+            # not save by being faster.
+            "server_kernel_cpu_s": round(self.dep.kernel_cpu() - self.k0, 3),
             "harness_cpu_s": round(procs.self_cpu() - self.h0, 3),
         }
         if len(cpu) > 1:
@@ -194,7 +200,13 @@ def _joined_ok(ready: dict[str, Any], want: int) -> None:
 
 
 async def fanout(
-    name: str, cfg: Config, *, nodes: int = 1, profile: bool = False, redis_pid: int | None = None
+    name: str,
+    cfg: Config,
+    *,
+    nodes: int = 1,
+    profile: bool = False,
+    perf: bool = False,
+    redis_pid: int | None = None,
 ) -> dict[str, Any]:
     dep = await deploy(name, nodes=nodes)
     pool = _pool(cfg, dep)
@@ -283,7 +295,10 @@ async def fanout(
             await _settle(pool, n * subs, quiet=2.0, cap=15.0)
             return n
 
+        sampler = _start_perf(dep, name, "fixed_rate") if perf else None
         m, (n, st) = await _delivery_phase(dep, pool, meter, fixed(), subs)
+        if sampler is not None:
+            result["perf"] = _stop_perf(*sampler)
         result["fixed_rate"] = {
             "target_deliveries_per_s": int(cfg.latency_rate * subs),
             "achieved_messages_per_s": _rate(n, t["publish_s"]),
@@ -1053,6 +1068,72 @@ def _stop_profile(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
     if not out.exists():
         return {"error": err.decode(errors="replace")[-500:]}
     return {"file": os.path.relpath(out, envs.ROOT), **summarize_profile(out)}
+
+
+def _start_perf(
+    dep: Deployment, name: str, phase: str
+) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """Linux perf sampling the server process (every thread, user space and
+    kernel alike) on its CPU clock: where a native server spends its time
+    too, which py-spy cannot see, and how much of it is the kernel's."""
+    exe = shutil.which("perf")
+    if exe is None:
+        print("[bench] perf unavailable: not on PATH (Debian: linux-perf)", flush=True)
+        return None
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    out = PROFILE_DIR / f"{name}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}.perf"
+    pid = str(dep.nodes[0].pid)
+    proc = subprocess.Popen(
+        procs.pinned(
+            [exe, "record", "-e", "cpu-clock", "-F", "999", "-p", pid, "-o", str(out)],
+            procs.CLIENT_CORES,
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.3)
+    return proc, out
+
+
+def _stop_perf(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    if not out.exists():
+        return {"error": err.decode(errors="replace")[-500:]}
+    return {"file": os.path.relpath(out, envs.ROOT), **summarize_perf(out)}
+
+
+_PERF_LINE = re.compile(r"^\s*([\d.]+)%\s+(.*?)\s*$")
+
+
+def summarize_perf(path: Path, top: int = 15) -> dict[str, Any]:
+    """Shares of samples by binary (the kernel, the interpreter, libuv...)
+    and by symbol, from ``perf report``."""
+
+    def report(sort: str) -> list[list[Any]]:
+        text = subprocess.run(
+            ["perf", "report", "-i", str(path), "--stdio", "-q", "--sort", sort],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        rows = []
+        for line in text.splitlines():
+            match = _PERF_LINE.match(line)
+            if match:
+                rows.append([" ".join(match[2].split()), float(match[1])])
+        return rows
+
+    by_dso = report("dso")
+    return {
+        "kernel_pct": round(sum(p for d, p in by_dso if d.startswith("[kernel")), 1),
+        "dso_pct": by_dso[:8],
+        "symbol_pct": report("sym")[:top],
+    }
 
 
 def summarize_profile(path: Path, top: int = 20) -> dict[str, Any]:

@@ -112,6 +112,9 @@ class Deployment:
     def cpu(self) -> list[float]:
         return [n.cpu() for n in self.nodes]
 
+    def kernel_cpu(self) -> float:
+        return sum(n.kernel_cpu() for n in self.nodes)
+
     def rss_kb(self) -> list[int]:
         return [n.rss_kb() for n in self.nodes]
 

@@ -14,6 +14,7 @@ def _regime(rate: float, p99: float) -> dict[str, Any]:
         "delivered": 10,
         "expected": 10,
         "server_cpu_s": 1.0,
+        "server_kernel_cpu_s": 0.75,
         "loadgen_cpu_s": 0.5,
     }
 
@@ -55,7 +56,9 @@ def test_each_peer_is_a_ratio_to_the_hub_in_each_regime() -> None:
     # p99 as a ratio too: lower is better.
     assert rows[(fixed, "`bun`")][5] == "0.50x"
     assert rows[(fixed, "`floor`")][5] == "2.00x"
-    assert rows[(fixed, "`floor`")][8] == "native"
+    # Server CPU per delivery: its own code, then the kernel's part.
+    assert rows[(fixed, "`floor`")][8] == "25000.00 / 75000.00"
+    assert rows[(fixed, "`floor`")][9] == "native"
 
 
 def test_a_skipped_regime_says_why_and_a_failed_server_is_left_out() -> None:
