@@ -201,6 +201,15 @@ def _ok(runs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in runs.items() if "error" not in v}
 
 
+def _redis_per_message(g: dict[str, Any], nodes: int) -> str:
+    """Redis CPU per message and per node it went to: what a cluster's
+    message rate costs Redis (the scale model in docs/benchmarks.md)."""
+    cpu, messages = g.get("redis_cpu_s"), g.get("messages")
+    if cpu is None or not messages:
+        return "—"
+    return f"{cpu / messages / nodes * 1e6:.1f}"
+
+
 def fanout_table(runs: dict[str, Any], title: str, multinode: bool = False) -> list[str]:
     ok = _ok(runs)
     base = ok.get("hub", {}).get("saturated", {}).get("deliveries_per_server_cpu_s")
@@ -212,7 +221,8 @@ def fanout_table(runs: dict[str, Any], title: str, multinode: bool = False) -> l
         row = [f"`{name}`", _n(rate), _ratio(rate, base)]
         if multinode:
             row.append(" + ".join(_n(x) for x in s.get("deliveries_per_node_cpu_s", [])))
-            row.append(_n(s.get("redis_cpu_s"), 2))
+            row.append(_n(s.get("redis_cpu_s"), 3))
+            row.append(" / ".join(_redis_per_message(g, r.get("nodes", 2)) for g in (s, f)))
         row += [
             _got(s),
             _n(s.get("deliveries_per_wall_s")),
@@ -225,7 +235,11 @@ def fanout_table(runs: dict[str, Any], title: str, multinode: bool = False) -> l
         rows.append(row)
     head = ["server", "deliveries / server CPU-s", "vs hub"]
     if multinode:
-        head += ["per process", "Redis CPU s"]
+        head += [
+            "per process",
+            "Redis CPU s",
+            "Redis us per message per node: saturated / fixed rate",
+        ]
     head += [
         "delivered / expected",
         "deliveries / wall s",

@@ -122,7 +122,7 @@ class Meter:
         self.cpu0 = self.dep.cpu()
         self.k0 = self.dep.kernel_cpu()
         self.h0 = procs.self_cpu()
-        self.r0 = procs.cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
+        self.r0 = procs.cpu_seconds_exact(self.redis_pid) if self.redis_pid else 0.0
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t0
@@ -138,7 +138,7 @@ class Meter:
         if len(cpu) > 1:
             out["node_cpu_s"] = [round(c, 3) for c in cpu]
         if self.redis_pid:
-            out["redis_cpu_s"] = round(procs.cpu_seconds(self.redis_pid) - self.r0, 3)
+            out["redis_cpu_s"] = round(procs.cpu_seconds_exact(self.redis_pid) - self.r0, 4)
         return out
 
 

@@ -88,3 +88,17 @@ def test_with_several_runs_each_regime_row_is_that_regimes_median_run() -> None:
     assert chosen["regime_medians"]["paced"]["deliveries_per_server_cpu_s"] == 200.0
     rows = _rows(report.regimes_table({"hub": chosen}))
     assert rows[(report.REGIMES[0][1], "`hub`")][2] == "20"
+
+
+def test_multinode_shows_redis_cpu_per_message_and_node() -> None:
+    def phase(messages: int, redis: float) -> dict[str, Any]:
+        return {**_regime(1e6, 10.0), "messages": messages, "redis_cpu_s": redis, "bound": "x"}
+
+    run = {"nodes": 2, "saturated": phase(5000, 0.02), "fixed_rate": phase(2000, 0.012)}
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in report.fanout_table({"hub": run}, "Multi-node", multinode=True)
+        if line.startswith("| `hub`")
+    ]
+    # 20 ms over 5,000 messages to 2 nodes; 12 ms over 2,000 to 2.
+    assert rows[0][5] == "2.0 / 3.0"
