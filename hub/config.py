@@ -321,6 +321,13 @@ OPTIONS: tuple[Option, ...] = (
         "and subscribe on each channel's shard, follow failovers. Implies HUB_REDIS_SHARDED.",
     ),
     Option(
+        "native_writes",
+        _flag,
+        True,
+        "Write fan-out frames with the compiled loop (hub/_writes.c) when it is built; "
+        "false: the pure-Python path. A missing build is logged at start-up.",
+    ),
+    Option(
         "node_timeout",
         float,
         10.0,
@@ -389,6 +396,7 @@ class Settings:
     redis_prefix: str = "hub"
     redis_sharded: bool = False
     redis_cluster: bool = False
+    native_writes: bool = True
     node_timeout: float = 10.0
     drain_timeout: float = 10.0
     mother_rate: float = 1.0

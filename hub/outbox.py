@@ -7,8 +7,9 @@ keeps what it is given (tests, tools).  No I/O happens here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from hub.frames import Frame
 
@@ -21,6 +22,62 @@ class Flushable(Protocol):
     """Something with frames to write at the end of a loop iteration."""
 
     def flush(self) -> None: ...
+
+
+class HasOutbox(Protocol):
+    """What the fan-out's writes need of a subscription."""
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+
+#: Writes the outboxes of some subscriptions; returns the frames and bytes
+#: it wrote itself (outboxes count what their own flush writes).
+FlushSubscribers = Callable[[Iterable[HasOutbox]], tuple[int, int]]
+#: Gives a frame (its wire bytes) to every sink of a topic's subscribers but
+#: the sender's (``origin``); returns how many got it.
+FanOut = Callable[[dict[Any, Sink], bytes, object], int]
+
+
+def flush_subscribers(subscriptions: Iterable[HasOutbox]) -> tuple[int, int]:
+    """The pure-Python path: each outbox's own :meth:`Outbox.flush`."""
+    for sub in list(subscriptions):  # a copy: a flush may close
+        sub.outbox.flush()
+    return 0, 0
+
+
+def fan_out(group: dict[Any, Sink], wire: bytes, origin: object) -> int:
+    """The pure-Python path: every sink in ``group`` but ``origin``'s."""
+    if origin is None or origin not in group:
+        for sink in group.values():
+            sink(wire)
+        return len(group)
+    for sub, sink in group.items():
+        if sub is not origin:
+            sink(wire)
+    return len(group) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Writes:
+    """The fan-out's two inner loops: frames to sinks, outboxes to sockets."""
+
+    fan_out: FanOut
+    flush: FlushSubscribers
+
+
+PYTHON_WRITES = Writes(fan_out, flush_subscribers)
+
+
+def native_writes() -> Writes | None:
+    """The same loops in C (hub/_writes.c): the flush writes an outbox's
+    frames to its socket itself when the outbox offers a file descriptor
+    (``fd``); None where the extension was not built."""
+    try:
+        from hub import _writes
+    except ImportError:
+        return None
+    return Writes(_writes.fan_out, _writes.flush_subscribers)
 
 
 class Outbox:
@@ -39,11 +96,14 @@ class Outbox:
     that are not sockets take the slow way: the frame is rebuilt and pushed.
     """
 
-    __slots__ = ("closed", "sink")
+    __slots__ = ("closed", "sink", "fd")
 
     def __init__(self) -> None:
         self.closed = False
         self.sink: Sink = self._push_wire
+        #: A socket the compiled fan-out loop may write to itself, or -1
+        #: (every outbox but a plain socket's; see hub/_writes.c).
+        self.fd = -1
 
     def _push_wire(self, wire: bytes) -> None:
         self.push(Frame.from_wire(wire))

@@ -36,7 +36,7 @@ from hub.channels.subscription import Subscription
 from hub.counters import Counters
 from hub.engine.base import Engine, Envelope, NodeGone, PresenceSnapshot
 from hub.frames import Frame
-from hub.outbox import Flushable, Sink
+from hub.outbox import PYTHON_WRITES, Flushable, FlushSubscribers, Sink, Writes
 from hub.protocol import VSN2, Broadcast, Vsn, encode, wire_topic
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,16 @@ class _TopicSubscribers:
     private channel whose policies allow presence only) are kept apart in
     ``quiet``, so the broadcast loop never asks."""
 
-    __slots__ = ("v1", "v2", "quiet", "scheduled")
+    __slots__ = ("v1", "v2", "quiet", "scheduled", "write", "stats")
 
-    def __init__(self) -> None:
+    def __init__(self, write: FlushSubscribers, stats: Counters) -> None:
         self.v1: dict[Subscription, Sink] = {}
         self.v2: dict[Subscription, Sink] = {}
         self.quiet: dict[Subscription, Sink] = {}
         #: True from the first fan-out of a loop iteration to the flush.
         self.scheduled = False
+        self.write = write
+        self.stats = stats
 
     def of(self, sub: Subscription) -> dict[Subscription, Sink]:
         if not sub.read_broadcast:
@@ -75,9 +77,16 @@ class _TopicSubscribers:
     def flush(self) -> None:
         """Write what the fan-out gave each subscriber's outbox."""
         self.scheduled = False
+        frames = sent = 0
         for group in (self.v2, self.v1):
-            for sub in list(group):
-                sub.outbox.flush()
+            if group:
+                f, b = self.write(group)
+                frames += f
+                sent += b
+        if frames:
+            # What the compiled loop wrote itself (outboxes count their own).
+            self.stats.frames_out += frames
+            self.stats.bytes_out += sent
 
     def __len__(self) -> int:
         return len(self.v1) + len(self.v2) + len(self.quiet)
@@ -94,17 +103,21 @@ class Channels:
         stats: Counters | None = None,
         observers: Observers | None = None,
         schedule: Scheduler = _flush_now,
+        writes: Writes = PYTHON_WRITES,
     ) -> None:
         """``engine`` carries what this node publishes to every node (the
         node binds the engine's deliveries back to :meth:`deliver`).
         ``schedule`` is how a topic's outboxes get flushed after a fan-out:
         the node's write flusher (once per loop iteration); the default
-        flushes at once, for outboxes that are not sockets."""
+        flushes at once, for outboxes that are not sockets.  ``writes`` are
+        the inner loops (frames to sinks, outboxes to sockets): the
+        pure-Python ones, or the compiled ones (:func:`hub.outbox.native_writes`)."""
         self.engine = engine
         self.stats = stats or Counters()
         self.observers = observers if observers is not None else Observers()
         self.node_id = node_id
         self.schedule = schedule
+        self.writes = writes
         self._topics: dict[str, _TopicSubscribers] = {}
         #: org id -> subscriptions with postgres_changes bindings that get
         #: that org's rows: any topic of the org, and free-name channels of
@@ -124,7 +137,7 @@ class Channels:
         key = sub.topic.key
         subscribers = self._topics.get(key)
         if subscribers is None:
-            subscribers = self._topics[key] = _TopicSubscribers()
+            subscribers = self._topics[key] = _TopicSubscribers(self.writes.flush, self.stats)
             self.engine.subscribe(key)
         subscribers.of(sub)[sub] = sub.outbox.sink
         if sub.bindings:
@@ -280,14 +293,15 @@ class Channels:
         if subscribers is None:
             return
         origin = broadcast.origin
+        fan_out = self.writes.fan_out
         count = 0
         if subscribers.v2:
-            count += _fan_out(subscribers.v2, broadcast.frame_v2().wire, origin)
+            count += fan_out(subscribers.v2, broadcast.frame_v2().wire, origin)
         if subscribers.v1:
             frame_v1 = broadcast.frame_v1()
             # Opaque binary payloads have no vsn 1 form; Supabase drops them.
             if frame_v1 is not None:
-                count += _fan_out(subscribers.v1, frame_v1.wire, origin)
+                count += fan_out(subscribers.v1, frame_v1.wire, origin)
         if count and not subscribers.scheduled:
             subscribers.scheduled = True
             self.schedule(subscribers)
@@ -436,15 +450,3 @@ def change_data(payload: dict[str, Any]) -> dict[str, Any]:
         if payload.get(key) is not None:
             data[key] = payload[key]
     return data
-
-
-def _fan_out(group: dict[Subscription, Sink], wire: bytes, origin: object) -> int:
-    """Give the frame ``wire`` to every subscriber in ``group`` but ``origin``."""
-    if origin is None or origin not in group:
-        for sink in group.values():
-            sink(wire)
-        return len(group)
-    for sub, sink in group.items():
-        if sub is not origin:
-            sink(wire)
-    return len(group) - 1

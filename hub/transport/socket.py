@@ -57,6 +57,7 @@ class HubSocket(asyncio.Protocol):
         "close_sent",
         "close_received",
         "close_timer",
+        "direct_fd",
     )
 
     def __init__(
@@ -75,6 +76,9 @@ class HubSocket(asyncio.Protocol):
         self.close_sent = False
         self.close_received = False
         self.close_timer: asyncio.TimerHandle | None = None
+        #: The socket's descriptor, offered to the compiled fan-out loop
+        #: (see start()); -1 when it may not be.
+        self.direct_fd = -1
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -90,6 +94,21 @@ class HubSocket(asyncio.Protocol):
             self, gateway.flusher, gateway.socket_limits.max_outbox_bytes, gateway.counters
         )
         self.hub_outbox = outbox
+        transport = self.transport
+        if transport is not None:
+            # Offered to the compiled fan-out loop (hub/_writes.c), when the
+            # node uses it, while the transport holds nothing unsent: with
+            # a high-water mark of 0 the transport calls pause_writing() as
+            # soon as it buffers a byte and resume_writing() once it is
+            # empty again, so a direct write never overtakes queued bytes.
+            # Only a plain socket: under TLS the bytes must go through the
+            # transport's encryption.
+            sock = transport.get_extra_info("socket")
+            if sock is not None and transport.get_extra_info("sslcontext") is None:
+                transport.set_write_buffer_limits(high=0)
+                self.direct_fd = sock.fileno()
+                outbox.transport = transport
+                outbox.fd = self.direct_fd
         self.session = gateway.open_session(principal, vsn, outbox)
 
     def data_received(self, data: bytes) -> None:
@@ -114,6 +133,8 @@ class HubSocket(asyncio.Protocol):
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # The descriptor is closed (and may be reused): never written again.
+        self._no_direct_writes()
         if self.close_timer is not None:
             self.close_timer.cancel()
             self.close_timer = None
@@ -127,11 +148,15 @@ class HubSocket(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # Nothing waits for the socket to drain: the outbox bound cuts a
-        # client that does not read (see SocketOutbox).
-        pass
+        # client that does not read (see SocketOutbox).  But the transport
+        # holds bytes now: frames go through it, behind them.
+        if self.hub_outbox is not None:
+            self.hub_outbox.fd = -1
 
     def resume_writing(self) -> None:
-        pass
+        outbox = self.hub_outbox
+        if outbox is not None and self.direct_fd >= 0 and not outbox.closed:
+            outbox.fd = self.direct_fd
 
     # -- uvicorn's server ----------------------------------------------------------
 
@@ -144,7 +169,7 @@ class HubSocket(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if not self.close_sent:
-            self.close_sent = True
+            self._sending_close()
             self.gateway.counters.closes[CloseCode.SERVICE_RESTART] += 1
             self._write(close_frame(CloseCode.SERVICE_RESTART).wire)
         transport.close()
@@ -210,7 +235,7 @@ class HubSocket(asyncio.Protocol):
             # first.
             if self.hub_outbox is not None:
                 self.hub_outbox.flush()
-            self.close_sent = True
+            self._sending_close()
             self._write(close_frame(code).wire)
         assert self.transport is not None
         self.transport.close()
@@ -222,6 +247,18 @@ class HubSocket(asyncio.Protocol):
             self.hub_outbox.close(code, reason)
         else:
             self.close_now(code, reason, CLOSE_GRACE)
+
+    def _sending_close(self) -> None:
+        """Nothing goes after a close frame: not through the outbox, and not
+        straight to the descriptor."""
+        self.close_sent = True
+        self._no_direct_writes()
+
+    def _no_direct_writes(self) -> None:
+        self.direct_fd = -1
+        if self.hub_outbox is not None:
+            self.hub_outbox.fd = -1
+            self.hub_outbox.transport = None
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
@@ -253,7 +290,7 @@ class HubSocket(asyncio.Protocol):
         transport = self.transport
         if self.close_sent or transport is None or transport.is_closing():
             return
-        self.close_sent = True
+        self._sending_close()
         transport.write(close_frame(code, reason).wire)
         if self.close_received:
             transport.close()

@@ -885,9 +885,13 @@ class RawSocket:
         self.sock.close()
 
 
-async def test_slow_consumer_is_cut_and_others_get_everything(make_hub: Any) -> None:
+@pytest.mark.parametrize("native", ["true", "false"], ids=["compiled-writes", "python-writes"])
+async def test_slow_consumer_is_cut_and_others_get_everything(make_hub: Any, native: str) -> None:
+    # Both write paths: the compiled loop's partial sends hand the rest to
+    # the transport, where the bound applies as on the Python path.
     hub = make_hub(
         {
+            "HUB_NATIVE_WRITES": native,
             "HUB_MAX_OUTBOX_BYTES": "1048576",
             "HUB_MAX_FRAME_BYTES": "262144",
             "HUB_MAX_PAYLOAD_BYTES": "131072",
@@ -938,6 +942,52 @@ async def test_slow_consumer_is_cut_and_others_get_everything(make_hub: Any) -> 
     await fast.heartbeat()
     await check_alive(hub, fast)
     await fast.close()
+    assert "Traceback" not in hub.log()
+
+
+@pytest.mark.parametrize("native", ["true", "false"], ids=["compiled-writes", "python-writes"])
+async def test_a_slow_reader_gets_every_frame_whole_and_in_order(
+    make_hub: Any, native: str
+) -> None:
+    """A reader slower than the publisher: the kernel's buffer fills, the
+    transport queues the rest, and frames keep coming meanwhile.  The
+    compiled loop writes to the socket itself only while the transport
+    holds nothing (a direct write would cut into queued bytes: the stream
+    would no longer parse)."""
+    hub = make_hub({"HUB_NATIVE_WRITES": native, "HUB_MAX_OUTBOX_BYTES": str(64 << 20)})
+    org = new_org()
+    topic = f"realtime:org:{org}"
+    token = hub.token(orgs=[org])
+    reader = await RawSocket.open(hub, f"/realtime/v1/websocket?apikey={token}&vsn=1.0.0")
+    await reader.send_text(encode(V1, "1", "1", topic, "phx_join", {}))
+    assert (await reader.recv_json())["payload"]["status"] == "ok"
+
+    count, blob = 150, "y" * 40_000
+    got: list[int] = []
+
+    async def read_slowly() -> None:
+        while len(got) < count:
+            message = await reader.recv_json()
+            if message["event"] == "presence_state":
+                continue
+            assert message["event"] == "broadcast", message
+            got.append(message["payload"]["payload"]["i"])
+            await asyncio.sleep(0.004)
+
+    reading = asyncio.create_task(read_slowly())
+    admin = {"Authorization": f"Bearer {hub.admin_token()}"}
+    try:
+        async with httpx.AsyncClient(base_url=hub.http_url, timeout=T) as http:
+            for i in range(count):
+                message = {"topic": f"org:{org}", "event": "m", "payload": {"i": i, "b": blob}}
+                response = await http.post(
+                    "/realtime/v1/api/broadcast", json={"messages": [message]}, headers=admin
+                )
+                assert response.status_code == 202, response.text
+        await asyncio.wait_for(reading, 60)
+    finally:
+        reading.cancel()
+    assert got == list(range(count))
     assert "Traceback" not in hub.log()
 
 

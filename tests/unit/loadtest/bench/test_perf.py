@@ -21,9 +21,9 @@ for _ in range(150_000):
 
 def test_a_perf_recording_is_summarized_by_binary_and_symbol(tmp_path: Path) -> None:
     out = tmp_path / "busy.perf"
+    record = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-o", str(out)]
     subprocess.run(
-        ["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-o", str(out)]
-        + [sys.executable, "-c", BUSY],
+        [*record, sys.executable, "-c", BUSY],
         check=True,
         capture_output=True,
     )
