@@ -104,7 +104,8 @@ class Node:
         if settings.native_writes and native is None:
             log.warning(
                 "hub._writes is not built (no C compiler when the hub was installed?): "
-                "fan-out writes take the pure-Python path, about 2 us more per delivery"
+                "the fan-out takes its pure-Python loops, slower in steady traffic "
+                "(docs/benchmarks.md)"
             )
         self.channels = Channels(
             self.engine,
