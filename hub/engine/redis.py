@@ -52,6 +52,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
@@ -70,6 +71,14 @@ from hub.protocol import Broadcast
 from hub.quotas import Quotas
 
 log = logging.getLogger(__name__)
+
+
+async def _close_pubsub(pubsub: PubSub) -> None:
+    """``PubSub.aclose()``, untyped before redis-py 8.2 and typed since:
+    called through a typed name, so neither needs a type: ignore."""
+    close: Callable[[], Awaitable[None]] = pubsub.aclose
+    await close()
+
 
 #: Messages waiting for the publisher; beyond this the oldest are dropped
 #: (and counted) rather than letting a dead Redis eat the node's memory.
@@ -631,7 +640,7 @@ class _Links:
             reader.cancel()
         self._kick_repair()
         with contextlib.suppress(Exception):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await _close_pubsub(pubsub)
             await link[0].aclose()
 
     def _kick_repair(self) -> None:
@@ -750,6 +759,6 @@ class _Links:
             self._failed.exception()  # retrieved: asyncio must not warn
         for client, pubsub in self._links.values():
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await _close_pubsub(pubsub)
                 await client.aclose()
         self._links.clear()
