@@ -75,7 +75,11 @@ call_long(PyObject *obj, PyObject *name)
 
 /* Write outbox's pending frames directly if it may be.  Returns 1 when it
  * wrote them all (adding to *frames and *nbytes), 0 when the outbox's own
- * flush must do (the rest of) the work, -1 on a Python error. */
+ * flush must do (the rest of) the work, -1 on a Python error.
+ *
+ * The checks that may run Python code (a Python transport's is_closing())
+ * come first; from reading the pending list's size to the send() no Python
+ * code runs, so its items stay what was counted. */
 static int
 try_direct(PyObject *outbox, long long *frames, long long *nbytes)
 {
@@ -89,14 +93,6 @@ try_direct(PyObject *outbox, long long *frames, long long *nbytes)
     if (fd == -1 && PyErr_Occurred())
         goto error;
     if (fd < 0)
-        goto done;
-    pending = PyObject_GetAttr(outbox, s_pending);
-    if (pending == NULL)
-        goto error;
-    if (!PyList_CheckExact(pending))
-        goto done;
-    Py_ssize_t n = PyList_GET_SIZE(pending);
-    if (n == 0 || n > MAX_IOV)
         goto done;
     closed = PyObject_GetAttr(outbox, s_closed);
     if (closed == NULL)
@@ -113,6 +109,14 @@ try_direct(PyObject *outbox, long long *frames, long long *nbytes)
     if (closing == -1 && PyErr_Occurred())
         goto error;
     if (closing)
+        goto done;
+    pending = PyObject_GetAttr(outbox, s_pending);
+    if (pending == NULL)
+        goto error;
+    if (!PyList_CheckExact(pending))
+        goto done;
+    Py_ssize_t n = PyList_GET_SIZE(pending);
+    if (n == 0 || n > MAX_IOV)
         goto done;
 
     struct iovec iov[MAX_IOV];
@@ -140,8 +144,8 @@ try_direct(PyObject *outbox, long long *frames, long long *nbytes)
     if (sent <= 0)
         goto done; /* EAGAIN or an error: the transport's write sees to it */
     if ((size_t)sent == total) {
-        if (PyList_SetSlice(pending, 0, n, NULL) < 0)
-            goto error;
+        /* Emptying a whole list allocates nothing: it cannot fail. */
+        (void)PyList_SetSlice(pending, 0, n, NULL);
         if (PyObject_SetAttr(outbox, s_pending_bytes, zero) < 0)
             goto error;
         *frames += n;
@@ -149,23 +153,29 @@ try_direct(PyObject *outbox, long long *frames, long long *nbytes)
         result = 1;
         goto done;
     }
-    /* Part of it went: what is left of the frame the kernel stopped in,
-     * then the frames after it, stay pending for the transport. */
+    /* Part of it went: what is left of the frame the kernel stopped in
+     * (the frame itself when it stopped at a boundary), then the frames
+     * after it, stay pending for the transport. */
     size_t left = (size_t)sent;
     Py_ssize_t k = 0;
     while (left >= iov[k].iov_len) {
         left -= iov[k].iov_len;
         k++;
     }
-    PyObject *rest = PyBytes_FromStringAndSize(
-        (const char *)iov[k].iov_base + left, (Py_ssize_t)(iov[k].iov_len - left));
-    if (rest == NULL)
-        goto error;
-    int failed = PyList_SetItem(pending, k, rest); /* steals rest */
-    if (failed == 0)
+    int failed = 0;
+    if (left > 0) {
+        PyObject *rest = PyBytes_FromStringAndSize(
+            (const char *)iov[k].iov_base + left, (Py_ssize_t)(iov[k].iov_len - left));
+        failed = rest == NULL ? -1 : PyList_SetItem(pending, k, rest); /* steals rest */
+    }
+    if (failed == 0 && k > 0)
         failed = PyList_SetSlice(pending, 0, k, NULL);
-    if (failed < 0)
+    if (failed < 0) {
+        /* Out of memory: what was sent must not be sent again, and what
+         * is left cannot be sent whole; this stream is lost either way. */
+        (void)PyList_SetSlice(pending, 0, PyList_GET_SIZE(pending), NULL);
         goto error;
+    }
     *frames += k;
     *nbytes += (long long)sent;
     goto done;

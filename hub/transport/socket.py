@@ -108,7 +108,13 @@ class HubSocket(asyncio.Protocol):
                 transport.set_write_buffer_limits(high=0)
                 self.direct_fd = sock.fileno()
                 outbox.transport = transport
-                outbox.fd = self.direct_fd
+                # Bytes may be queued already (an HTTP response on the same
+                # connection the client has not read, with the transport
+                # paused for the protocol before this one, which is then
+                # not told again): resume_writing() offers it once they
+                # are gone.
+                if transport.get_write_buffer_size() == 0:
+                    outbox.fd = self.direct_fd
         self.session = gateway.open_session(principal, vsn, outbox)
 
     def data_received(self, data: bytes) -> None:

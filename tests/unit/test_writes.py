@@ -164,3 +164,22 @@ def test_one_loop_over_many_subscriptions() -> None:
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_python_code_run_by_the_checks_cannot_change_what_is_sent(pair: Pair) -> None:
+    # A transport in Python runs code in is_closing(): the pending list is
+    # read after it, so the loop never sends items that are gone.
+    assert write is not None
+    a, b = pair
+    box = Outbox(a.fileno(), pending=[b"one", b"two"])
+
+    class Emptying(Transport):
+        def is_closing(self) -> bool:
+            box.pending.clear()
+            return False
+
+    box.transport = Emptying()
+    assert write([Sub(box)]) == (0, 0)
+    assert box.flushed == 1
+    with pytest.raises(BlockingIOError):
+        b.recv(100)
