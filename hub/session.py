@@ -68,8 +68,11 @@ class _TokenBucket:
     __slots__ = ("rate", "burst", "tokens", "stamp")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate, self.burst = rate, float(burst)
-        self.tokens, self.stamp = float(burst), now
+        # burst and the first tokens are the int given (shared objects, no
+        # float per socket); take() makes tokens a float.
+        self.rate, self.burst = rate, burst
+        self.tokens: float = burst
+        self.stamp = now
 
     def take(self, now: float) -> bool:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
@@ -180,9 +183,9 @@ class Session:
         now = clock()
         self.last_seen = now
         self._join_rate = _TokenBucket(limits.joins_per_second, limits.join_burst, now)
-        self._presence_rate = _TokenBucket(
-            limits.presence_calls / PRESENCE_WINDOW, limits.presence_calls, now
-        )
+        #: Made at the first presence call, full as it would be by then:
+        #: most sockets never make one, and each idle socket's bytes count.
+        self._presence_rate: _TokenBucket | None = None
         #: wire topic (``realtime:org:42``) -> subscription
         self.subs: dict[str, Subscription] = {}
         #: No channel's token expires before this: until then ``tick`` has
@@ -644,7 +647,12 @@ class Session:
         """Count one presence call against the socket's bucket; past it,
         Supabase's ``system`` error and an error reply, and the call is
         dropped (the channel stays)."""
-        if self._presence_rate.take(self.clock()):
+        now = self.clock()
+        bucket = self._presence_rate
+        if bucket is None:
+            calls = self.limits.presence_calls
+            bucket = self._presence_rate = _TokenBucket(calls / PRESENCE_WINDOW, calls, now)
+        if bucket.take(now):
             return True
         reason = "Client presence rate limit exceeded"
         self._system(sub, reason, "error", "presence")
