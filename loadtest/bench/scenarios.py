@@ -19,6 +19,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,7 +299,7 @@ async def fanout(
         sampler = _start_perf(dep, name, "fixed_rate") if perf else None
         m, (n, st) = await _delivery_phase(dep, pool, meter, fixed(), subs)
         if sampler is not None:
-            result["perf"] = _stop_perf(*sampler)
+            result["perf"] = _stop_profile(*sampler, summarize=summarize_perf)
         result["fixed_rate"] = {
             "target_deliveries_per_s": int(cfg.latency_rate * subs),
             "achieved_messages_per_s": _rate(n, t["publish_s"]),
@@ -1058,7 +1059,13 @@ def _start_profile(
     return proc, out
 
 
-def _stop_profile(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+def _stop_profile(
+    proc: subprocess.Popen[bytes],
+    out: Path,
+    summarize: Callable[[Path], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Stop a sampler (py-spy, or perf with ``summarize_perf``) and read
+    what it wrote."""
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=30)
@@ -1067,7 +1074,7 @@ def _stop_profile(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
         _, err = proc.communicate()
     if not out.exists():
         return {"error": err.decode(errors="replace")[-500:]}
-    return {"file": os.path.relpath(out, envs.ROOT), **summarize_profile(out)}
+    return {"file": os.path.relpath(out, envs.ROOT), **(summarize or summarize_profile)(out)}
 
 
 def _start_perf(
@@ -1093,18 +1100,6 @@ def _start_perf(
     )
     time.sleep(0.3)
     return proc, out
-
-
-def _stop_perf(proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    if not out.exists():
-        return {"error": err.decode(errors="replace")[-500:]}
-    return {"file": os.path.relpath(out, envs.ROOT), **summarize_perf(out)}
 
 
 _PERF_LINE = re.compile(r"^\s*([\d.]+)%\s+(.*?)\s*$")

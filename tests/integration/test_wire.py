@@ -885,6 +885,19 @@ class RawSocket:
         self.sock.close()
 
 
+async def publish_numbered(hub: HubProcess, org: str, event: str, count: int, blob: str) -> None:
+    """``count`` broadcasts to ``org:<org>``, one REST request each, payload
+    ``{"i": n, "b": blob}``."""
+    admin = {"Authorization": f"Bearer {hub.admin_token()}"}
+    async with httpx.AsyncClient(base_url=hub.http_url, timeout=T) as http:
+        for i in range(count):
+            message = {"topic": f"org:{org}", "event": event, "payload": {"i": i, "b": blob}}
+            response = await http.post(
+                "/realtime/v1/api/broadcast", json={"messages": [message]}, headers=admin
+            )
+            assert response.status_code == 202, response.text
+
+
 @pytest.mark.parametrize("native", ["true", "false"], ids=["compiled-writes", "python-writes"])
 async def test_slow_consumer_is_cut_and_others_get_everything(make_hub: Any, native: str) -> None:
     # Both write paths: the compiled loop's partial sends hand the rest to
@@ -919,16 +932,8 @@ async def test_slow_consumer_is_cut_and_others_get_everything(make_hub: Any, nat
             received.append(json.loads(payload)["i"])
 
     consumer = asyncio.create_task(consume())
-    admin = {"Authorization": f"Bearer {hub.admin_token()}"}
     try:
-        async with httpx.AsyncClient(base_url=hub.http_url, timeout=T) as http:
-            for i in range(count):
-                payload = {"i": i, "b": blob}
-                message = {"topic": f"org:{org}", "event": "big", "payload": payload}
-                response = await http.post(
-                    "/realtime/v1/api/broadcast", json={"messages": [message]}, headers=admin
-                )
-                assert response.status_code == 202, response.text
+        await publish_numbered(hub, org, "big", count, blob)
         await asyncio.wait_for(consumer, 30)
     finally:
         consumer.cancel()
@@ -975,15 +980,8 @@ async def test_a_slow_reader_gets_every_frame_whole_and_in_order(
             await asyncio.sleep(0.004)
 
     reading = asyncio.create_task(read_slowly())
-    admin = {"Authorization": f"Bearer {hub.admin_token()}"}
     try:
-        async with httpx.AsyncClient(base_url=hub.http_url, timeout=T) as http:
-            for i in range(count):
-                message = {"topic": f"org:{org}", "event": "m", "payload": {"i": i, "b": blob}}
-                response = await http.post(
-                    "/realtime/v1/api/broadcast", json={"messages": [message]}, headers=admin
-                )
-                assert response.status_code == 202, response.text
+        await publish_numbered(hub, org, "m", count, blob)
         await asyncio.wait_for(reading, 60)
     finally:
         reading.cancel()
