@@ -103,8 +103,8 @@ class Server:
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
 
-    def kernel_cpu(self) -> float:
-        return cpu_split(self.proc.pid)[1]
+    def cpu_split(self) -> tuple[float, float]:
+        return cpu_split(self.proc.pid)
 
     def rss_kb(self) -> int:
         return rss_kb(self.proc.pid)

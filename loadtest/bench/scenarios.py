@@ -120,20 +120,23 @@ class Meter:
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
-        self.cpu0 = self.dep.cpu()
-        self.k0 = self.dep.kernel_cpu()
+        self.cpu0 = self.dep.cpu_split()
         self.h0 = procs.self_cpu()
         self.r0 = procs.cpu_seconds_exact(self.redis_pid) if self.redis_pid else 0.0
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t0
-        cpu = [b - a for a, b in zip(self.cpu0, self.dep.cpu(), strict=True)]
+        split = [
+            (u1 - u0, k1 - k0)
+            for (u0, k0), (u1, k1) in zip(self.cpu0, self.dep.cpu_split(), strict=True)
+        ]
+        cpu = [user + kernel for user, kernel in split]
         out: dict[str, Any] = {
             "wall_s": round(wall, 3),
             "server_cpu_s": round(sum(cpu), 3),
             # The part spent in the kernel: what a server's own code can
             # not save by being faster.
-            "server_kernel_cpu_s": round(self.dep.kernel_cpu() - self.k0, 3),
+            "server_kernel_cpu_s": round(sum(kernel for _, kernel in split), 3),
             "harness_cpu_s": round(procs.self_cpu() - self.h0, 3),
         }
         if len(cpu) > 1:

@@ -112,8 +112,9 @@ class Deployment:
     def cpu(self) -> list[float]:
         return [n.cpu() for n in self.nodes]
 
-    def kernel_cpu(self) -> float:
-        return sum(n.kernel_cpu() for n in self.nodes)
+    def cpu_split(self) -> list[tuple[float, float]]:
+        """(user, kernel) CPU seconds of each node, one read each."""
+        return [n.cpu_split() for n in self.nodes]
 
     def rss_kb(self) -> list[int]:
         return [n.rss_kb() for n in self.nodes]
