@@ -7,7 +7,7 @@ keeps what it is given (tests, tools).  No I/O happens here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,24 +24,65 @@ class Flushable(Protocol):
     def flush(self) -> None: ...
 
 
-class HasOutbox(Protocol):
-    """What the fan-out's writes need of a subscription."""
+class FrameList(Protocol):
+    """The frames due on one socket, in order (:class:`Pending`, or the
+    compiled ``hub._writes.Pending``).  Calling it appends a frame: it is
+    the socket outbox's sink, and what the compiled loops read and write."""
 
-    @property
-    def outbox(self) -> Outbox: ...
+    #: The socket the compiled loop may write to itself, or -1.
+    fd: int
+
+    def __call__(self, wire: bytes, /) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> bytes: ...
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def push(self, wire: bytes, /) -> int: ...
+
+    def clear(self) -> None: ...
 
 
-#: Writes the outboxes of some subscriptions; returns the frames and bytes
-#: it wrote itself (outboxes count what their own flush writes).
-FlushSubscribers = Callable[[Iterable[HasOutbox]], tuple[int, int]]
+class Pending(list[bytes]):
+    """:class:`FrameList` in Python, for where ``hub._writes`` is not built.
+
+    ``pushed`` counts the bytes added by :meth:`push` (frames meant for this
+    connection alone) since the list was last emptied."""
+
+    __slots__ = ("fd", "pushed")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fd = -1
+        self.pushed = 0
+
+    # A bound list.append without a Python frame per call.
+    __call__ = list.append
+
+    def push(self, wire: bytes) -> int:
+        self.append(wire)
+        self.pushed += len(wire)
+        return self.pushed
+
+    def clear(self) -> None:
+        super().clear()
+        self.pushed = 0
+
+
+#: Writes the frames of a topic's subscribers (a dict of subscriptions to
+#: sinks; a subscription has an ``outbox``); returns the frames and bytes it
+#: wrote itself (outboxes count what their own flush writes).
+FlushSubscribers = Callable[[dict[Any, Sink]], tuple[int, int]]
 #: Gives a frame (its wire bytes) to every sink of a topic's subscribers but
 #: the sender's (``origin``); returns how many got it.
 FanOut = Callable[[dict[Any, Sink], bytes, object], int]
 
 
-def flush_subscribers(subscriptions: Iterable[HasOutbox]) -> tuple[int, int]:
+def flush_subscribers(group: dict[Any, Sink]) -> tuple[int, int]:
     """The pure-Python path: each outbox's own :meth:`Outbox.flush`."""
-    for sub in list(subscriptions):  # a copy: a flush may close
+    for sub in list(group):  # a copy: a flush may close
         sub.outbox.flush()
     return 0, 0
 
@@ -60,24 +101,26 @@ def fan_out(group: dict[Any, Sink], wire: bytes, origin: object) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Writes:
-    """The fan-out's two inner loops: frames to sinks, outboxes to sockets."""
+    """The fan-out's two inner loops (frames to sinks, outboxes to sockets),
+    and the frame list of a socket's outbox they work on."""
 
     fan_out: FanOut
     flush: FlushSubscribers
+    pending: Callable[[], FrameList]
 
 
-PYTHON_WRITES = Writes(fan_out, flush_subscribers)
+PYTHON_WRITES = Writes(fan_out, flush_subscribers, Pending)
 
 
 def native_writes() -> Writes | None:
-    """The same loops in C (hub/_writes.c): the flush writes an outbox's
-    frames to its socket itself when the outbox offers a file descriptor
-    (``fd``); None where the extension was not built."""
+    """The same loops and list in C (hub/_writes.c): the flush writes a
+    socket's frames itself when its list offers a file descriptor (``fd``);
+    None where the extension was not built."""
     try:
         from hub import _writes
     except ImportError:
         return None
-    return Writes(_writes.fan_out, _writes.flush_subscribers)
+    return Writes(_writes.fan_out, _writes.flush_subscribers, _writes.Pending)
 
 
 class Outbox:
@@ -88,22 +131,19 @@ class Outbox:
     is closed, not waited for.
 
     ``sink`` is the fan-out's way in, and takes a frame's ``wire`` bytes:
-    for a socket it is the pending list's own ``append`` (a C call, no
-    Python frame per subscriber), and the list goes to ``writelines`` as it
-    is.  A sink does not schedule a write; whoever uses it must get
-    :meth:`flush` called before the loop sleeps (the registry does this
-    once per topic per loop iteration) or call :meth:`schedule`.  Outboxes
-    that are not sockets take the slow way: the frame is rebuilt and pushed.
+    for a socket it is its :class:`FrameList`, which the compiled loops
+    fill and write without a call per subscriber.  A sink does not schedule
+    a write; whoever uses it must get :meth:`flush` called before the loop
+    sleeps (the registry does this once per topic per loop iteration) or
+    call :meth:`schedule`.  Outboxes that are not sockets take the slow
+    way: the frame is rebuilt and pushed.
     """
 
-    __slots__ = ("closed", "sink", "fd")
+    __slots__ = ("closed", "sink")
 
     def __init__(self) -> None:
         self.closed = False
         self.sink: Sink = self._push_wire
-        #: A socket the compiled fan-out loop may write to itself, or -1
-        #: (every outbox but a plain socket's; see hub/_writes.c).
-        self.fd = -1
 
     def _push_wire(self, wire: bytes) -> None:
         self.push(Frame.from_wire(wire))

@@ -9,13 +9,14 @@ must not make the hub buffer without limit or slow anyone else down.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final, Protocol
 
 from hub.counters import Counters
 from hub.errors import CloseCode
 from hub.flusher import Flusher
 from hub.frames import Frame
-from hub.outbox import Outbox
+from hub.outbox import FrameList, Outbox, Pending
 
 #: Frames waiting in an outbox are written at the end of the loop iteration,
 #: or, for frames pushed to that one connection (a replay), as soon as this
@@ -31,7 +32,7 @@ SLOW_CLOSE_GRACE: Final = 1.0
 class FrameWriter(Protocol):
     """What the outbox needs of its socket (:class:`~hub.transport.socket.HubSocket`)."""
 
-    def write_frames(self, frames: list[bytes]) -> int: ...
+    def write_frames(self, frames: Iterable[bytes]) -> int: ...
 
     def write_frame(self, frame: bytes) -> int: ...
 
@@ -41,61 +42,52 @@ class FrameWriter(Protocol):
 class SocketOutbox(Outbox):
     """An outbox written straight to a socket.
 
-    ``pending`` is one list for the outbox's lifetime (cleared in place), so
-    ``sink`` can be its bound ``append``: the fan-out then adds a frame to a
-    thousand outboxes with a thousand C calls, and the bookkeeping (bytes,
-    the slow-consumer bound, statistics) happens once per outbox per loop
+    ``pending`` (a :class:`~hub.outbox.FrameList`) is one list for the
+    outbox's lifetime, cleared in place, and it is the ``sink``: the fan-out
+    adds a frame to a thousand outboxes without a Python call each (with the
+    compiled loops, without a call at all), and the bookkeeping (bytes, the
+    slow-consumer bound, statistics) happens once per outbox per loop
     iteration, in :meth:`flush`.  ``push``, for frames meant for this
     connection alone (replies, replays), also keeps the byte count, so a
     long replay is written early and cut as soon as it passes the bound.
+    The list's ``fd`` is the socket's descriptor while the compiled loop may
+    write to it directly (set by :class:`~hub.transport.socket.HubSocket`).
     """
 
-    # What the compiled fan-out loop reads per delivery (the base class's
-    # closed and fd, then pending, transport, pending_bytes) comes first:
-    # one cache line of the object rather than two, at a cache miss each.
-    __slots__ = (
-        "pending",
-        "transport",
-        "pending_bytes",
-        "socket",
-        "flusher",
-        "max_bytes",
-        "marked",
-        "close_code",
-        "stats",
-    )
+    __slots__ = ("pending", "socket", "flusher", "max_bytes", "marked", "close_code", "stats")
 
     def __init__(
-        self, socket: FrameWriter, flusher: Flusher, max_bytes: int, stats: Counters
+        self,
+        socket: FrameWriter,
+        flusher: Flusher,
+        max_bytes: int,
+        stats: Counters,
+        pending: FrameList | None = None,
     ) -> None:
         super().__init__()
         self.socket = socket
         self.flusher = flusher
         self.max_bytes = max_bytes
         #: Wire bytes, in order, for one writelines.
-        self.pending: list[bytes] = []
-        self.sink = self.pending.append
-        #: Bytes pushed (not sunk) since the last flush.
-        self.pending_bytes = 0
+        self.pending: FrameList = pending if pending is not None else Pending()
+        self.sink = self.pending
         #: True while this outbox is in the flusher's list.
         self.marked = False
         self.close_code: int | None = None
         self.stats = stats
-        #: The socket's transport, and in ``fd`` its descriptor while the
-        #: compiled fan-out loop may write to it directly: set by
-        #: :class:`~hub.transport.socket.HubSocket` while the transport holds
-        #: nothing unsent; the loop also checks that it is not closing.
-        self.transport: object = None
+
+    def allow_direct_writes(self, fd: int) -> None:
+        """Let the compiled loop write to descriptor ``fd`` (-1: no more)."""
+        self.pending.fd = fd if not self.closed else -1
 
     def push(self, frame: Frame) -> None:
         if self.closed:
             return
-        self.pending.append(frame.wire)
-        self.pending_bytes += len(frame.wire)
+        pushed = self.pending.push(frame.wire)
         if not self.marked:
             self.marked = True
             self.flusher.mark(self)
-        if self.pending_bytes >= EAGER_FLUSH_BYTES:
+        if pushed >= EAGER_FLUSH_BYTES:
             self.flush()
 
     def schedule(self) -> None:
@@ -126,7 +118,6 @@ class SocketOutbox(Outbox):
             unsent = self.socket.write_frames(pending)
         stats.frames_out += len(pending)
         pending.clear()
-        self.pending_bytes = 0
         # What the kernel has not taken stays in the transport's buffer;
         # past the bound the client is not reading: cut it, do not buffer.
         if unsent > self.max_bytes:
@@ -135,7 +126,7 @@ class SocketOutbox(Outbox):
     def close(self, code: int, reason: str = "") -> None:
         if self.closed:
             return
-        self.fd = -1
+        self.pending.fd = -1
         slow = code == CloseCode.SLOW_CONSUMER
         if not slow:
             # Whatever was queued before the close is still owed.
@@ -144,5 +135,4 @@ class SocketOutbox(Outbox):
         self.close_code = code
         self.stats.closes[code] += 1
         self.pending.clear()
-        self.pending_bytes = 0
         self.socket.close_now(code, reason, SLOW_CLOSE_GRACE if slow else CLOSE_GRACE)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from hub.auth.principal import Principal
@@ -91,7 +92,11 @@ class HubSocket(asyncio.Protocol):
     def start(self, principal: Principal, vsn: Vsn) -> None:
         gateway = self.gateway
         outbox = SocketOutbox(
-            self, gateway.flusher, gateway.socket_limits.max_outbox_bytes, gateway.counters
+            self,
+            gateway.flusher,
+            gateway.socket_limits.max_outbox_bytes,
+            gateway.counters,
+            gateway.channels.writes.pending(),
         )
         self.hub_outbox = outbox
         transport = self.transport
@@ -107,14 +112,13 @@ class HubSocket(asyncio.Protocol):
             if sock is not None and transport.get_extra_info("sslcontext") is None:
                 transport.set_write_buffer_limits(high=0)
                 self.direct_fd = sock.fileno()
-                outbox.transport = transport
                 # Bytes may be queued already (an HTTP response on the same
                 # connection the client has not read, with the transport
                 # paused for the protocol before this one, which is then
                 # not told again): resume_writing() offers it once they
                 # are gone.
                 if transport.get_write_buffer_size() == 0:
-                    outbox.fd = self.direct_fd
+                    outbox.allow_direct_writes(self.direct_fd)
         self.session = gateway.open_session(principal, vsn, outbox)
 
     def data_received(self, data: bytes) -> None:
@@ -150,19 +154,22 @@ class HubSocket(asyncio.Protocol):
             self.gateway.close_session(session)
 
     def eof_received(self) -> bool | None:
-        return None  # the transport closes itself
+        # The transport closes itself; what it would not send any more is
+        # not sent around it either.
+        self._no_direct_writes()
+        return None
 
     def pause_writing(self) -> None:
         # Nothing waits for the socket to drain: the outbox bound cuts a
         # client that does not read (see SocketOutbox).  But the transport
         # holds bytes now: frames go through it, behind them.
         if self.hub_outbox is not None:
-            self.hub_outbox.fd = -1
+            self.hub_outbox.allow_direct_writes(-1)
 
     def resume_writing(self) -> None:
         outbox = self.hub_outbox
-        if outbox is not None and self.direct_fd >= 0 and not outbox.closed:
-            outbox.fd = self.direct_fd
+        if outbox is not None and self.direct_fd >= 0:
+            outbox.allow_direct_writes(self.direct_fd)
 
     # -- uvicorn's server ----------------------------------------------------------
 
@@ -263,8 +270,7 @@ class HubSocket(asyncio.Protocol):
     def _no_direct_writes(self) -> None:
         self.direct_fd = -1
         if self.hub_outbox is not None:
-            self.hub_outbox.fd = -1
-            self.hub_outbox.transport = None
+            self.hub_outbox.allow_direct_writes(-1)
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
@@ -273,7 +279,7 @@ class HubSocket(asyncio.Protocol):
 
     # -- what SocketOutbox uses ----------------------------------------------------
 
-    def write_frames(self, frames: list[bytes]) -> int:
+    def write_frames(self, frames: Iterable[bytes]) -> int:
         """Write complete frames; returns the bytes the kernel has not taken."""
         transport = self.transport
         if self.close_sent or transport is None or transport.is_closing():

@@ -1,53 +1,62 @@
 """hub._writes, the compiled fan-out writes, against real socket pairs: it
-writes an outbox's frames itself only when nothing else may be in the way,
+writes a socket's frames itself only when its list offers a descriptor,
 leaves exactly the unsent bytes pending when the kernel takes part, and
-hands every other case to the outbox's own flush."""
+hands every other case to the outbox's own flush.  Its frame list,
+``Pending``, behaves as the pure-Python one (hub/outbox.py)."""
 
 from __future__ import annotations
 
 import itertools
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
-from hub.outbox import fan_out, native_writes
+from hub.outbox import PYTHON_WRITES, FrameList, Pending, native_writes
 
 native = native_writes()
 write = native.flush if native is not None else None
+Pair = tuple[socket.socket, socket.socket]
 
 
-@dataclass
-class Transport:
-    closing: bool = False
-
-    def is_closing(self) -> bool:
-        return self.closing
+def _pending(fd: int, frames: list[bytes]) -> FrameList:
+    assert native is not None
+    pending = native.pending()
+    for frame in frames:
+        pending(frame)
+    pending.fd = fd
+    return pending
 
 
 @dataclass
 class Outbox:
-    """The attributes the compiled loop reads of a SocketOutbox."""
+    """What the compiled loop uses of a SocketOutbox: its flush, for what
+    it does not write itself."""
 
-    fd: int
-    transport: Transport = field(default_factory=Transport)
-    pending: list[bytes] = field(default_factory=list)
-    pending_bytes: int = 0
-    closed: bool = False
+    pending: Any = None
     flushed: int = 0
+    on_flush: Callable[[], None] | None = None
 
     def flush(self) -> None:
         self.flushed += 1
+        if self.on_flush is not None:
+            self.on_flush()
 
 
 @dataclass(eq=False)
 class Sub:
-    outbox: Outbox
+    outbox: Outbox = field(default_factory=Outbox)
+
+
+def _group(*lists: Any) -> tuple[dict[Sub, Any], list[Outbox]]:
+    outboxes = [Outbox(pending) for pending in lists]
+    return {Sub(box): box.pending for box in outboxes}, outboxes
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+def pair() -> Iterator[Pair]:
     a, b = socket.socketpair()
     a.setblocking(False)
     b.setblocking(False)
@@ -62,66 +71,104 @@ def test_the_extension_is_built() -> None:
     assert native is not None
 
 
-def test_fan_out_calls_every_sink_but_the_origins_as_the_python_loop_does() -> None:
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+def test_the_frame_list_keeps_frames_and_pushed_bytes(kind: str) -> None:
     assert native is not None
-    for loop in (native.fan_out, fan_out):
-        got: dict[str, list[bytes]] = {"a": [], "b": [], "c": []}
-        group = {name: frames.append for name, frames in got.items()}
+    pending = (native if kind == "compiled" else PYTHON_WRITES).pending()
+    assert pending.fd == -1 and len(pending) == 0
+    pending(b"sunk")
+    assert pending.push(b"pushed") == 6
+    assert pending.push(b"again") == 11
+    # Past the inline slots of the compiled list, and back.
+    for i in range(200):
+        pending(b"%d" % i)
+    assert len(pending) == 203
+    assert list(pending)[:3] == [b"sunk", b"pushed", b"again"]
+    assert pending[202] == b"199"
+    pending.clear()
+    assert len(pending) == 0 and list(pending) == [] and pending.push(b"x") == 1
+
+
+def test_the_compiled_list_takes_bytes_only() -> None:
+    # Bytes refer to nothing: the list needs no garbage-collector support.
+    pending = _pending(-1, [])
+    for wrong in ("text", bytearray(b"x"), memoryview(b"x"), 1):
+        with pytest.raises(TypeError):
+            pending(wrong)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            pending.push(wrong)  # type: ignore[arg-type]
+    assert len(pending) == 0
+
+
+def test_fan_out_gives_every_sink_but_the_origins_as_the_python_loop_does() -> None:
+    assert native is not None
+    for loop in (native.fan_out, PYTHON_WRITES.fan_out):
+        lists: dict[str, Any] = {"a": native.pending(), "b": [], "c": Pending()}
+        group = {
+            name: frames.append if isinstance(frames, list) and name == "b" else frames
+            for name, frames in lists.items()
+        }
         assert loop(group, b"f1", None) == 3
         assert loop(group, b"f2", "b") == 2
         assert loop(group, b"f3", "nobody") == 3
+        got = {name: list(frames) for name, frames in lists.items()}
         assert got == {"a": [b"f1", b"f2", b"f3"], "b": [b"f1", b"f3"], "c": [b"f1", b"f2", b"f3"]}
-
-
-Pair = tuple[socket.socket, socket.socket]
 
 
 def test_pending_frames_go_to_the_socket_in_order(pair: Pair) -> None:
     assert write is not None
     a, b = pair
-    one = Outbox(a.fileno(), pending=[b"first", b"-second"], pending_bytes=12)
-    frames, sent = write({Sub(one): None})
-    assert (frames, sent) == (2, 12)
+    pending = _pending(a.fileno(), [b"first"])
+    assert pending.push(b"-second") == 7
+    group, (box,) = _group(pending)
+    assert write(group) == (2, 12)
     assert b.recv(100) == b"first-second"
-    assert one.pending == [] and one.pending_bytes == 0 and one.flushed == 0
+    # Emptied, pushed bytes counted from zero again, no flush needed.
+    assert len(pending) == 0 and pending.push(b"") == 0 and box.flushed == 0
 
 
 @pytest.mark.parametrize(
-    "outbox_change",
+    "make",
     [
-        {"fd": -1},
-        {"closed": True},
-        {"transport": Transport(closing=True)},
-        {"pending": [b"x"] * 65},
+        lambda fd: _pending(-1, [b"frame"]),
+        lambda fd: _pending(fd, [b"x"] * 1025),
+        lambda fd: Pending(),
+        lambda fd: [].append,
     ],
-    # No fd also stands for a transport holding unsent bytes (HubSocket
-    # takes it away from pause_writing() to resume_writing()).
-    ids=["no-fd", "closed", "transport-closing", "too-many-frames"],
+    # No fd also stands for a closed outbox, a close frame sent, the end of
+    # the stream, and a transport holding unsent bytes (HubSocket takes it
+    # away from pause_writing() to resume_writing()).
+    ids=["no-fd", "too-many-frames", "python-list", "other-sink"],
 )
-def test_every_other_case_is_the_outboxs_own_flush(
-    pair: tuple[socket.socket, socket.socket], outbox_change: dict[str, object]
-) -> None:
+def test_every_other_case_is_the_outboxs_own_flush(pair: Pair, make: Any) -> None:
     assert write is not None
     a, b = pair
-    box = Outbox(a.fileno(), pending=[b"frame"])
-    for key, value in outbox_change.items():
-        setattr(box, key, value)
-    before = list(box.pending)
-    assert write([Sub(box)]) == (0, 0)
-    assert box.flushed == 1 and box.pending == before
+    sink = make(a.fileno())
+    before = list(sink) if hasattr(sink, "__len__") else None
+    group, (box,) = _group(sink)
+    assert write(group) == (0, 0)
+    assert box.flushed == 1
+    if before is not None:
+        assert list(sink) == before
     with pytest.raises(BlockingIOError):
         b.recv(100)
 
 
-def test_what_the_kernel_does_not_take_stays_pending(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
+def test_nothing_pending_is_no_flush(pair: Pair) -> None:
+    assert write is not None
+    group, boxes = _group(_pending(pair[0].fileno(), []), _pending(-1, []))
+    assert write(group) == (0, 0)
+    assert [box.flushed for box in boxes] == [0, 0]
+
+
+def test_what_the_kernel_does_not_take_stays_pending(pair: Pair) -> None:
     assert write is not None
     a, b = pair
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     frames = [bytes([65 + i]) * 100_000 for i in range(3)]
-    box = Outbox(a.fileno(), pending=list(frames))
-    done, sent = write([Sub(box)])
+    pending = _pending(a.fileno(), frames)
+    group, (box,) = _group(pending)
+    done, sent = write(group)
     assert 0 < sent < 300_000
     assert box.flushed == 1  # the rest is the transport's
     # Written and pending add up to the frames, byte for byte, in order.
@@ -133,53 +180,68 @@ def test_what_the_kernel_does_not_take_stays_pending(
             break
         received += chunk
     assert len(received) == sent
-    assert received + b"".join(box.pending) == b"".join(frames)
+    assert received + b"".join(pending) == b"".join(frames)
     # The frames sent whole are counted; the one cut, with what follows it,
     # is counted by the flush that writes the rest.
     assert done == sum(1 for end in itertools.accumulate(map(len, frames)) if end <= sent)
 
 
-def test_a_failed_send_leaves_everything_to_the_flush(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
+def test_partial_writes_of_any_frame_size_keep_the_stream_whole(pair: Pair) -> None:
+    # The kernel stops where its buffer is full: inside a frame, or at a
+    # boundary.  Either way what was sent, then what is pending, is the
+    # stream, whatever the frames' sizes.
+    assert write is not None
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for size in (1, 7, 4096, 65_536):
+        frames = [bytes([48 + i % 10]) * size for i in range(40)]
+        pending = _pending(a.fileno(), frames)
+        group, _ = _group(pending)
+        _, sent = write(group)
+        received = b""
+        while len(received) < sent:
+            received += b.recv(1 << 20)
+        assert received + b"".join(pending) == b"".join(frames)
+        pending.clear()
+
+
+def test_a_failed_send_leaves_everything_to_the_flush(pair: Pair) -> None:
     assert write is not None
     a, b = pair
     b.close()  # the peer is gone: EPIPE
-    box = Outbox(a.fileno(), pending=[b"lost?"])
-    assert write([Sub(box)]) == (0, 0)
-    assert box.flushed == 1 and box.pending == [b"lost?"]
+    pending = _pending(a.fileno(), [b"lost?"])
+    group, (box,) = _group(pending)
+    assert write(group) == (0, 0)
+    assert box.flushed == 1 and list(pending) == [b"lost?"]
 
 
 def test_one_loop_over_many_subscriptions() -> None:
     assert write is not None
     pairs = [socket.socketpair() for _ in range(50)]
     try:
-        boxes = [Outbox(a.fileno(), pending=[b"m%d" % i]) for i, (a, _) in enumerate(pairs)]
-        quiet = Outbox(-1, pending=[b"slow path"])
-        subs = {Sub(box): None for box in [*boxes, quiet]}
-        assert write(subs) == (50, sum(len(b"m%d" % i) for i in range(50)))
+        lists = [_pending(a.fileno(), [b"m%d" % i]) for i, (a, _) in enumerate(pairs)]
+        quiet = _pending(-1, [b"slow path"])
+        group, outboxes = _group(*lists, quiet)
+        assert write(group) == (50, sum(len(b"m%d" % i) for i in range(50)))
         assert [b.recv(10) for _, b in pairs] == [b"m%d" % i for i in range(50)]
-        assert quiet.flushed == 1
+        assert [box.flushed for box in outboxes] == [0] * 50 + [1]
     finally:
         for a, b in pairs:
             a.close()
             b.close()
 
 
-def test_python_code_run_by_the_checks_cannot_change_what_is_sent(pair: Pair) -> None:
-    # A transport in Python runs code in is_closing(): the pending list is
-    # read after it, so the loop never sends items that are gone.
+def test_a_flush_that_unsubscribes_others_does_not_break_the_loop(pair: Pair) -> None:
+    # The outboxes' flushes run Python, which may close a socket and so take
+    # subscriptions out of the topic; the loop flushes what is still there.
     assert write is not None
-    a, b = pair
-    box = Outbox(a.fileno(), pending=[b"one", b"two"])
+    group, outboxes = _group(*(_pending(-1, [b"x"]) for _ in range(10)))
+    subs = list(group)
 
-    class Emptying(Transport):
-        def is_closing(self) -> bool:
-            box.pending.clear()
-            return False
+    def leave() -> None:
+        for sub in subs[5:]:
+            group.pop(sub, None)
 
-    box.transport = Emptying()
-    assert write([Sub(box)]) == (0, 0)
-    assert box.flushed == 1
-    with pytest.raises(BlockingIOError):
-        b.recv(100)
+    outboxes[0].on_flush = leave
+    assert write(group) == (0, 0)
+    assert [box.flushed for box in outboxes] == [1] * 5 + [0] * 5

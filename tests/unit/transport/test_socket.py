@@ -13,6 +13,7 @@ from typing import Any
 from hub.counters import Counters
 from hub.flusher import Flusher
 from hub.gateway import SocketLimits
+from hub.outbox import PYTHON_WRITES, Writes, native_writes
 from hub.protocol import VSN2
 from hub.transport.socket import HubSocket
 
@@ -56,8 +57,14 @@ class FakeTransport:
         self.closing = True
 
 
+@dataclass
+class FakeChannels:
+    writes: Writes = field(default_factory=lambda: native_writes() or PYTHON_WRITES)
+
+
 class FakeGateway:
     def __init__(self) -> None:
+        self.channels = FakeChannels()
         self.socket_limits = SocketLimits(max_frame_bytes=1 << 20, max_outbox_bytes=1 << 20)
         self.flusher = Flusher()
         self.counters = Counters()
@@ -85,11 +92,11 @@ async def test_the_descriptor_is_offered_while_nothing_is_queued() -> None:
     assert outbox is not None
     # A high-water mark of 0: the transport says so the moment it queues.
     assert transport.limits == (0, 0)
-    assert outbox.fd == FD
+    assert outbox.pending.fd == FD
     sock.pause_writing()
-    assert outbox.fd == -1
+    assert outbox.pending.fd == -1
     sock.resume_writing()
-    assert outbox.fd == FD
+    assert outbox.pending.fd == FD
 
 
 async def test_bytes_queued_before_the_upgrade_hold_it_back_until_they_are_gone() -> None:
@@ -97,24 +104,26 @@ async def test_bytes_queued_before_the_upgrade_hold_it_back_until_they_are_gone(
     # transport may have paused for the HTTP protocol, and not tell again.
     transport = FakeTransport(buffered=300_000)
     sock = _socket(transport)
-    assert sock.hub_outbox is not None and sock.hub_outbox.fd == -1
+    assert sock.hub_outbox is not None and sock.hub_outbox.pending.fd == -1
     transport.buffered = 0
     sock.resume_writing()
-    assert sock.hub_outbox.fd == FD
+    assert sock.hub_outbox.pending.fd == FD
 
 
 async def test_never_after_a_close_frame_or_the_end() -> None:
-    for end in ("close", "lost", "outbox"):
+    for end in ("close", "lost", "outbox", "eof"):
         transport = FakeTransport()
         sock = _socket(transport)
         outbox = sock.hub_outbox
-        assert outbox is not None and outbox.fd == FD
+        assert outbox is not None and outbox.pending.fd == FD
         if end == "close":
             sock.close_now(1000, "", 1.0)
         elif end == "lost":
             sock.connection_lost(None)
+        elif end == "eof":
+            assert not sock.eof_received()
         else:
             outbox.close(1000)
-        assert outbox.fd == -1, end
+        assert outbox.pending.fd == -1, end
         sock.resume_writing()
-        assert outbox.fd == -1, end
+        assert outbox.pending.fd == -1, end
