@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -512,7 +513,8 @@ class Session:
             # A second join of one topic replaces the first (Phoenix).
             self._close_channel(previous)
         topic, principal, bindings = sub.topic, sub.principal, sub.bindings
-        self.subs[msg.topic] = sub
+        # Interned: every session joined to a topic shares the key's text.
+        self.subs[sys.intern(msg.topic)] = sub
         self._expiry_check_at = min(self._expiry_check_at, principal.exp)
         self.channels.subscribe(sub)
         self.stats.joins += 1

@@ -195,7 +195,10 @@ class Mother(Observer):
         self._conns: dict[str, str | None] = {}
         self._users: dict[str, int] = {}
         #: Every live subscription -> (org, user) it was counted under.
-        self._subs: dict[Subscription, tuple[str | None, str | None]] = {}
+        #: Counted subscriptions, each with the user it was counted for (its
+        #: principal may change later); None for a subscription of another
+        #: kind than org: or of no user.
+        self._subs: dict[Subscription, str | None] = {}
         self._orgs: dict[str, _OrgLocal] = {}
         self._delivered = Ring(1, 60)
         self._refused = Ring(60, 60)
@@ -223,14 +226,14 @@ class Mother(Observer):
     def joined(self, sub: Subscription) -> None:
         topic = sub.topic
         if topic.kind == "mother":
-            self._subs[sub] = (None, None)
+            self._subs[sub] = None
             self._send_snapshot(sub)
             return
         if topic.kind != "org":
-            self._subs[sub] = (None, None)
+            self._subs[sub] = None
             return
         org, user = topic.owner, sub.principal.sub
-        self._subs[sub] = (org, user)
+        self._subs[sub] = user
         local = self._orgs.get(org)
         if local is None:
             local = self._orgs[org] = _OrgLocal()
@@ -240,11 +243,10 @@ class Mother(Observer):
             _incr(local.users, user)
 
     def left(self, sub: Subscription) -> None:
-        counted = self._subs.pop(sub, None)
-        if counted is None:
+        if sub not in self._subs:
             return
-        org, user = counted
-        local = self._orgs.get(org) if org is not None else None
+        user = self._subs.pop(sub)
+        local = self._orgs.get(sub.topic.owner) if sub.topic.kind == "org" else None
         if local is None:
             return
         _decr(local.conns, sub.conn_id)

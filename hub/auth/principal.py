@@ -6,6 +6,7 @@ in Supabase), never from ``user_metadata``, which users edit themselves.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -101,19 +102,21 @@ def principal_from_claims(
         for org in raw:
             if not is_org_id(org):
                 raise AuthError("InvalidJWTToken", f"Claim `{label}` holds an invalid org id")
-            orgs[org] = MEMBER
+            orgs[sys.intern(org)] = MEMBER
     elif isinstance(raw, dict):
         for org, org_role in raw.items():
             if not is_org_id(org) or not isinstance(org_role, str):
                 raise AuthError(
                     "InvalidJWTToken", f"Claim `{label}` must map org ids to role strings"
                 )
-            orgs[org] = org_role
+            orgs[sys.intern(org)] = sys.intern(org_role)
     else:
         raise AuthError("InvalidJWTToken", f"Claim `{label}` must be a list or a map of org ids")
     admin = _lookup(claims, admin_path) is True
+    # Org ids and roles are interned: a member's principal shares their
+    # text with every other member's, for as long as a connection holds it.
     return Principal(
-        role=role,
+        role=sys.intern(role),
         exp=float(exp),
         sub=sub or None,
         orgs=orgs,

@@ -26,6 +26,7 @@ split the channel: the hub's own rules decide who may use it.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -89,11 +90,22 @@ class TopicNameRequired(InvalidTopic):
     """The topic is empty."""
 
 
+#: Parsed topics remembered: every subscriber of a topic shares one
+#: :class:`Topic` (and its text) instead of keeping its own.
+TOPIC_CACHE_SIZE: Final = 4096
+
+
 def parse_topic(text: str, *, private: bool = False) -> Topic:
     """Parse a topic (without the ``realtime:`` prefix) or raise InvalidTopic.
 
     ``private`` makes a free name a private channel; reserved namespaces
-    ignore it."""
+    ignore it.  Topics are immutable; the same text gives the same object
+    while it is among the last :data:`TOPIC_CACHE_SIZE` parsed."""
+    return _parse_topic(text, private)
+
+
+@functools.lru_cache(maxsize=TOPIC_CACHE_SIZE)
+def _parse_topic(text: str, private: bool) -> Topic:
     if text == MOTHER:
         return Topic("mother", MOTHER, None, text)
     kind, sep, rest = text.partition(":")

@@ -23,7 +23,7 @@ from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached
 from hub.errors import AuthError
 from hub.gateway import Gateway
-from hub.protocol import VERSIONS, VSN1, Vsn
+from hub.protocol import VERSIONS, VSN1, VSN2, Vsn
 from hub.transport.socket import HubSocket
 from hub.websocket import accept_response, check_upgrade
 
@@ -69,7 +69,10 @@ class HubHttpProtocol(HttpToolsProtocol):
             return
         self.connections.discard(self)
         params = parse_qs(query.decode("latin-1"))
+        # The protocol's own constant, not the query's copy of it (held by
+        # every session).
         vsn = params.get("vsn", [VSN1])[0]
+        vsn = VSN2 if vsn == VSN2 else VSN1 if vsn == VSN1 else vsn
         token = params.get("apikey", [""])[0]
         refusal = gateway.check_handshake(vsn, token)
         if refusal is not None:

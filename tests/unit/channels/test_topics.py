@@ -223,3 +223,10 @@ def test_fuzz_parse_topic_is_ascii_and_exact(text: str) -> None:
     assert not any(c.isspace() for c in text)
     assert topic.kind in ("org", "user", "mother")
     assert "*" not in text
+
+
+def test_subscribers_of_a_topic_share_one_parsed_topic() -> None:
+    # Each subscription holds its Topic: one object (and one text) for all.
+    assert parse_topic("org:acme:chat") is parse_topic("".join("org:acme:chat"))
+    assert parse_topic("room") is not parse_topic("room", private=True)
+    assert parse_topic("room", private=True).private
