@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -179,8 +179,8 @@ class Gateway:
     async def _finish(
         self,
         session: Session,
-        checks: list[PolicyCheck | TablesCheck],
-        replays: list[tuple[Subscription, ReplayRequest]],
+        checks: Sequence[PolicyCheck | TablesCheck],
+        replays: Sequence[tuple[Subscription, ReplayRequest]],
     ) -> None:
         while checks:
             for check in checks:

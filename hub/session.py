@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -197,15 +197,17 @@ class Session:
         self._keys_refreshed = False
         #: Replays asked for by joins, for the I/O layer to run (in order)
         #: before it feeds the next frame: see :meth:`take_replays`.
-        self._replays: list[tuple[Subscription, ReplayRequest]] = []  # filled by joins
+        #: None while there are none (the usual case: no list per session).
+        self._replays: list[tuple[Subscription, ReplayRequest]] | None = None
         #: Whether the node reads Realtime Authorization policies (it has a
         #: database); without them private free-name channels are refused.
         self.policies = policies
         #: Whether the node knows its tracked tables (it has a database):
         #: then a join's bindings are checked against them (TablesCheck).
         self.tables = tables
-        #: Checks for the I/O layer to run, in order: take_checks.
-        self._checks: list[PolicyCheck | TablesCheck] = []
+        #: Checks for the I/O layer to run, in order: take_checks.  None
+        #: while there are none.
+        self._checks: list[PolicyCheck | TablesCheck] | None = None
         #: Set by close(): a check that ends later admits nothing.
         self.closed = False
 
@@ -292,15 +294,20 @@ class Session:
                 earliest = min(earliest, sub.principal.exp)
         self._expiry_check_at = earliest
 
-    def take_replays(self) -> list[tuple[Subscription, ReplayRequest]]:
-        replays, self._replays = self._replays, []
-        return replays
+    def take_replays(self) -> Sequence[tuple[Subscription, ReplayRequest]]:
+        replays, self._replays = self._replays, None
+        return replays or ()
 
-    def take_checks(self) -> list[PolicyCheck | TablesCheck]:
+    def take_checks(self) -> Sequence[PolicyCheck | TablesCheck]:
         """Checks the last frame asked for; the caller runs each and calls
         its ``resume`` before feeding the next frame."""
-        checks, self._checks = self._checks, []
-        return checks
+        checks, self._checks = self._checks, None
+        return checks or ()
+
+    def _ask(self, check: PolicyCheck | TablesCheck) -> None:
+        if self._checks is None:
+            self._checks = []
+        self._checks.append(check)
 
     def close(self) -> None:
         """The socket is gone: leave every channel (and its presence)."""
@@ -473,7 +480,7 @@ class Session:
             def resume(outcome: PolicyOutcome, error: str) -> None:
                 self._joined_by_policy(msg, sub, outcome, error, replay)
 
-            self._checks.append(PolicyCheck("read", topic.text, extensions, principal, resume))
+            self._ask(PolicyCheck("read", topic.text, extensions, principal, resume))
             return
         self._admit(msg, sub, replay)
 
@@ -523,12 +530,12 @@ class Session:
         if sub.read_presence:
             self._push(sub, "presence_state", self.channels.presence_state(topic.key))
         if bindings and self.tables:
-            self._checks.append(
-                TablesCheck(bindings, lambda tables: self._bindings_checked(sub, tables))
-            )
+            self._ask(TablesCheck(bindings, lambda tables: self._bindings_checked(sub, tables)))
         elif bindings:
             self._system(sub, "Subscribed to PostgreSQL", "ok", "postgres_changes")
         if replay is not None:
+            if self._replays is None:
+                self._replays = []
             self._replays.append((sub, replay))
         self.channels.joined(sub)
 
@@ -699,9 +706,7 @@ class Session:
             except Refused as refusal:
                 self._reply(msg, "error", {"reason": refusal.reason})
 
-        self._checks.append(
-            PolicyCheck("write", sub.topic.text, (extension,), sub.principal, resume)
-        )
+        self._ask(PolicyCheck("write", sub.topic.text, (extension,), sub.principal, resume))
 
     def _access_token(self, sub: Subscription, msg: Message) -> None:
         body = msg.payload if isinstance(msg.payload, dict) else {}
@@ -752,7 +757,7 @@ class Session:
             sub.write_broadcast = sub.write_presence = None
             self._expiry_check_at = min(self._expiry_check_at, principal.exp)
 
-        self._checks.append(PolicyCheck("read", sub.topic.text, extensions, principal, resume))
+        self._ask(PolicyCheck("read", sub.topic.text, extensions, principal, resume))
 
 
 def _private(config: dict[str, Any]) -> bool:

@@ -6,6 +6,7 @@ in Supabase), never from ``user_metadata``, which users edit themselves.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,13 +114,24 @@ def principal_from_claims(
     else:
         raise AuthError("InvalidJWTToken", f"Claim `{label}` must be a list or a map of org ids")
     admin = _lookup(claims, admin_path) is True
-    # Org ids and roles are interned: a member's principal shares their
-    # text with every other member's, for as long as a connection holds it.
+    # Each connection holds its principal: org ids and roles are interned,
+    # and principals with the same memberships share one read-only map.
     return Principal(
         role=sys.intern(role),
         exp=float(exp),
         sub=sub or None,
-        orgs=orgs,
+        orgs=_shared_orgs(tuple(orgs.items())),
         admin=admin,
         claims=claims if keep_claims else NO_CLAIMS,
     )
+
+
+#: Distinct memberships remembered (see _shared_orgs).
+SHARED_ORGS: Final = 4096
+
+
+@functools.lru_cache(maxsize=SHARED_ORGS)
+def _shared_orgs(items: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
+    """One read-only map for every principal with these memberships (a
+    dict is about 230 bytes even with one org in it)."""
+    return MappingProxyType(dict(items))

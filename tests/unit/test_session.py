@@ -1442,7 +1442,7 @@ def test_a_denied_broadcast_is_dropped_silently_and_the_answer_kept(hub: Hub) ->
     assert (check.mode, check.extensions) == ("write", ("broadcast",))
     check.resume({"broadcast": False}, "")
     client.send("1", "3", PRIVATE, "broadcast", body)
-    assert client.session.take_checks() == []  # kept for the channel's life
+    assert client.session.take_checks() == ()  # kept for the channel's life
     assert client.take() == [] and listener.take() == []
 
 
@@ -1455,7 +1455,7 @@ def test_an_allowed_broadcast_is_published_once_checked(hub: Hub) -> None:
     [check] = client.session.take_checks()
     check.resume({"broadcast": True}, "")
     client.send("1", "3", PRIVATE, "broadcast", realtime.broadcast_body("second", {}))
-    assert client.session.take_checks() == []
+    assert client.session.take_checks() == ()
     assert [p.payload["event"] for p in listener.take()] == ["first", "second"]
 
 
@@ -1534,7 +1534,7 @@ def test_a_private_join_asks_its_replay_once_admitted(hub: Hub) -> None:
     client = policed(hub)
     cfg = {**private_config(), "broadcast": {"replay": {"since": 1000, "limit": 5}}}
     client.send("1", "1", PRIVATE, "phx_join", {"config": cfg})
-    assert client.session.take_replays() == []  # nothing before the policies answer
+    assert client.session.take_replays() == ()  # nothing before the policies answer
     client.session.take_checks()[0].resume({"broadcast": True, "presence": True}, "")
     [(sub, request)] = client.session.take_replays()
     assert (sub.topic.text, request.since, request.limit) == ("room:secret", 1.0, 5)

@@ -63,11 +63,15 @@ def test_the_cache_keeps_a_digest_not_the_token() -> None:
     assert v.verify("".join(token)) is principal  # an equal string, another object
 
 
-def test_principals_share_org_ids_and_roles() -> None:
-    # Each connection holds its principal: org ids and roles are one string
-    # for every member, not one per token.
+def test_principals_share_memberships_org_ids_and_roles() -> None:
+    # Each connection holds its principal: one map, and one string per org
+    # id and role, for every member with the same memberships.
     v = verifier()
     one = v.verify(issue_token(SECRET, sub="u1", orgs={"acme": "admin"}))
     two = v.verify(issue_token(SECRET, sub="u2", orgs={"acme": "admin"}))
-    (org1, role1), (org2, role2) = next(iter(one.orgs.items())), next(iter(two.orgs.items()))
-    assert org1 is org2 and role1 is role2 and one.role is two.role
+    assert one.orgs is two.orgs and one.role is two.role
+    with pytest.raises(TypeError):  # shared, so read-only
+        one.orgs["other"] = "admin"  # type: ignore[index]
+    three = v.verify(issue_token(SECRET, sub="u3", orgs=["acme", "beta"]))
+    assert dict(three.orgs) == {"acme": "member", "beta": "member"}
+    assert next(iter(three.orgs)) is next(iter(one.orgs))
