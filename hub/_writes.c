@@ -265,12 +265,85 @@ static PyTypeObject PendingType = {
     .tp_members = pending_members,
 };
 
+/* The frames a topic's subscribers share in one flush.  In a burst every
+ * subscriber of a topic holds the same frames, in the same order, and the
+ * kernel takes one contiguous buffer for about half the CPU of a vector
+ * of small ones (about 22 against 40 ns per 150-byte frame here); so the
+ * first time two subscribers in a row hold the same frames, they are
+ * copied once into one buffer, sent whole to every subscriber that holds
+ * them.  The frames are referenced while the buffer lives, so no frame
+ * freed meanwhile can come back at the same address. */
+typedef struct {
+    Py_ssize_t n;         /* frames (0: none remembered) */
+    PyObject **items;     /* the frames, referenced */
+    char *data;           /* their bytes, joined; NULL until a second match */
+    size_t total;
+} Run;
+
+static void
+run_clear(Run *run)
+{
+    for (Py_ssize_t i = 0; i < run->n; i++)
+        Py_DECREF(run->items[i]);
+    PyMem_Free(run->items);
+    PyMem_Free(run->data);
+    run->n = 0;
+    run->items = NULL;
+    run->data = NULL;
+    run->total = 0;
+}
+
+/* Whether p holds exactly the run's frames. */
+static int
+run_matches(Run *run, Pending *p)
+{
+    return run->n == p->n && memcmp(run->items, p->items, (size_t)p->n * sizeof(PyObject *)) == 0;
+}
+
+/* Remember p's frames as the run (when there are several); on failure
+ * (out of memory) simply none is remembered. */
+static void
+run_remember(Run *run, Pending *p, size_t total)
+{
+    run_clear(run);
+    if (p->n < 2)
+        return;
+    PyObject **items = PyMem_Malloc((size_t)p->n * sizeof(PyObject *));
+    if (items == NULL)
+        return;
+    for (Py_ssize_t i = 0; i < p->n; i++)
+        items[i] = Py_NewRef(p->items[i]);
+    run->items = items;
+    run->n = p->n;
+    run->total = total;
+}
+
+/* The run's frames as one buffer, joined at the first use; NULL when
+ * there is no memory for it (the frames then go as a vector). */
+static const char *
+run_data(Run *run)
+{
+    if (run->data != NULL)
+        return run->data;
+    char *data = PyMem_Malloc(run->total);
+    if (data == NULL)
+        return NULL;
+    char *at = data;
+    for (Py_ssize_t i = 0; i < run->n; i++) {
+        Py_ssize_t size = PyBytes_GET_SIZE(run->items[i]);
+        memcpy(at, PyBytes_AS_STRING(run->items[i]), (size_t)size);
+        at += size;
+    }
+    run->data = data;
+    return data;
+}
+
 /* Write p's frames to its socket if it may be.  Returns 1 when nothing is
  * left pending (adding what it wrote to *frames and *nbytes), 0 when the
  * outbox's own flush must do (the rest of) the work, -1 on a Python error.
  * No Python code runs here. */
 static int
-try_direct(Pending *p, long long *frames, long long *nbytes)
+try_direct(Pending *p, Run *run, long long *frames, long long *nbytes)
 {
     Py_ssize_t n = p->n;
     if (n == 0)
@@ -286,10 +359,18 @@ try_direct(Pending *p, long long *frames, long long *nbytes)
         iov[i].iov_len = (size_t)PyBytes_GET_SIZE(item);
         total += iov[i].iov_len;
     }
+    const char *joined = NULL;
+    if (n > 1) {
+        if (run_matches(run, p))
+            joined = run_data(run);
+        else
+            run_remember(run, p, total);
+    }
     ssize_t sent;
     do {
-        if (n == 1) {
-            sent = send(p->fd, iov[0].iov_base, iov[0].iov_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n == 1 || joined != NULL) {
+            const char *data = joined != NULL ? joined : (const char *)iov[0].iov_base;
+            sent = send(p->fd, data, total, MSG_DONTWAIT | MSG_NOSIGNAL);
         }
         else {
             struct msghdr msg;
@@ -389,6 +470,7 @@ flush_subscribers(PyObject *module, PyObject *group)
     Py_ssize_t pos = 0;
     PyObject *sub, *sink;
     PyObject *chunk[CHUNK];
+    Run run = {0, NULL, NULL, 0};
     /* No Python code runs in this loop: the dict cannot change under it.
      * The sinks are read a chunk at a time, and their objects fetched
      * ahead, so the cache misses overlap instead of coming one per write. */
@@ -400,14 +482,17 @@ flush_subscribers(PyObject *module, PyObject *group)
         }
         for (int i = 0; i < got; i++) {
             PyObject *one = chunk[i];
-            int done = IS_PENDING(one) ? try_direct((Pending *)one, &frames, &nbytes) : 0;
-            if (done < 0)
+            int done = IS_PENDING(one) ? try_direct((Pending *)one, &run, &frames, &nbytes) : 0;
+            if (done < 0) {
+                run_clear(&run);
                 return NULL;
+            }
             slow |= done == 0;
         }
         if (got < CHUNK)
             break;
     }
+    run_clear(&run);
     if (slow && slow_flushes(group) < 0)
         return NULL;
     return Py_BuildValue("(LL)", frames, nbytes);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,3 +246,63 @@ def test_a_flush_that_unsubscribes_others_does_not_break_the_loop(pair: Pair) ->
     outboxes[0].on_flush = leave
     assert write(group) == (0, 0)
     assert [box.flushed for box in outboxes] == [1] * 5 + [0] * 5
+
+
+def _drain(sock: socket.socket) -> bytes:
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return received
+        received += chunk
+
+
+def test_subscribers_holding_the_same_frames_get_them_whole_and_in_order() -> None:
+    # From the second subscriber in a row with the same frames, they go as
+    # one joined buffer; every socket still gets exactly its own frames.
+    assert write is not None
+    frames = [b"frame-%d;" % i for i in range(40)]
+    pairs = [socket.socketpair() for _ in range(6)]
+    try:
+        for _, b in pairs:
+            b.setblocking(False)
+        held = [list(frames) for _ in pairs]
+        held[3] = frames[:-1]  # one that differs, between runs of the same
+        lists = [_pending(a.fileno(), mine) for (a, _), mine in zip(pairs, held, strict=True)]
+        refs = [sys.getrefcount(f) for f in frames]
+        group, outboxes = _group(*lists)
+        assert write(group) == (sum(map(len, held)), sum(len(b"".join(m)) for m in held))
+        assert [_drain(b) for _, b in pairs] == [b"".join(mine) for mine in held]
+        assert [box.flushed for box in outboxes] == [0] * 6
+        # Every reference the lists and the joined run took is given back.
+        holders = [sum(1 for mine in held if f in mine) for f in frames]
+        assert [sys.getrefcount(f) for f in frames] == [
+            r - n for r, n in zip(refs, holders, strict=True)
+        ]
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_a_joined_buffer_cut_by_the_kernel_leaves_exactly_the_rest_pending() -> None:
+    assert write is not None
+    frames = [bytes([65 + i]) * 50_000 for i in range(8)]
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        for a, b in pairs:
+            a.setblocking(False)
+            b.setblocking(False)
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        lists = [_pending(a.fileno(), frames) for a, _ in pairs]
+        group, outboxes = _group(*lists)
+        _, sent = write(group)
+        assert 0 < sent < 3 * 400_000
+        for (_, b), pending, box in zip(pairs, lists, outboxes, strict=True):
+            assert box.flushed == 1
+            assert _drain(b) + b"".join(pending) == b"".join(frames)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
