@@ -234,7 +234,7 @@ async def test_sigterm_drain_moves_clients_and_they_resume(cluster: Cluster) -> 
 
     feeding = asyncio.create_task(publisher())
     try:
-        await wait_until(lambda: _at_least(published, 10), T, "10 events during the run")
+        await wait_until(lambda: _published(feeding, published, 10), T, "10 events during the run")
         target.process.send_signal(signal.SIGTERM)
         drained_at = time.monotonic()
         # The node tells its clients to go elsewhere.
@@ -243,7 +243,7 @@ async def test_sigterm_drain_moves_clients_and_they_resume(cluster: Cluster) -> 
         last_seen = seqs(raw.broadcasts("ev"))[-1]
         # A few events are published while this client is away...
         away = len(published)
-        await wait_until(lambda: _at_least(published, away + 3), T, "events while away")
+        await wait_until(lambda: _published(feeding, published, away + 3), T, "events while away")
         missed_until = published[-1]
         # ...then it reconnects through nginx (which now reaches the other
         # node) and resumes from the last seq it saw.
@@ -285,5 +285,9 @@ async def test_sigterm_drain_moves_clients_and_they_resume(cluster: Cluster) -> 
     assert "Traceback" not in cluster.logs()
 
 
-async def _at_least(items: list[Any], count: int) -> bool:
-    return len(items) >= count
+async def _published(feeding: asyncio.Task[None], published: list[int], count: int) -> bool:
+    """At least ``count`` events published; a publisher that stopped on an
+    error fails the wait with that error rather than with a timeout."""
+    if feeding.done():
+        feeding.result()
+    return len(published) >= count
