@@ -196,8 +196,8 @@ class Mother(Observer):
         self._users: dict[str, int] = {}
         #: Every live subscription -> (org, user) it was counted under.
         #: Counted subscriptions, each with the user it was counted for (its
-        #: principal may change later); None for a subscription of another
-        #: kind than org: or of no user.
+        #: principal may change later); None for a topic that is not an
+        #: org's, or a principal with no user.
         self._subs: dict[Subscription, str | None] = {}
         self._orgs: dict[str, _OrgLocal] = {}
         self._delivered = Ring(1, 60)
