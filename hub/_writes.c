@@ -61,8 +61,6 @@
 #define SHRINK_ABOVE 64
 /* The most frames one sendmsg() takes (Linux's IOV_MAX). */
 #define MAX_IOV 1024
-/* Sinks read from a topic's dict at a time, their objects fetched ahead. */
-#define CHUNK 64
 
 static PyObject *s_outbox, *s_flush;
 
@@ -142,17 +140,7 @@ check_wire(PyObject *wire)
     return -1;
 }
 
-static PyObject *
-pending_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
-        PyErr_SetString(PyExc_TypeError, "Pending(wire) takes one frame");
-        return NULL;
-    }
-    if (check_wire(args[0]) < 0 || pending_add((Pending *)self, args[0]) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
+static PyObject *pending_vectorcall(PyObject *, PyObject *const *, size_t, PyObject *);
 
 static PyObject *
 pending_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -192,6 +180,16 @@ pending_append(Pending *p, PyObject *wire)
 }
 
 static PyObject *
+pending_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Pending(wire) takes one frame");
+        return NULL;
+    }
+    return pending_append((Pending *)self, args[0]);
+}
+
+static PyObject *
 pending_push(Pending *p, PyObject *wire)
 {
     if (check_wire(wire) < 0 || pending_add(p, wire) < 0)
@@ -203,8 +201,7 @@ pending_push(Pending *p, PyObject *wire)
 static PyObject *
 pending_clear(Pending *p, PyObject *Py_UNUSED(ignored))
 {
-    pending_drop(p, p->n);
-    p->pushed = 0;
+    pending_drop(p, p->n); /* pushed goes to 0 with the last frame */
     Py_RETURN_NONE;
 }
 
@@ -300,14 +297,12 @@ run_matches(Run *run, Pending *p)
     return run->n == p->n && memcmp(run->items, p->items, (size_t)p->n * sizeof(PyObject *)) == 0;
 }
 
-/* Remember p's frames as the run (when there are several); on failure
- * (out of memory) simply none is remembered. */
+/* Remember p's frames (several) as the run; on failure (out of memory)
+ * simply none is remembered. */
 static void
 run_remember(Run *run, Pending *p, size_t total)
 {
     run_clear(run);
-    if (p->n < 2)
-        return;
     PyObject **items = PyMem_Malloc((size_t)p->n * sizeof(PyObject *));
     if (items == NULL)
         return;
@@ -469,28 +464,15 @@ flush_subscribers(PyObject *module, PyObject *group)
     int slow = 0;
     Py_ssize_t pos = 0;
     PyObject *sub, *sink;
-    PyObject *chunk[CHUNK];
     Run run = {0, NULL, NULL, 0};
-    /* No Python code runs in this loop: the dict cannot change under it.
-     * The sinks are read a chunk at a time, and their objects fetched
-     * ahead, so the cache misses overlap instead of coming one per write. */
-    for (;;) {
-        int got = 0;
-        while (got < CHUNK && PyDict_Next(group, &pos, &sub, &sink)) {
-            __builtin_prefetch(sink, 1);
-            chunk[got++] = sink;
+    /* No Python code runs in this loop: the dict cannot change under it. */
+    while (PyDict_Next(group, &pos, &sub, &sink)) {
+        int done = IS_PENDING(sink) ? try_direct((Pending *)sink, &run, &frames, &nbytes) : 0;
+        if (done < 0) {
+            run_clear(&run);
+            return NULL;
         }
-        for (int i = 0; i < got; i++) {
-            PyObject *one = chunk[i];
-            int done = IS_PENDING(one) ? try_direct((Pending *)one, &run, &frames, &nbytes) : 0;
-            if (done < 0) {
-                run_clear(&run);
-                return NULL;
-            }
-            slow |= done == 0;
-        }
-        if (got < CHUNK)
-            break;
+        slow |= done == 0;
     }
     run_clear(&run);
     if (slow && slow_flushes(group) < 0)
