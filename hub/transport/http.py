@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 from http import HTTPStatus
-from typing import Final, cast
+from typing import Final
 from urllib.parse import parse_qs
 
 import orjson
@@ -23,7 +23,7 @@ from hub.auth.principal import Principal
 from hub.auth.tokens import KeyNotCached
 from hub.errors import AuthError
 from hub.gateway import Gateway
-from hub.protocol import VERSIONS, VSN1, VSN2, Vsn
+from hub.protocol import VERSIONS, VSN1, VSN2
 from hub.transport.socket import HubSocket
 from hub.websocket import accept_response, check_upgrade
 
@@ -69,10 +69,7 @@ class HubHttpProtocol(HttpToolsProtocol):
             return
         self.connections.discard(self)
         params = parse_qs(query.decode("latin-1"))
-        # The protocol's own constant, not the query's copy of it (held by
-        # every session).
         vsn = params.get("vsn", [VSN1])[0]
-        vsn = VSN2 if vsn == VSN2 else VSN1 if vsn == VSN1 else vsn
         token = params.get("apikey", [""])[0]
         refusal = gateway.check_handshake(vsn, token)
         if refusal is not None:
@@ -120,7 +117,9 @@ class HubHttpProtocol(HttpToolsProtocol):
         socket.connection_made(self.transport)
         self.transport.write(accept_response(upgrade))
         assert vsn in VERSIONS  # check_handshake refused any other
-        socket.start(outcome, cast(Vsn, vsn))
+        # The protocol's own constant, not the query's copy of it (which
+        # every session would hold).
+        socket.start(outcome, VSN2 if vsn == VSN2 else VSN1)
         self.transport.resume_reading()  # paused while a JWKS refresh ran
 
     def _refuse(self, status: int, message: str) -> None:
