@@ -66,6 +66,16 @@ def pair() -> Iterator[Pair]:
     b.close()
 
 
+def _drain(sock: socket.socket) -> bytes:
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return received
+        received += chunk
+
+
 def test_the_extension_is_built() -> None:
     # `pip install -e .` builds it on this kind of machine; a missing build
     # would make every other test here meaningless.
@@ -173,13 +183,7 @@ def test_what_the_kernel_does_not_take_stays_pending(pair: Pair) -> None:
     assert 0 < sent < 300_000
     assert box.flushed == 1  # the rest is the transport's
     # Written and pending add up to the frames, byte for byte, in order.
-    received = b""
-    while True:
-        try:
-            chunk = b.recv(1 << 20)
-        except BlockingIOError:
-            break
-        received += chunk
+    received = _drain(b)
     assert len(received) == sent
     assert received + b"".join(pending) == b"".join(frames)
     # The frames sent whole are counted; the one cut, with what follows it,
@@ -246,16 +250,6 @@ def test_a_flush_that_unsubscribes_others_does_not_break_the_loop(pair: Pair) ->
     outboxes[0].on_flush = leave
     assert write(group) == (0, 0)
     assert [box.flushed for box in outboxes] == [1] * 5 + [0] * 5
-
-
-def _drain(sock: socket.socket) -> bytes:
-    received = b""
-    while True:
-        try:
-            chunk = sock.recv(1 << 20)
-        except BlockingIOError:
-            return received
-        received += chunk
 
 
 def test_subscribers_holding_the_same_frames_get_them_whole_and_in_order() -> None:
