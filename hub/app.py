@@ -33,8 +33,9 @@ def create_app(node: Node) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with node.running():
             # Lifespan state reaches uvicorn's protocols as app_state: that
-            # is how HubHttpProtocol finds the gateway.
-            yield {"gateway": node.gateway}
+            # is how HubHttpProtocol finds the gateway and the REST
+            # broadcast it serves itself.
+            yield {"gateway": node.gateway, "broadcast": broadcast}
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")

@@ -23,19 +23,31 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from hub.api.common import Rejected, authenticate, error_response, read_body, read_json
+from hub.api.common import (
+    Rejected,
+    authenticate,
+    bearer_token,
+    error_response,
+    read_body,
+    refused,
+)
 from hub.auth.channel_policies import ChannelPolicies, ChannelPolicyError, CheckRefused
 from hub.auth.policy import authorize_write
 from hub.auth.principal import Principal
-from hub.auth.tokens import TokenVerifier
+from hub.auth.tokens import KeyNotCached, TokenVerifier
 from hub.channels.fanout import Channels
 from hub.channels.topics import InvalidTopic, Topic, parse_topic
-from hub.errors import AuthError
+from hub.errors import AuthError, HubError
 from hub.protocol import MAX_BINARY_FIELD, Broadcast, is_event_name
 from hub.quotas import Quotas, quota_bucket
 
 #: Messages one request may carry.
 MAX_MESSAGES: Final = 100
+
+
+class MustAwait(HubError):
+    """A request :meth:`BroadcastApi.broadcast_now` cannot answer without
+    awaiting; the ASGI route must take it."""
 
 
 def _check(
@@ -154,34 +166,74 @@ class BroadcastApi:
     async def broadcast(self, request: Request) -> Response:
         try:
             principal = await authenticate(request, self.verifier)
-            body = await read_json(request, self.max_request_bytes)
-            messages = body.get("messages") if isinstance(body, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise Rejected(422, 'body must be {"messages": [...]} with at least one message')
-            if len(messages) > MAX_MESSAGES:
-                raise Rejected(422, f"at most {MAX_MESSAGES} messages per request")
-            ready = []
-            for message in messages:
-                if not isinstance(message, dict):
-                    raise Rejected(422, "each message must be an object")
-                payload = orjson.dumps(message.get("payload", {}))
-                topic, event = _check(
-                    principal,
-                    message.get("topic"),
-                    message.get("event"),
-                    payload,
-                    self.max_payload_bytes,
-                    message.get("private", False),
-                    self.policies,
-                )
-                ready.append((topic, Broadcast(topic.key, event, payload)))
+            ready = self.prepare(principal, await read_body(request, self.max_request_bytes))
             await _authorize_private(self.policies, principal, [topic for topic, _ in ready])
-            _charge(self.quotas, principal, [topic for topic, _ in ready])
+            self.commit(principal, ready)
         except Rejected as rejected:
             return error_response(rejected.status, rejected.message)
+        return Response(status_code=202)
+
+    def broadcast_now(self, authorization: str, apikey: str | None, body: bytes) -> Rejected | None:
+        """The bulk route answered without awaiting, as
+        :class:`hub.transport.http.HubHttpProtocol` serves it: None once
+        everything is published (202), else the refusal to answer.
+
+        Raises :class:`MustAwait` when the answer needs an await (a JWKS
+        key not fetched yet; a private topic's policies, for a token that
+        is not the service role); nothing is published then, and the ASGI
+        route, which decides the same way, takes the request."""
+        try:
+            token = bearer_token(authorization, apikey)
+            try:
+                principal = self.verifier.verify(token)
+            except KeyNotCached:
+                raise MustAwait from None
+            except AuthError as exc:
+                raise refused(exc) from None
+            ready = self.prepare(principal, body)
+            policed = self.policies is not None and not principal.is_service
+            if policed and any(topic.private for topic, _ in ready):
+                raise MustAwait
+            self.commit(principal, ready)
+        except Rejected as rejected:
+            return rejected
+        return None
+
+    def prepare(self, principal: Principal, body: bytes) -> list[tuple[Topic, Broadcast]]:
+        """A bulk request's messages, each checked (Rejected otherwise),
+        with the broadcast to publish for it."""
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise Rejected(422, "body is not valid JSON") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise Rejected(422, 'body must be {"messages": [...]} with at least one message')
+        if len(messages) > MAX_MESSAGES:
+            raise Rejected(422, f"at most {MAX_MESSAGES} messages per request")
+        ready = []
+        for message in messages:
+            if not isinstance(message, dict):
+                raise Rejected(422, "each message must be an object")
+            payload = orjson.dumps(message.get("payload", {}))
+            topic, event = _check(
+                principal,
+                message.get("topic"),
+                message.get("event"),
+                payload,
+                self.max_payload_bytes,
+                message.get("private", False),
+                self.policies,
+            )
+            ready.append((topic, Broadcast(topic.key, event, payload)))
+        return ready
+
+    def commit(self, principal: Principal, ready: list[tuple[Topic, Broadcast]]) -> None:
+        """Charge checked messages to their orgs' quotas (Rejected(429),
+        and nothing published, when over), then publish them all."""
+        _charge(self.quotas, principal, [topic for topic, _ in ready])
         for _, broadcast in ready:
             self.channels.publish(broadcast)
-        return Response(status_code=202)
 
     async def broadcast_one(self, request: Request) -> Response:
         try:

@@ -26,16 +26,27 @@ def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"message": message}, status_code=status)
 
 
-async def authenticate(request: Request, verifier: TokenVerifier) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, credentials = header.partition(" ")
-    token = credentials.strip() if scheme.lower() == "bearer" else request.headers.get("apikey")
+def bearer_token(authorization: str, apikey: str | None) -> str:
+    """A request's token: ``Authorization: Bearer``, else the ``apikey``
+    header; Rejected(401) when there is none."""
+    scheme, _, credentials = authorization.partition(" ")
+    token = credentials.strip() if scheme.lower() == "bearer" else apikey
     if not token:
         raise Rejected(401, "Unauthorized")
+    return token
+
+
+def refused(exc: AuthError) -> Rejected:
+    """How a refused token is answered."""
+    return Rejected(401, f"Unauthorized: {exc.message}")
+
+
+async def authenticate(request: Request, verifier: TokenVerifier) -> Principal:
+    token = bearer_token(request.headers.get("authorization", ""), request.headers.get("apikey"))
     try:
         return await verifier.verify_async(token)
     except AuthError as exc:
-        raise Rejected(401, f"Unauthorized: {exc.message}") from None
+        raise refused(exc) from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
