@@ -324,7 +324,7 @@ async def _burst(
     dep: Deployment, pool: ClientPool, cfg: Config, subs: int, redis_pid: int | None
 ) -> dict[str, Any]:
     """The burst regime: ``burst_messages`` published at once (one control
-    command, or REST requests of 100 as fast as the hub answers them), the
+    command, or REST requests of 100 sent together: RestPublisher), the
     next burst once every subscriber has the last one.  Each socket has
     many frames due per loop turn: what batching its writes is worth."""
     await pool.reset(sample=64)
