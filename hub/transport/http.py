@@ -92,7 +92,11 @@ class HubHttpProtocol(HttpToolsProtocol):
             if cycle.more_body:
                 self._waiting = cycle  # on_message_complete answers it
             else:
-                self._broadcast_now(api, cycle)
+                # Pipelined behind a request the ASGI app answered: its
+                # body is here.  Answered on the next loop turn, as the
+                # task would run, not from inside the answer before it
+                # (which would recurse once per request queued).
+                self.loop.call_soon(self._broadcast_now, api, cycle)
             return
         super()._start_asgi_task(cycle, app)
 
@@ -115,6 +119,11 @@ class HubHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _broadcast_now(self, api: BroadcastApi, cycle: RequestResponseCycle) -> None:
+        if cycle.disconnected or self.transport.is_closing():
+            # The client left, or asked to close after an earlier answer:
+            # nothing is published (the ASGI route's body read would end
+            # with a disconnect, and it would publish nothing either).
+            return
         if self.flow.write_paused:
             # The client is not reading its answers: the ASGI route waits
             # for it to drain before answering.

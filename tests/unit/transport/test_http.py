@@ -167,6 +167,20 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         assert len(fast.published) == 3
 
 
+async def test_many_broadcasts_pipelined_behind_an_asgi_request() -> None:
+    """Requests queued behind one the ASGI app serves are started one by
+    one as each answer completes; a broadcast among them is answered on
+    the next loop turn, not from inside the answer before it (1,500 of
+    them nested would pass Python's recursion limit)."""
+    publish = post(messages("room"), bearer(SERVICE))
+    async with serve() as fast:
+        answers, closed = await exchange(fast.port, HEALTH + publish * 1500, 1501)
+        assert answers[0].startswith(b"HTTP/1.1 200 OK")
+        assert all(a.startswith(b"HTTP/1.1 202 Accepted") for a in answers[1:])
+        assert not closed
+        assert len(fast.published) == 1500
+
+
 async def test_a_body_in_pieces_and_past_64_kib_is_read_whole() -> None:
     """uvicorn stops reading a body past 64 KiB until the app asks for it;
     here nothing asks, so the protocol reads on by itself."""
