@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -236,9 +237,10 @@ async def preflight(settings: Settings) -> None:
             )
 
 
-def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> Any:
+def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop", **extra: Any) -> Any:
     """How the hub runs under uvicorn (also used by the benchmark's
-    in-process hub, so both measure the same server)."""
+    in-process hub, so both measure the same server); ``extra`` goes to
+    ``uvicorn.Config`` as it is."""
     import uvicorn
 
     from hub.transport.http import HubHttpProtocol
@@ -266,6 +268,7 @@ def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> Any
         # reconnect elsewhere), wait this long for them, then exit.
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
         server_header=False,
+        **extra,
     )
 
 
@@ -294,21 +297,31 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+#: How ``hub serve --workers N`` hands its settings to each worker: as
+#: JSON, exactly as the supervisor resolved them (flags, environment, and
+#: a dev-mode secret, which every worker must share).
+WORKER_SETTINGS: Final = "HUB_WORKER_SETTINGS"
+
+
 def serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT: one process, or with ``workers`` > 1
+    uvicorn's supervisor and that many worker processes sharing the
+    listening socket, each a node of its own (:func:`worker_app`)."""
     import uvicorn
 
-    from hub.app import create_app
-    from hub.node import Node
-
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s node={settings.node_id} %(name)s: %(message)s",
-    )
-    # httpx (the demo's client) would log every request at INFO.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _configure_logging(settings)
     if settings.dev_mode:
         print(_dev_banner(settings), flush=True)
-    config = uvicorn_config(create_app(Node(settings)), settings)
+    if settings.workers > 1:
+        os.environ[WORKER_SETTINGS] = json.dumps(dataclasses.asdict(settings))
+        config = uvicorn_config(
+            f"{__name__}:worker_app", settings, factory=True, workers=settings.workers
+        )
+    else:
+        from hub.app import create_app
+        from hub.node import Node
+
+        config = uvicorn_config(create_app(Node(settings)), settings)
     if settings.demo:
         from hub.aggregator.demo import start_in_thread
 
@@ -320,11 +333,49 @@ def serve(settings: Settings) -> None:
             orgs=settings.demo_orgs,
             orgs_claim=settings.orgs_claim_path,
         )
-    # uvicorn configured its loggers when Config was built; filter them now.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).addFilter(RedactTokens())
+    _redact_uvicorn_logs()
+    if settings.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        # The supervisor binds the port once; every worker accepts on it.
+        # SIGTERM reaches every worker, and each drains as one node does.
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
     tune_gc()
     uvicorn.Server(config).run()
+
+
+def worker_app() -> Any:
+    """The app of one worker of ``hub serve --workers N``: uvicorn's
+    supervisor calls this in each worker process it starts.  The worker is
+    a node named ``<node id>-<pid>``; the workers meet through Redis and
+    the event store, as the nodes of a cluster do."""
+    from hub.app import create_app
+    from hub.node import Node
+
+    settings = Settings(**json.loads(os.environ[WORKER_SETTINGS]))
+    settings = dataclasses.replace(settings, node_id=f"{settings.node_id}-{os.getpid()}")
+    _configure_logging(settings)
+    _redact_uvicorn_logs()
+    app = create_app(Node(settings))
+    tune_gc()
+    return app
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s node={settings.node_id} %(name)s: %(message)s",
+    )
+    # httpx (the demo's client) would log every request at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _redact_uvicorn_logs() -> None:
+    # uvicorn configures its loggers when its Config is built (and again in
+    # each worker): filter them after that.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(RedactTokens())
 
 
 def _timestamp(text: str) -> dt.datetime:

@@ -355,6 +355,14 @@ OPTIONS: tuple[Option, ...] = (
         "Drive synthetic orgs and members against this hub, so the dashboard comes alive.",
     ),
     Option("demo_orgs", int, 8, "Orgs the demo drives.", positive=True),
+    Option(
+        "workers",
+        int,
+        1,
+        "Processes serving the port, each a node of its own (node id `<HUB_NODE_ID>-<pid>`), "
+        "joined through Redis; more than 1 needs HUB_REDIS_URL and HUB_DATABASE_URL.",
+        positive=True,
+    ),
     Option("node_id", _text, None, "This node's name in logs and metrics (default: random)."),
     Option("log_level", _text, "info", "debug, info, warning or error."),
 )
@@ -402,6 +410,7 @@ class Settings:
     mother_rate: float = 1.0
     demo: bool = False
     demo_orgs: int = 8
+    workers: int = 1
     node_id: str | None = None
     log_level: str = "info"
     #: Set when neither a secret nor a JWKS URL was given.
@@ -543,6 +552,17 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError("HUB_MAX_PAYLOAD_BYTES: must be smaller than HUB_MAX_FRAME_BYTES")
     if settings.max_outbox_bytes < 2 * settings.max_frame_bytes:
         raise ConfigError("HUB_MAX_OUTBOX_BYTES: must be at least twice HUB_MAX_FRAME_BYTES")
+    if settings.workers > 1 and settings.redis_url is None:
+        raise ConfigError(
+            "HUB_WORKERS: more than one worker needs HUB_REDIS_URL: a worker reaches the "
+            "sockets the others hold through it"
+        )
+    if settings.workers > 1 and settings.database_url is None:
+        raise ConfigError(
+            "HUB_WORKERS: more than one worker needs HUB_DATABASE_URL: each worker's "
+            "in-memory store would hold only its own events, and a client reconnecting to "
+            "another worker could not get what it missed"
+        )
     if settings.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("HUB_LOG_LEVEL: must be debug, info, warning or error")
     changes: dict[str, Any] = {}

@@ -44,6 +44,7 @@ def empty_database() -> Iterator[str]:
         ({"HUB_ORGS_CLAIM": "user_metadata.orgs"}, "HUB_ORGS_CLAIM:"),
         ({"HUB_ORG_QUOTAS": "{not json"}, "HUB_ORG_QUOTAS: not valid JSON"),
         ({"HUB_JWKS_URL": "http://127.0.0.1:1/jwks.json"}, "cannot load JWKS"),
+        ({"HUB_WORKERS": "2"}, "HUB_WORKERS: more than one worker needs HUB_REDIS_URL"),
     ],
 )
 def test_a_bad_setting_stops_the_hub(env: dict[str, str], message: str) -> None:

@@ -117,6 +117,30 @@ def test_redis_cluster_needs_a_redis_url_of_a_node(env: dict[str, str]) -> None:
     assert "HUB_REDIS_CLUSTER" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("env", "missing"),
+    [
+        ({}, "HUB_REDIS_URL"),
+        ({"HUB_REDIS_URL": "redis://127.0.0.1:6379/0"}, "HUB_DATABASE_URL"),
+        ({"HUB_DATABASE_URL": "postgresql://db/hub"}, "HUB_REDIS_URL"),
+    ],
+)
+def test_several_workers_need_redis_and_a_database(env: dict[str, str], missing: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(HUB_WORKERS="2", **env)
+    assert "HUB_WORKERS" in str(info.value) and missing in str(info.value)
+    assert settings(HUB_WORKERS="1").workers == 1
+
+
+def test_several_workers_with_redis_and_a_database() -> None:
+    loaded = settings(
+        HUB_WORKERS="3",
+        HUB_REDIS_URL="redis://127.0.0.1:6379/0",
+        HUB_DATABASE_URL="postgresql://db/hub",
+    )
+    assert loaded.workers == 3
+
+
 def test_redis_cluster_with_a_node_url() -> None:
     loaded = settings(HUB_REDIS_CLUSTER="1", HUB_REDIS_URL="redis://10.0.0.5:7000/0")
     assert loaded.redis_cluster and loaded.redis_url == "redis://10.0.0.5:7000/0"
