@@ -9,9 +9,9 @@ ASGI:
 * the REST bulk broadcast (``POST /realtime/v1/api/broadcast`` and
   ``/api/broadcast``), what an app's server calls for every message it
   publishes: answered as the body completes, with no task, no Starlette
-  request and no middleware.  Through ASGI it cost about 60 us of CPU per
-  request; see :meth:`HubHttpProtocol._start_asgi_task` for when it still
-  goes there.
+  request and no middleware (through ASGI those were about half of the
+  request's CPU); see :meth:`HubHttpProtocol._start_asgi_task` for when
+  it still goes there.
 
 Every other request, WebSocket upgrades included, goes to uvicorn's own
 protocols and the ASGI app.
