@@ -478,14 +478,18 @@ async def test_two_nodes_sum_connections_and_agree_on_events(
     await u3b.join(f"org:{y}", presence_key="u3", track={"on": "b"})
 
     def summed(s: dict[str, Any]) -> bool:
+        # Presence travels at once; a node's share of the counts comes with
+        # its next heartbeat: wait for the shares that hold the joins.
         orgs = {o["org"]: o for o in s["orgs"]}
         return (
             len(s["nodes"]) == 2
             and s["network"]["clients"] == 4
             and x in orgs
             and orgs[x]["presence"] == 3
+            and orgs[x]["clients"] == 3
             and y in orgs
             and orgs[y]["presence"] == 1
+            and orgs[y]["clients"] == 2
         )
 
     for hub in (a, b):
