@@ -98,15 +98,26 @@ def _private(value: Any) -> bool:
     return value
 
 
+def _policed(
+    policies: ChannelPolicies | None, principal: Principal, topics: list[Topic]
+) -> list[Topic]:
+    """The topics, once each, whose writes the app's policies decide: the
+    private ones, unless there are no policies or the token is the
+    service role's."""
+    if policies is None or principal.is_service:
+        return []
+    return list({t.text: t for t in topics if t.private}.values())
+
+
 async def _authorize_private(
     policies: ChannelPolicies | None, principal: Principal, topics: list[Topic]
 ) -> None:
     """Private free names are written by policy: the app's realtime.messages
     policies must let this token insert a broadcast (403 otherwise, 503
     when the check cannot be answered)."""
-    if policies is None or principal.is_service:
+    if policies is None:
         return
-    for topic in {t.text: t for t in topics if t.private}.values():
+    for topic in _policed(policies, principal, topics):
         try:
             allowed = await policies.can_write(principal.claims, topic.text, "broadcast")
         except CheckRefused:
@@ -191,8 +202,7 @@ class BroadcastApi:
             except AuthError as exc:
                 raise refused(exc) from None
             ready = self.prepare(principal, body)
-            policed = self.policies is not None and not principal.is_service
-            if policed and any(topic.private for topic, _ in ready):
+            if _policed(self.policies, principal, [topic for topic, _ in ready]):
                 raise MustAwait
             self.commit(principal, ready)
         except Rejected as rejected:

@@ -50,8 +50,8 @@ async def test_workers_share_the_port_and_broadcasts_reach_every_worker(
     # Each worker is a node named <HUB_NODE_ID>-<pid>, a child of the
     # supervisor that `hub serve` runs.
     base = cluster.node_id(hub)
-    pids = sorted(int(node.removeprefix(f"{base}-")) for node in held)
     assert all(node.startswith(f"{base}-") for node in held), held
+    pids = sorted(int(node.removeprefix(f"{base}-")) for node in held)
     assert [_parent(pid) for pid in pids] == [hub.process.pid] * 2
 
     for conn in conns:
