@@ -11,14 +11,20 @@ dir, joined with ``redis-cli --cluster create``, torn down after the test.
 fails these tests (they never skip).  ``cluster-node-timeout`` is short
 (1 s) so an automatic failover takes seconds, not the default 15 s or more.
 
-Every wait is bounded.
+Ports are taken below the kernel's ephemeral range (where no outgoing
+connection can take one between the pick and the server's bind) and are
+distinct within a cluster; a start whose nodes are not all our own
+processes (a port taken after all) is retried on new ports.  Every wait is
+bounded, and a cluster that does not form says what each node reported.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -31,14 +37,14 @@ import redis
 import redis.cluster
 from redis.cluster import key_slot
 
-from tests.support.hubs import free_port
-
 T = TypeVar("T")
 
 #: ``cluster-node-timeout`` (ms): a primary silent this long is failing.
 NODE_TIMEOUT_MS: Final = 1000
 #: Bound of the start-up waits (cluster formed, replicas in sync).
 START_WITHIN: Final = 30.0
+#: Starts tried when a node's port turns out to be taken.
+START_ATTEMPTS: Final = 3
 
 
 @dataclass
@@ -104,11 +110,35 @@ class RedisCluster:
 
     def start(self) -> None:
         server, cli = _binary("redis-server"), _binary("redis-cli")
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self._spawn(server, attempt)
+            strays = self._strays()
+            if not strays:
+                break
+            self.stop()
+            if attempt == START_ATTEMPTS:
+                raise RuntimeError(f"redis-server nodes did not start: {strays}")
+            self.nodes = []
+        names = [n.name for n in self.nodes]
+        created = subprocess.run(
+            [cli, "--cluster", "create", *names, "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True,
+            timeout=START_WITHIN,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout.decode()}")
+        try:
+            self._wait(self._formed, START_WITHIN, "cluster_state:ok with 3 synced replicas")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnosis()}") from None
+
+    def _spawn(self, server: str, attempt: int) -> None:
+        ports = _ports(2 * self.size)
         for index in range(self.size):
             # The cluster bus port is given explicitly: the default (port +
             # 10000) can be taken, or beyond 65535 for an ephemeral port.
-            port, bus_port = free_port(), free_port()
-            workdir = self.workdir / f"node-{index}"
+            port, bus_port = ports[2 * index], ports[2 * index + 1]
+            workdir = self.workdir / f"try-{attempt}" / f"node-{index}"
             workdir.mkdir(parents=True)
             args = [
                 server,
@@ -120,6 +150,8 @@ class RedisCluster:
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 # A replica may always take over, however long it was cut off.
                 "--cluster-replica-validity-factor", "0",
+                # Replicas sync at once (the default waits 5 s for others).
+                "--repl-diskless-sync-delay", "0",
                 "--dir", str(workdir),
                 "--logfile", "redis.log",
                 "--save", "",
@@ -127,17 +159,32 @@ class RedisCluster:
             ]  # fmt: skip
             process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             self.nodes.append(RedisNode(port, bus_port, process, workdir))
+
+    def _strays(self) -> list[str]:
+        """Nodes that are not answering as our own process (empty: all are)."""
+        strays = []
         for node in self.nodes:
-            self._wait(lambda node=node: _answers(node), 10, f"{node.name} to answer PING")
-        names = [n.name for n in self.nodes]
-        created = subprocess.run(
-            [cli, "--cluster", "create", *names, "--cluster-replicas", "1", "--cluster-yes"],
-            capture_output=True,
-            timeout=START_WITHIN,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout.decode()}")
-        self._wait(self._formed, START_WITHIN, "cluster_state:ok with 3 synced replicas")
+            try:
+                self._wait(lambda node=node: _ours(node), 10, f"{node.name} to answer PING")
+            except AssertionError:
+                strays.append(f"{node.name} (exit {node.process.poll()}): {node.log()[-500:]}")
+        return strays
+
+    def diagnosis(self) -> str:
+        """What each node says of itself, and the end of its log."""
+        lines = []
+        for node in self.nodes:
+            try:
+                replication = node.info("replication")
+                state = (
+                    f"state={node.cluster_state()} role={replication.get('role')} "
+                    f"link={replication.get('master_link_status', '-')}"
+                )
+            except redis.RedisError as exc:
+                state = f"unreachable ({exc})"
+            tail = "\n    ".join(node.log().splitlines()[-8:])
+            lines.append(f"{node.name} alive={node.alive} {state}\n    {tail}")
+        return "\n".join(lines)
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -238,12 +285,46 @@ class RedisCluster:
             time.sleep(0.05)
 
 
+def _ours(node: RedisNode) -> bool:
+    """``node`` answers, and it is the process we started on its port."""
+    if not node.alive:
+        raise AssertionError(f"{node.name} exited")
+    try:
+        return node.info("server").get("process_id") == str(node.process.pid)
+    except redis.RedisError:
+        return False
+
+
 def _answers(node: RedisNode) -> bool:
     try:
         with node.client() as client:
             return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def _ports(count: int) -> list[int]:
+    """``count`` distinct free ports below the ephemeral range.
+
+    A port picked by binding port 0 lies in the ephemeral range, where an
+    outgoing connection (a test's client, ``redis-cli``) may take it as its
+    local port before ``redis-server`` binds it.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    # A machine whose ephemeral range starts low has no such room: any port.
+    first, last = (20000, low) if low > 21000 else (1024, 65536)
+    picked: list[int] = []
+    while len(picked) < count:
+        port = random.randrange(first, last)
+        if port in picked:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        picked.append(port)
+    return picked
 
 
 @pytest.fixture
