@@ -8,7 +8,7 @@ dir, joined with ``redis-cli --cluster create``, torn down after the test.
   it, and waits for its replica to be promoted.
 
 ``redis-server`` and ``redis-cli`` are required: a machine without them
-fails these tests (they never skip).  ``cluster-node-timeout`` is short
+fails these tests (they never skip).  Once formed, ``cluster-node-timeout`` is short
 (1 s) so an automatic failover takes seconds, not the default 15 s or more.
 
 Ports are taken below the kernel's ephemeral range (where no outgoing
@@ -41,6 +41,9 @@ T = TypeVar("T")
 
 #: ``cluster-node-timeout`` (ms): a primary silent this long is failing.
 NODE_TIMEOUT_MS: Final = 1000
+#: ``cluster-node-timeout`` (ms) while the cluster forms: a machine busy
+#: with other tests must not fail a primary over before it is in use.
+FORMING_TIMEOUT_MS: Final = 5000
 #: Bound of the start-up waits (cluster formed, replicas in sync).
 START_WITHIN: Final = 30.0
 #: Starts tried when a node's port turns out to be taken.
@@ -131,6 +134,9 @@ class RedisCluster:
             self._wait(self._formed, START_WITHIN, "cluster_state:ok with 3 synced replicas")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.diagnosis()}") from None
+        for node in self.nodes:
+            with node.client() as client:
+                client.config_set("cluster-node-timeout", NODE_TIMEOUT_MS)
 
     def _spawn(self, server: str, attempt: int) -> None:
         ports = _ports(2 * self.size)
@@ -147,7 +153,7 @@ class RedisCluster:
                 "--cluster-enabled", "yes",
                 "--cluster-port", str(bus_port),
                 "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+                "--cluster-node-timeout", str(FORMING_TIMEOUT_MS),
                 # A replica may always take over, however long it was cut off.
                 "--cluster-replica-validity-factor", "0",
                 # Replicas sync at once (the default waits 5 s for others).
