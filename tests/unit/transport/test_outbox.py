@@ -45,6 +45,13 @@ class FakeSocket:
         self.closed_with = code
 
 
+async def flushed() -> None:
+    """Let the flusher write what was marked: it schedules the flush from
+    the next loop turn (so that it comes after the loop's next poll)."""
+    for _ in range(2):
+        await asyncio.sleep(0)
+
+
 def _setup(
     loop: asyncio.AbstractEventLoop, sockets: list[FakeSocket], max_bytes: int = 1 << 20
 ) -> tuple[Channels, list[Subscription]]:
@@ -68,8 +75,7 @@ async def test_one_write_per_socket_per_iteration_in_order() -> None:
     for b in broadcasts:
         channels.publish(b)
     assert all(s.writes == [] for s in sockets)  # nothing written mid-iteration
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await flushed()
     wires = [b.frame_v2().wire for b in broadcasts]
     for sock in sockets:
         assert sock.writes == [wires]
@@ -82,7 +88,7 @@ async def test_the_sender_is_skipped_and_the_rest_get_it() -> None:
     sockets = [FakeSocket() for _ in range(3)]
     channels, subs = _setup(asyncio.get_running_loop(), sockets)
     channels.publish(Broadcast("org:42", "m", b"{}", origin=subs[1]))
-    await asyncio.sleep(0)
+    await flushed()
     assert [len(s.writes) for s in sockets] == [1, 0, 1]
     assert channels.delivered == 2
 
@@ -93,7 +99,7 @@ async def test_leaving_in_the_same_iteration_still_gets_what_was_sent_before() -
     channels.publish(Broadcast("org:42", "m", b'{"before":1}'))
     channels.unsubscribe(subs[0])
     channels.publish(Broadcast("org:42", "m", b'{"after":1}'))
-    await asyncio.sleep(0)
+    await flushed()
     assert [len(w) for w in sockets[0].writes] == [1]
     assert [len(w) for w in sockets[1].writes] == [2]
 
@@ -102,14 +108,14 @@ async def test_a_socket_that_does_not_read_is_closed_not_buffered() -> None:
     slow, fast = FakeSocket(unread_after_write=2_000), FakeSocket()
     channels, subs = _setup(asyncio.get_running_loop(), [slow, fast], max_bytes=1_000)
     channels.publish(Broadcast("org:42", "m", b"{}"))
-    await asyncio.sleep(0)
+    await flushed()
     assert slow.closed_with == CloseCode.SLOW_CONSUMER
     assert fast.closed_with is None
     # Until its session is gone the fan-out still reaches the closed
     # outbox; what it adds is dropped at the next flush, never written.
     for _ in range(3):
         channels.publish(Broadcast("org:42", "m", b"{}"))
-        await asyncio.sleep(0)
+        await flushed()
     assert len(slow.writes) == 1
     assert subs[0].outbox.pending == []  # type: ignore[attr-defined]
     assert len(fast.writes) == 4
