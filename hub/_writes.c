@@ -20,6 +20,19 @@
  * fan_out() appends a frame to every subscriber's sink, as the Python loop
  * in hub/outbox.py does, without a bytecode or a call per subscriber.
  *
+ * fan_out_later() does the same for a broadcast without a sender to skip,
+ * lazily: consecutive broadcasts to one topic (a REST request of 100, a
+ * burst of them) are kept in the one open run, and given to its
+ * subscribers together when something else comes: one pass over the
+ * subscribers for the run instead of one per message, the run's frames
+ * copied into each list at once, and each frame's reference count raised
+ * once for all of them.  So the order of every socket's frames stays the
+ * order of the calls, the run is settled (given to its subscribers) before
+ * anything else reads or writes any Pending, before fan_out() and before
+ * a flush; and the registry settles it before a topic's subscribers
+ * change (hub/channels/fanout.py), so a subscriber gets exactly the
+ * broadcasts published while it was subscribed.
+ *
  * flush_subscribers() writes a subscriber's pending frames straight to its
  * socket with one send()/sendmsg(), and hands every other case to the
  * outbox's own flush(), the pure-Python path, unchanged:
@@ -79,6 +92,23 @@ static PyTypeObject PendingType;
 
 #define IS_PENDING(o) Py_IS_TYPE((o), &PendingType)
 
+/* The open run of fan_out_later(): broadcasts to one topic, in order, not
+ * given to its subscribers yet.  groups[g] (v2, v1) get wires[g]. */
+typedef struct {
+    PyObject *topic;      /* NULL: no run is open */
+    PyObject *groups[2];
+    PyObject **wires[2];
+    Py_ssize_t n[2], cap[2];
+} OpenRun;
+
+static OpenRun open_run;
+
+static int settle_run(void);
+
+/* Give the open run to its subscribers, if there is one: first thing in
+ * anything that reads or writes a Pending. */
+#define SETTLE() (open_run.topic == NULL ? 0 : settle_run())
+
 static int
 pending_grow(Pending *p)
 {
@@ -111,13 +141,11 @@ pending_add(Pending *p, PyObject *wire)
     return 0;
 }
 
-/* Drop the first k frames (written), keeping the rest in order.  Items are
- * bytes: releasing them runs no Python code. */
+/* Forget the first k frames (written), keeping the rest in order; their
+ * references are the caller's to release. */
 static void
-pending_drop(Pending *p, Py_ssize_t k)
+pending_shift(Pending *p, Py_ssize_t k)
 {
-    for (Py_ssize_t i = 0; i < k; i++)
-        Py_DECREF(p->items[i]);
     p->n -= k;
     if (p->n > 0) {
         memmove(p->items, p->items + k, (size_t)p->n * sizeof(PyObject *));
@@ -129,6 +157,16 @@ pending_drop(Pending *p, Py_ssize_t k)
         p->items = p->inline_items;
         p->cap = INLINE;
     }
+}
+
+/* Drop the first k frames (written), keeping the rest in order.  Items are
+ * bytes: releasing them runs no Python code. */
+static void
+pending_drop(Pending *p, Py_ssize_t k)
+{
+    for (Py_ssize_t i = 0; i < k; i++)
+        Py_DECREF(p->items[i]);
+    pending_shift(p, k);
 }
 
 static int
@@ -174,7 +212,7 @@ pending_dealloc(Pending *p)
 static PyObject *
 pending_append(Pending *p, PyObject *wire)
 {
-    if (check_wire(wire) < 0 || pending_add(p, wire) < 0)
+    if (check_wire(wire) < 0 || SETTLE() < 0 || pending_add(p, wire) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -192,7 +230,7 @@ pending_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObjec
 static PyObject *
 pending_push(Pending *p, PyObject *wire)
 {
-    if (check_wire(wire) < 0 || pending_add(p, wire) < 0)
+    if (check_wire(wire) < 0 || SETTLE() < 0 || pending_add(p, wire) < 0)
         return NULL;
     p->pushed += PyBytes_GET_SIZE(wire);
     return PyLong_FromSsize_t(p->pushed);
@@ -201,6 +239,8 @@ pending_push(Pending *p, PyObject *wire)
 static PyObject *
 pending_clear(Pending *p, PyObject *Py_UNUSED(ignored))
 {
+    if (SETTLE() < 0)
+        return NULL;
     pending_drop(p, p->n); /* pushed goes to 0 with the last frame */
     Py_RETURN_NONE;
 }
@@ -208,12 +248,16 @@ pending_clear(Pending *p, PyObject *Py_UNUSED(ignored))
 static Py_ssize_t
 pending_length(Pending *p)
 {
+    if (SETTLE() < 0)
+        return -1;
     return p->n;
 }
 
 static PyObject *
 pending_item(Pending *p, Py_ssize_t i)
 {
+    if (SETTLE() < 0)
+        return NULL;
     if (i < 0 || i >= p->n) {
         PyErr_SetString(PyExc_IndexError, "Pending index out of range");
         return NULL;
@@ -269,25 +313,32 @@ static PyTypeObject PendingType = {
  * first time two subscribers in a row hold the same frames, they are
  * copied once into one buffer, sent whole to every subscriber that holds
  * them.  The frames are referenced while the buffer lives, so no frame
- * freed meanwhile can come back at the same address. */
+ * freed meanwhile can come back at the same address; and the references
+ * of the lists that sent it whole are released with it, a subtraction per
+ * frame instead of one release per frame and list. */
 typedef struct {
     Py_ssize_t n;         /* frames (0: none remembered) */
     PyObject **items;     /* the frames, referenced */
     char *data;           /* their bytes, joined; NULL until a second match */
     size_t total;
+    Py_ssize_t released;  /* lists that sent it whole and left it their references */
 } Run;
 
 static void
 run_clear(Run *run)
 {
-    for (Py_ssize_t i = 0; i < run->n; i++)
+    for (Py_ssize_t i = 0; i < run->n; i++) {
+        /* At least the run's own reference is left: never 0 here. */
+        Py_SET_REFCNT(run->items[i], Py_REFCNT(run->items[i]) - run->released);
         Py_DECREF(run->items[i]);
+    }
     PyMem_Free(run->items);
     PyMem_Free(run->data);
     run->n = 0;
     run->items = NULL;
     run->data = NULL;
     run->total = 0;
+    run->released = 0;
 }
 
 /* Whether p holds exactly the run's frames. */
@@ -333,6 +384,30 @@ run_data(Run *run)
     return data;
 }
 
+/* p's frames as a vector; returns their total size. */
+static size_t
+fill_iov(Pending *p, struct iovec *iov)
+{
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        PyObject *item = p->items[i];
+        iov[i].iov_base = PyBytes_AS_STRING(item);
+        iov[i].iov_len = (size_t)PyBytes_GET_SIZE(item);
+        total += iov[i].iov_len;
+    }
+    return total;
+}
+
+static ssize_t
+send_retrying(int fd, const void *data, size_t size)
+{
+    ssize_t sent;
+    do
+        sent = send(fd, data, size, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+    return sent;
+}
+
 /* Write p's frames to its socket if it may be.  Returns 1 when nothing is
  * left pending (adding what it wrote to *frames and *nbytes), 0 when the
  * outbox's own flush must do (the rest of) the work, -1 on a Python error.
@@ -347,36 +422,44 @@ try_direct(Pending *p, Run *run, long long *frames, long long *nbytes)
         return 0;
 
     struct iovec iov[MAX_IOV];
-    size_t total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = p->items[i];
-        iov[i].iov_base = PyBytes_AS_STRING(item);
-        iov[i].iov_len = (size_t)PyBytes_GET_SIZE(item);
-        total += iov[i].iov_len;
-    }
-    const char *joined = NULL;
-    if (n > 1) {
-        if (run_matches(run, p))
-            joined = run_data(run);
-        else
-            run_remember(run, p, total);
-    }
+    size_t total;
     ssize_t sent;
-    do {
-        if (n == 1 || joined != NULL) {
-            const char *data = joined != NULL ? joined : (const char *)iov[0].iov_base;
-            sent = send(p->fd, data, total, MSG_DONTWAIT | MSG_NOSIGNAL);
+    int shared = n > 1 && run_matches(run, p);
+    const char *joined = shared ? run_data(run) : NULL;
+    if (joined != NULL) {
+        total = run->total;
+        sent = send_retrying(p->fd, joined, total);
+        if (sent > 0 && (size_t)sent == total) {
+            /* The run holds the same frames: p's references go with it. */
+            run->released++;
+            pending_shift(p, n);
+            *frames += n;
+            *nbytes += (long long)total;
+            return 1;
+        }
+        if (sent <= 0)
+            return 0; /* EAGAIN or an error: the transport's write sees to it */
+        fill_iov(p, iov); /* where the kernel stopped, for the split below */
+    }
+    else {
+        total = fill_iov(p, iov);
+        if (n > 1 && !shared)
+            run_remember(run, p, total);
+        if (n == 1) {
+            sent = send_retrying(p->fd, iov[0].iov_base, total);
         }
         else {
             struct msghdr msg;
             memset(&msg, 0, sizeof(msg));
             msg.msg_iov = iov;
             msg.msg_iovlen = (size_t)n;
-            sent = sendmsg(p->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+            do
+                sent = sendmsg(p->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+            while (sent < 0 && errno == EINTR);
         }
-    } while (sent < 0 && errno == EINTR);
-    if (sent <= 0)
-        return 0; /* EAGAIN or an error: the transport's write sees to it */
+        if (sent <= 0)
+            return 0; /* EAGAIN or an error: the transport's write sees to it */
+    }
     if ((size_t)sent == total) {
         pending_drop(p, n);
         *frames += n;
@@ -460,11 +543,13 @@ flush_subscribers(PyObject *module, PyObject *group)
         PyErr_SetString(PyExc_TypeError, "flush_subscribers(group: dict)");
         return NULL;
     }
+    if (SETTLE() < 0)
+        return NULL;
     long long frames = 0, nbytes = 0;
     int slow = 0;
     Py_ssize_t pos = 0;
     PyObject *sub, *sink;
-    Run run = {0, NULL, NULL, 0};
+    Run run = {0, NULL, NULL, 0, 0};
     /* No Python code runs in this loop: the dict cannot change under it. */
     while (PyDict_Next(group, &pos, &sub, &sink)) {
         int done = IS_PENDING(sink) ? try_direct((Pending *)sink, &run, &frames, &nbytes) : 0;
@@ -493,6 +578,8 @@ fan_out(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "fan_out(group: dict, wire: bytes, origin)");
         return NULL;
     }
+    if (SETTLE() < 0)
+        return NULL;
     PyObject *group = args[0], *wire = args[1], *origin = args[2];
     PyObject *call_args[2] = {NULL, wire};
     Py_ssize_t pos = 0, count = 0;
@@ -519,8 +606,150 @@ fan_out(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(count);
 }
 
+/* Give the frames wires[0..n) to every sink of group, in order: a Pending
+ * gets them copied in at once (their references are taken below, once per
+ * frame for all of them), any other sink is called with each. */
+static int
+fan_out_many(PyObject *group, PyObject **wires, Py_ssize_t n)
+{
+    Py_ssize_t pos = 0, lists = 0;
+    PyObject *sub, *sink;
+    int status = 0;
+    while (PyDict_Next(group, &pos, &sub, &sink)) {
+        if (IS_PENDING(sink)) {
+            Pending *p = (Pending *)sink;
+            while (p->cap - p->n < n) {
+                if (pending_grow(p) < 0) {
+                    status = -1;
+                    goto done;
+                }
+            }
+            memcpy(p->items + p->n, wires, (size_t)n * sizeof(PyObject *));
+            p->n += n;
+            lists++;
+            continue;
+        }
+        /* Another outbox's sink runs Python: it is held while it runs.
+         * (No PY_VECTORCALL_ARGUMENTS_OFFSET: wires[i - 1] is not ours to
+         * lend.) */
+        Py_INCREF(sink);
+        for (Py_ssize_t i = 0; i < n && status == 0; i++) {
+            PyObject *r = PyObject_Vectorcall(sink, wires + i, 1, NULL);
+            if (r == NULL)
+                status = -1;
+            Py_XDECREF(r);
+        }
+        Py_DECREF(sink);
+        if (status < 0)
+            goto done;
+    }
+done:
+    /* The lists filled hold a reference to each frame. */
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_SET_REFCNT(wires[i], Py_REFCNT(wires[i]) + lists);
+    return status;
+}
+
+static int
+settle_run(void)
+{
+    /* Detached first: a sink that runs Python may use a Pending, which
+     * settles, and must find no run open. */
+    OpenRun run = open_run;
+    open_run.topic = NULL;
+    int status = 0;
+    for (int g = 0; g < 2; g++) {
+        if (status == 0 && run.n[g] > 0)
+            status = fan_out_many(run.groups[g], run.wires[g], run.n[g]);
+        for (Py_ssize_t i = 0; i < run.n[g]; i++)
+            Py_DECREF(run.wires[g][i]);
+        PyMem_Free(run.wires[g]);
+        Py_XDECREF(run.groups[g]);
+    }
+    Py_DECREF(run.topic);
+    return status;
+}
+
+static int
+run_add(int g, PyObject *wire)
+{
+    if (open_run.n[g] == open_run.cap[g]) {
+        Py_ssize_t cap = open_run.cap[g] ? 2 * open_run.cap[g] : 128;
+        PyObject **wires = PyMem_Realloc(open_run.wires[g], (size_t)cap * sizeof(PyObject *));
+        if (wires == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        open_run.wires[g] = wires;
+        open_run.cap[g] = cap;
+    }
+    open_run.wires[g][open_run.n[g]++] = Py_NewRef(wire);
+    return 0;
+}
+
+PyDoc_STRVAR(fan_out_later_doc,
+"fan_out_later(topic, v2, wire2, v1, wire1) -> int\n\n"
+"Give the frame wire2 to every sink of the dict v2 and wire1 to every\n"
+"sink of v1 (a wire of None: that group gets nothing), as fan_out() with\n"
+"no sender would, but in the open run of topic (any object naming the\n"
+"topic, with v2 and v1 its groups): consecutive calls for one topic are\n"
+"given to the sinks together, before anything reads or writes a Pending\n"
+"or calls another function of this module.  Returns how many sinks get\n"
+"a frame.");
+
+static PyObject *
+fan_out_later(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[3])
+        || (args[2] != Py_None && !PyBytes_CheckExact(args[2]))
+        || (args[4] != Py_None && !PyBytes_CheckExact(args[4]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fan_out_later(topic, v2: dict, wire2: bytes | None, "
+                        "v1: dict, wire1: bytes | None)");
+        return NULL;
+    }
+    PyObject *topic = args[0];
+    PyObject *groups[2] = {args[1], args[3]}, *wires[2] = {args[2], args[4]};
+    if (open_run.topic != topic
+        || (open_run.topic != NULL
+            && (open_run.groups[0] != groups[0] || open_run.groups[1] != groups[1]))) {
+        if (SETTLE() < 0)
+            return NULL;
+        open_run.topic = Py_NewRef(topic);
+        open_run.groups[0] = Py_NewRef(groups[0]);
+        open_run.groups[1] = Py_NewRef(groups[1]);
+        open_run.wires[0] = open_run.wires[1] = NULL;
+        open_run.n[0] = open_run.n[1] = open_run.cap[0] = open_run.cap[1] = 0;
+    }
+    Py_ssize_t count = 0;
+    for (int g = 0; g < 2; g++) {
+        if (wires[g] == Py_None || PyDict_GET_SIZE(groups[g]) == 0)
+            continue;
+        if (run_add(g, wires[g]) < 0)
+            return NULL;
+        count += PyDict_GET_SIZE(groups[g]);
+    }
+    return PyLong_FromSsize_t(count);
+}
+
+PyDoc_STRVAR(settle_doc,
+"settle() -> None\n\n"
+"Give the open run of fan_out_later() to its sinks now: before a topic's\n"
+"subscribers change.");
+
+static PyObject *
+settle(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    if (SETTLE() < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"fan_out", (PyCFunction)(void (*)(void))fan_out, METH_FASTCALL, fan_out_doc},
+    {"fan_out_later", (PyCFunction)(void (*)(void))fan_out_later, METH_FASTCALL,
+     fan_out_later_doc},
+    {"settle", settle, METH_NOARGS, settle_doc},
     {"flush_subscribers", flush_subscribers, METH_O, flush_subscribers_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -78,6 +78,10 @@ FlushSubscribers = Callable[[dict[Any, Sink]], tuple[int, int]]
 #: Gives a frame (its wire bytes) to every sink of a topic's subscribers but
 #: the sender's (``origin``); returns how many got it.
 FanOut = Callable[[dict[Any, Sink], bytes, object], int]
+#: Gives a broadcast without a sender to a topic's two groups (v2 and its
+#: wire, v1 and its wire; a wire of None: that group gets nothing), possibly
+#: later, but before anything else uses a frame list; returns how many get it.
+FanOutLater = Callable[[object, dict[Any, Sink], bytes | None, dict[Any, Sink], bytes | None], int]
 
 
 def flush_subscribers(group: dict[Any, Sink]) -> tuple[int, int]:
@@ -99,17 +103,44 @@ def fan_out(group: dict[Any, Sink], wire: bytes, origin: object) -> int:
     return len(group) - 1
 
 
+def fan_out_later(
+    topic: object,
+    v2: dict[Any, Sink],
+    wire2: bytes | None,
+    v1: dict[Any, Sink],
+    wire1: bytes | None,
+) -> int:
+    """The pure-Python path gives the frames at once."""
+    count = 0
+    if wire2 is not None:
+        count += fan_out(v2, wire2, None)
+    if wire1 is not None:
+        count += fan_out(v1, wire1, None)
+    return count
+
+
+def settle() -> None:
+    """The pure-Python path keeps nothing for later."""
+
+
 @dataclass(frozen=True, slots=True)
 class Writes:
-    """The fan-out's two inner loops (frames to sinks, outboxes to sockets),
-    and the frame list of a socket's outbox they work on."""
+    """The fan-out's inner loops (frames to sinks, outboxes to sockets),
+    and the frame list of a socket's outbox they work on.
+
+    ``fan_out_later`` may keep consecutive broadcasts to one topic and give
+    them to its sinks together (the compiled loop does); ``settle`` gives
+    them now, and must be called before a topic's groups change, so that a
+    subscriber gets exactly what was published while it was subscribed."""
 
     fan_out: FanOut
     flush: FlushSubscribers
     pending: Callable[[], FrameList]
+    fan_out_later: FanOutLater
+    settle: Callable[[], None]
 
 
-PYTHON_WRITES = Writes(fan_out, flush_subscribers, Pending)
+PYTHON_WRITES = Writes(fan_out, flush_subscribers, Pending, fan_out_later, settle)
 
 
 def native_writes() -> Writes | None:
@@ -120,7 +151,13 @@ def native_writes() -> Writes | None:
         from hub import _writes
     except ImportError:
         return None
-    return Writes(_writes.fan_out, _writes.flush_subscribers, _writes.Pending)
+    return Writes(
+        _writes.fan_out,
+        _writes.flush_subscribers,
+        _writes.Pending,
+        _writes.fan_out_later,
+        _writes.settle,
+    )
 
 
 class Outbox:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from hub.auth.principal import Principal
 from hub.channels.fanout import Channels
 from hub.channels.subscription import Subscription
@@ -18,7 +20,7 @@ from hub.counters import Counters
 from hub.errors import CloseCode
 from hub.flusher import Flusher
 from hub.frames import OP_BINARY, OP_TEXT, Frame
-from hub.outbox import ListOutbox
+from hub.outbox import PYTHON_WRITES, ListOutbox, Writes, native_writes
 from hub.protocol import VSN2, Broadcast
 from hub.transport.outbox import SocketOutbox
 from tests.support.channels import local_channels
@@ -52,25 +54,45 @@ async def flushed() -> None:
         await asyncio.sleep(0)
 
 
+_native = native_writes()
+assert _native is not None, "hub._writes is built by `pip install -e .` here"
+#: The pure-Python loops and the compiled ones (which keep consecutive
+#: broadcasts to a topic for later): every test here runs on both.
+WRITES = {"python": PYTHON_WRITES, "compiled": _native}
+
+
+@pytest.fixture(params=list(WRITES))
+def writes(request: pytest.FixtureRequest) -> Writes:
+    return WRITES[request.param]
+
+
 def _setup(
-    loop: asyncio.AbstractEventLoop, sockets: list[FakeSocket], max_bytes: int = 1 << 20
+    loop: asyncio.AbstractEventLoop,
+    sockets: list[FakeSocket],
+    writes: Writes,
+    max_bytes: int = 1 << 20,
 ) -> tuple[Channels, list[Subscription]]:
     stats = Counters()
     flusher = Flusher()
     flusher.start(loop)
-    channels = local_channels(stats=stats, schedule=flusher.mark)
-    subs = []
-    for i, sock in enumerate(sockets):
-        outbox = SocketOutbox(sock, flusher, max_bytes, stats)
-        s = Subscription(parse_topic("org:42"), "1", VSN2, outbox, MEMBER, f"c{i}")
-        channels.subscribe(s)
-        subs.append(s)
+    channels = local_channels(stats=stats, schedule=flusher.mark, writes=writes)
+    subs = [_join(channels, flusher, sock, f"c{i}", max_bytes) for i, sock in enumerate(sockets)]
     return channels, subs
 
 
-async def test_one_write_per_socket_per_iteration_in_order() -> None:
+def _join(
+    channels: Channels, flusher: Flusher, sock: FakeSocket, conn: str, max_bytes: int = 1 << 20
+) -> Subscription:
+    pending = channels.writes.pending()
+    outbox = SocketOutbox(sock, flusher, max_bytes, channels.stats, pending)
+    sub = Subscription(parse_topic("org:42"), "1", VSN2, outbox, MEMBER, conn)
+    channels.subscribe(sub)
+    return sub
+
+
+async def test_one_write_per_socket_per_iteration_in_order(writes: Writes) -> None:
     sockets = [FakeSocket() for _ in range(3)]
-    channels, _ = _setup(asyncio.get_running_loop(), sockets)
+    channels, _ = _setup(asyncio.get_running_loop(), sockets, writes)
     broadcasts = [Broadcast("org:42", "m", b'{"i":%d}' % i) for i in range(5)]
     for b in broadcasts:
         channels.publish(b)
@@ -84,18 +106,20 @@ async def test_one_write_per_socket_per_iteration_in_order() -> None:
     assert channels.stats.frames_out == 15
 
 
-async def test_the_sender_is_skipped_and_the_rest_get_it() -> None:
+async def test_the_sender_is_skipped_and_the_rest_get_it(writes: Writes) -> None:
     sockets = [FakeSocket() for _ in range(3)]
-    channels, subs = _setup(asyncio.get_running_loop(), sockets)
+    channels, subs = _setup(asyncio.get_running_loop(), sockets, writes)
     channels.publish(Broadcast("org:42", "m", b"{}", origin=subs[1]))
     await flushed()
     assert [len(s.writes) for s in sockets] == [1, 0, 1]
     assert channels.delivered == 2
 
 
-async def test_leaving_in_the_same_iteration_still_gets_what_was_sent_before() -> None:
+async def test_leaving_in_the_same_iteration_still_gets_what_was_sent_before(
+    writes: Writes,
+) -> None:
     sockets = [FakeSocket() for _ in range(2)]
-    channels, subs = _setup(asyncio.get_running_loop(), sockets)
+    channels, subs = _setup(asyncio.get_running_loop(), sockets, writes)
     channels.publish(Broadcast("org:42", "m", b'{"before":1}'))
     channels.unsubscribe(subs[0])
     channels.publish(Broadcast("org:42", "m", b'{"after":1}'))
@@ -104,9 +128,22 @@ async def test_leaving_in_the_same_iteration_still_gets_what_was_sent_before() -
     assert [len(w) for w in sockets[1].writes] == [2]
 
 
-async def test_a_socket_that_does_not_read_is_closed_not_buffered() -> None:
+async def test_joining_between_two_broadcasts_gets_the_second_only(writes: Writes) -> None:
+    sockets = [FakeSocket() for _ in range(2)]
+    channels, subs = _setup(asyncio.get_running_loop(), sockets, writes)
+    channels.publish(Broadcast("org:42", "m", b'{"before":1}'))
+    late = FakeSocket()
+    assert subs[0].outbox.flusher is subs[1].outbox.flusher  # type: ignore[attr-defined]
+    _join(channels, subs[0].outbox.flusher, late, "late")  # type: ignore[attr-defined]
+    channels.publish(Broadcast("org:42", "m", b'{"after":1}'))
+    await flushed()
+    assert [len(w) for w in sockets[0].writes] == [2]
+    assert late.writes == [[Broadcast("org:42", "m", b'{"after":1}').frame_v2().wire]]
+
+
+async def test_a_socket_that_does_not_read_is_closed_not_buffered(writes: Writes) -> None:
     slow, fast = FakeSocket(unread_after_write=2_000), FakeSocket()
-    channels, subs = _setup(asyncio.get_running_loop(), [slow, fast], max_bytes=1_000)
+    channels, subs = _setup(asyncio.get_running_loop(), [slow, fast], writes, max_bytes=1_000)
     channels.publish(Broadcast("org:42", "m", b"{}"))
     await flushed()
     assert slow.closed_with == CloseCode.SLOW_CONSUMER
@@ -117,7 +154,7 @@ async def test_a_socket_that_does_not_read_is_closed_not_buffered() -> None:
         channels.publish(Broadcast("org:42", "m", b"{}"))
         await flushed()
     assert len(slow.writes) == 1
-    assert subs[0].outbox.pending == []  # type: ignore[attr-defined]
+    assert list(subs[0].outbox.pending) == []  # type: ignore[attr-defined]
     assert len(fast.writes) == 4
 
 
