@@ -606,9 +606,21 @@ fan_out(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(count);
 }
 
+/* The lists filled since the last call hold a reference to each frame:
+ * counted here once per frame for all of them. */
+static void
+take_references(PyObject **wires, Py_ssize_t n, Py_ssize_t *lists)
+{
+    if (*lists == 0)
+        return;
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_SET_REFCNT(wires[i], Py_REFCNT(wires[i]) + *lists);
+    *lists = 0;
+}
+
 /* Give the frames wires[0..n) to every sink of group, in order: a Pending
- * gets them copied in at once (their references are taken below, once per
- * frame for all of them), any other sink is called with each. */
+ * gets them copied in at once (their references are taken together), any
+ * other sink is called with each. */
 static int
 fan_out_many(PyObject *group, PyObject **wires, Py_ssize_t n)
 {
@@ -629,9 +641,11 @@ fan_out_many(PyObject *group, PyObject **wires, Py_ssize_t n)
             lists++;
             continue;
         }
-        /* Another outbox's sink runs Python: it is held while it runs.
-         * (No PY_VECTORCALL_ARGUMENTS_OFFSET: wires[i - 1] is not ours to
-         * lend.) */
+        /* Another outbox's sink runs Python, which may release what a list
+         * holds: the lists' references are taken first.  The sink is held
+         * while it runs.  (No PY_VECTORCALL_ARGUMENTS_OFFSET: wires[i - 1]
+         * is not ours to lend.) */
+        take_references(wires, n, &lists);
         Py_INCREF(sink);
         for (Py_ssize_t i = 0; i < n && status == 0; i++) {
             PyObject *r = PyObject_Vectorcall(sink, wires + i, 1, NULL);
@@ -644,9 +658,7 @@ fan_out_many(PyObject *group, PyObject **wires, Py_ssize_t n)
             goto done;
     }
 done:
-    /* The lists filled hold a reference to each frame. */
-    for (Py_ssize_t i = 0; i < n; i++)
-        Py_SET_REFCNT(wires[i], Py_REFCNT(wires[i]) + lists);
+    take_references(wires, n, &lists);
     return status;
 }
 

@@ -369,3 +369,33 @@ def test_lists_that_send_a_shared_run_whole_give_its_references_back(pair: Pair)
     finally:
         other[0].close()
         other[1].close()
+
+
+def test_a_sink_that_runs_python_finds_the_lists_references_taken() -> None:
+    # A sink that is not a frame list runs Python, which may release what a
+    # list already given the run's frames holds; those lists' references
+    # must be counted before it runs, or a frame held by nothing else
+    # would be freed while a list still refers to it.
+    assert native is not None
+    frames = [b"frame-%d" % i for i in range(3)]
+    base = sys.getrefcount(frames[0])
+    first, last = native.pending(), native.pending()
+    seen: list[int] = []
+
+    def clearing_sink(wire: bytes) -> None:
+        if not seen:
+            first.clear()  # the first list had all three; it lets them go
+            seen.append(sys.getrefcount(frames[0]) - base)
+
+    group: dict[Any, Any] = {"first": first, "python": clearing_sink, "last": last}
+    topic, no_v1 = object(), {}
+    for frame in frames:
+        native.fan_out_later(topic, group, frame, no_v1, None)
+    del frame
+    native.settle()
+    # While the sink ran: the run's own reference and the sink's argument
+    # (the first list's was taken, then released by clear()).
+    assert seen == [2]
+    held = sys.getrefcount(frames[0]) - base  # before an assert keeps a list of them
+    assert held == 1  # the last list's
+    assert list(last) == frames
