@@ -427,8 +427,11 @@ class Settings:
     @property
     def max_request_bytes(self) -> int:
         """Largest REST body.  Everything one request publishes reaches every
-        subscriber's outbox in one event-loop iteration, so it must fit in
-        half an outbox, or a prompt reader would be cut as a slow one."""
+        subscriber's outbox before one write, so it must fit in half an
+        outbox, or a prompt reader would be cut as a slow one.  (Requests
+        that arrive together share a write: those of the two polls one
+        flush covers, hub/flusher.py; only what the kernel does not take
+        counts against the bound.)"""
         return min(self.max_payload_bytes * 100, self.max_outbox_bytes // 2)
 
     @property

@@ -96,7 +96,7 @@ class Node:
         # read from the same database (none without one).
         self.policies = ChannelPolicies(settings.database_url) if settings.database_url else None
         # Writes are coalesced: the fan-out marks topics, the flusher writes
-        # them once per loop iteration.
+        # them once, after the loop's next poll (hub/flusher.py).
         self.flusher = Flusher()
         self.observers = Observers()
         # The fan-out's inner loops: compiled when built (hub/_writes.c).

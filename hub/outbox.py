@@ -19,7 +19,7 @@ Sink = Callable[[bytes], None]
 
 
 class Flushable(Protocol):
-    """Something with frames to write at the end of a loop iteration."""
+    """Something with frames to write at the next flush (:mod:`hub.flusher`)."""
 
     def flush(self) -> None: ...
 
@@ -171,7 +171,7 @@ class Outbox:
     for a socket it is its :class:`FrameList`, which the compiled loops
     fill and write without a call per subscriber.  A sink does not schedule
     a write; whoever uses it must get :meth:`flush` called before the loop
-    sleeps (the registry does this once per topic per loop iteration) or
+    sleeps (the registry does this once per topic per flush) or
     call :meth:`schedule`.  Outboxes that are not sockets take the slow
     way: the frame is rebuilt and pushed.
     """

@@ -8,9 +8,9 @@ Fan-out is the hot path of the hub.  For each message it:
   one's outbox through its ``sink`` (for a socket, the pending list's own
   ``append``), which never blocks;
 * does nothing else per subscriber: no awaits, no JSON, and for broadcasts
-  no Python call; the topic is marked once per loop iteration, and its
-  subscribers' outboxes are written then, each with everything it got in
-  that iteration.
+  no Python call; the topic is marked once per flush (:mod:`hub.flusher`),
+  and its subscribers' outboxes are written then, each with everything it
+  got meanwhile.
 
 Durable events and ``postgres_changes`` rows take the same path (one frame
 per wire format, the sinks, one flush per topic), plus one call per
@@ -64,7 +64,7 @@ class _TopicSubscribers:
         self.v1: dict[Subscription, Sink] = {}
         self.v2: dict[Subscription, Sink] = {}
         self.quiet: dict[Subscription, Sink] = {}
-        #: True from the first fan-out of a loop iteration to the flush.
+        #: True from the first fan-out after a flush to the next flush.
         self.scheduled = False
         self.write = write
         self.stats = stats
@@ -108,7 +108,7 @@ class Channels:
         """``engine`` carries what this node publishes to every node (the
         node binds the engine's deliveries back to :meth:`deliver`).
         ``schedule`` is how a topic's outboxes get flushed after a fan-out:
-        the node's write flusher (once per loop iteration); the default
+        the node's write flusher (once, after the loop's next poll); the default
         flushes at once, for outboxes that are not sockets.  ``writes`` are
         the inner loops (frames to sinks, outboxes to sockets): the
         pure-Python ones, or the compiled ones (:func:`hub.outbox.native_writes`)."""

@@ -1,5 +1,5 @@
 """The socket-backed outbox: a connection's frames, bounded, written once
-per loop iteration.
+per flush (:mod:`hub.flusher`: after the loop's next poll).
 
 Every outbox is bounded by ``max_bytes`` (bytes the kernel has not taken
 yet, looked at after each write).  Crossing it closes the connection with
@@ -18,7 +18,7 @@ from hub.flusher import Flusher
 from hub.frames import Frame
 from hub.outbox import FrameList, Outbox, Pending
 
-#: Frames waiting in an outbox are written at the end of the loop iteration,
+#: Frames waiting in an outbox are written at the next flush,
 #: or, for frames pushed to that one connection (a replay), as soon as this
 #: many bytes wait: a long burst then lands in the kernel as it is made, and
 #: only what the kernel refuses counts against the slow-consumer bound.
