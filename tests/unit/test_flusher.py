@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import uvloop
@@ -68,41 +68,41 @@ def _input_in_two_polls(loop: asyncio.AbstractEventLoop, flusher: Flusher) -> li
     return flushes
 
 
-@pytest.mark.parametrize("make_loop", LOOPS.values(), ids=list(LOOPS))
+@pytest.fixture(params=list(LOOPS))
+def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    loop = LOOPS[request.param]()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def flusher(loop: asyncio.AbstractEventLoop) -> Flusher:
+    flusher = Flusher()
+    flusher.start(loop)
+    return flusher
+
+
 def test_input_of_the_next_poll_is_written_in_the_same_flush(
-    make_loop: Callable[[], asyncio.AbstractEventLoop],
+    loop: asyncio.AbstractEventLoop, flusher: Flusher
 ) -> None:
-    loop = make_loop()
-    try:
-        flusher = Flusher()
-        flusher.start(loop)
-        assert _input_in_two_polls(loop, flusher) == [[b"first", b"second"]]
-    finally:
-        loop.close()
+    assert _input_in_two_polls(loop, flusher) == [[b"first", b"second"]]
 
 
-@pytest.mark.parametrize("make_loop", LOOPS.values(), ids=list(LOOPS))
 def test_a_flush_waits_for_one_poll_and_no_more(
-    make_loop: Callable[[], asyncio.AbstractEventLoop],
+    loop: asyncio.AbstractEventLoop, flusher: Flusher
 ) -> None:
-    loop = make_loop()
-    try:
-        flusher = Flusher()
-        flusher.start(loop)
-        flushes: list[list[bytes]] = []
-        recorder = Recorder(flusher, flushes)
+    flushes: list[list[bytes]] = []
+    recorder = Recorder(flusher, flushes)
 
-        async def mark_and_count_turns() -> int:
-            recorder.give(b"x")
-            turns = 0
-            while not flushes:
-                await asyncio.sleep(0)
-                turns += 1
-            return turns
+    async def mark_and_count_turns() -> int:
+        recorder.give(b"x")
+        turns = 0
+        while not flushes:
+            await asyncio.sleep(0)
+            turns += 1
+        return turns
 
-        # Marked, then flushed after the next turn's poll: two turns, with
-        # no input coming meanwhile (the loop never sleeps for it).
-        assert loop.run_until_complete(mark_and_count_turns()) == 2
-        assert flushes == [[b"x"]]
-    finally:
-        loop.close()
+    # Marked, then flushed after the next turn's poll: two turns, with no
+    # input coming meanwhile (the loop never sleeps for it).
+    assert loop.run_until_complete(mark_and_count_turns()) == 2
+    assert flushes == [[b"x"]]
