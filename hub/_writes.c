@@ -93,10 +93,10 @@ static PyTypeObject PendingType;
 #define IS_PENDING(o) Py_IS_TYPE((o), &PendingType)
 
 /* The open run of fan_out_later(): broadcasts to one topic, in order, not
- * given to its subscribers yet.  groups[g] (v2, v1) get wires[g]. */
+ * given to its subscribers yet.  groups[g] (the topic's v2 and v1 dicts,
+ * which live as long as it does, so they name it) get wires[g]. */
 typedef struct {
-    PyObject *topic;      /* NULL: no run is open */
-    PyObject *groups[2];
+    PyObject *groups[2];  /* groups[0] NULL: no run is open */
     PyObject **wires[2];
     Py_ssize_t n[2], cap[2];
 } OpenRun;
@@ -107,7 +107,7 @@ static int settle_run(void);
 
 /* Give the open run to its subscribers, if there is one: first thing in
  * anything that reads or writes a Pending. */
-#define SETTLE() (open_run.topic == NULL ? 0 : settle_run())
+#define SETTLE() (open_run.groups[0] == NULL ? 0 : settle_run())
 
 static int
 pending_grow(Pending *p)
@@ -668,7 +668,7 @@ settle_run(void)
     /* Detached first: a sink that runs Python may use a Pending, which
      * settles, and must find no run open. */
     OpenRun run = open_run;
-    open_run.topic = NULL;
+    open_run.groups[0] = NULL;
     int status = 0;
     for (int g = 0; g < 2; g++) {
         if (status == 0 && run.n[g] > 0)
@@ -676,9 +676,8 @@ settle_run(void)
         for (Py_ssize_t i = 0; i < run.n[g]; i++)
             Py_DECREF(run.wires[g][i]);
         PyMem_Free(run.wires[g]);
-        Py_XDECREF(run.groups[g]);
+        Py_DECREF(run.groups[g]);
     }
-    Py_DECREF(run.topic);
     return status;
 }
 
@@ -700,34 +699,29 @@ run_add(int g, PyObject *wire)
 }
 
 PyDoc_STRVAR(fan_out_later_doc,
-"fan_out_later(topic, v2, wire2, v1, wire1) -> int\n\n"
+"fan_out_later(v2, wire2, v1, wire1) -> int\n\n"
 "Give the frame wire2 to every sink of the dict v2 and wire1 to every\n"
 "sink of v1 (a wire of None: that group gets nothing), as fan_out() with\n"
-"no sender would, but in the open run of topic (any object naming the\n"
-"topic, with v2 and v1 its groups): consecutive calls for one topic are\n"
-"given to the sinks together, before anything reads or writes a Pending\n"
-"or calls another function of this module.  Returns how many sinks get\n"
-"a frame.");
+"no sender would, but in the open run of the topic whose groups v2 and\n"
+"v1 are: consecutive calls with the same two dicts are given to the\n"
+"sinks together, before anything reads or writes a Pending or calls\n"
+"another function of this module.  Returns how many sinks get a frame.");
 
 static PyObject *
 fan_out_later(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyDict_CheckExact(args[1]) || !PyDict_CheckExact(args[3])
-        || (args[2] != Py_None && !PyBytes_CheckExact(args[2]))
-        || (args[4] != Py_None && !PyBytes_CheckExact(args[4]))) {
+    if (nargs != 4 || !PyDict_CheckExact(args[0]) || !PyDict_CheckExact(args[2])
+        || (args[1] != Py_None && !PyBytes_CheckExact(args[1]))
+        || (args[3] != Py_None && !PyBytes_CheckExact(args[3]))) {
         PyErr_SetString(PyExc_TypeError,
-                        "fan_out_later(topic, v2: dict, wire2: bytes | None, "
+                        "fan_out_later(v2: dict, wire2: bytes | None, "
                         "v1: dict, wire1: bytes | None)");
         return NULL;
     }
-    PyObject *topic = args[0];
-    PyObject *groups[2] = {args[1], args[3]}, *wires[2] = {args[2], args[4]};
-    if (open_run.topic != topic
-        || (open_run.topic != NULL
-            && (open_run.groups[0] != groups[0] || open_run.groups[1] != groups[1]))) {
+    PyObject *groups[2] = {args[0], args[2]}, *wires[2] = {args[1], args[3]};
+    if (open_run.groups[0] != groups[0] || open_run.groups[1] != groups[1]) {
         if (SETTLE() < 0)
             return NULL;
-        open_run.topic = Py_NewRef(topic);
         open_run.groups[0] = Py_NewRef(groups[0]);
         open_run.groups[1] = Py_NewRef(groups[1]);
         open_run.wires[0] = open_run.wires[1] = NULL;

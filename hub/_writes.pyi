@@ -21,7 +21,6 @@ class Pending:
 def fan_out(group: dict[Any, Sink], wire: bytes, origin: object, /) -> int: ...
 def flush_subscribers(group: dict[Any, Sink], /) -> tuple[int, int]: ...
 def fan_out_later(
-    topic: object,
     v2: dict[Any, Sink],
     wire2: bytes | None,
     v1: dict[Any, Sink],

@@ -81,7 +81,7 @@ FanOut = Callable[[dict[Any, Sink], bytes, object], int]
 #: Gives a broadcast without a sender to a topic's two groups (v2 and its
 #: wire, v1 and its wire; a wire of None: that group gets nothing), possibly
 #: later, but before anything else uses a frame list; returns how many get it.
-FanOutLater = Callable[[object, dict[Any, Sink], bytes | None, dict[Any, Sink], bytes | None], int]
+FanOutLater = Callable[[dict[Any, Sink], bytes | None, dict[Any, Sink], bytes | None], int]
 
 
 def flush_subscribers(group: dict[Any, Sink]) -> tuple[int, int]:
@@ -104,7 +104,6 @@ def fan_out(group: dict[Any, Sink], wire: bytes, origin: object) -> int:
 
 
 def fan_out_later(
-    topic: object,
     v2: dict[Any, Sink],
     wire2: bytes | None,
     v1: dict[Any, Sink],

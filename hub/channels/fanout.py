@@ -308,7 +308,7 @@ class Channels:
         if origin is None:
             # Consecutive broadcasts to this topic (a REST request, a burst)
             # reach the sinks together: one pass over them for all.
-            count = self.writes.fan_out_later(subscribers, v2, wire2, v1, wire1)
+            count = self.writes.fan_out_later(v2, wire2, v1, wire1)
         else:
             count = 0
             fan_out = self.writes.fan_out

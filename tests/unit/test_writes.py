@@ -315,16 +315,15 @@ def test_fan_out_later_gives_what_fan_out_would_in_the_order_of_the_calls(kind: 
     t1_v2: dict[Any, Any] = {"a": a, "b": b, "py": called.append}
     t1_v1: dict[Any, Any] = {"d": d}
     t2_v2: dict[Any, Any] = {"b again": b, "c": c}
-    t1, t2 = object(), object()
-    assert writes.fan_out_later(t1, t1_v2, b"m1", t1_v1, b"m1 v1") == 4
-    assert writes.fan_out_later(t1, t1_v2, b"m2", t1_v1, None) == 3
+    assert writes.fan_out_later(t1_v2, b"m1", t1_v1, b"m1 v1") == 4
+    assert writes.fan_out_later(t1_v2, b"m2", t1_v1, None) == 3
     assert len(a) == 2  # read before any settle(): it settles
-    assert writes.fan_out_later(t1, t1_v2, b"m3", t1_v1, None) == 3
-    assert writes.fan_out_later(t2, t2_v2, b"m4", {}, b"no v1 subscriber") == 2
+    assert writes.fan_out_later(t1_v2, b"m3", t1_v1, None) == 3
+    assert writes.fan_out_later(t2_v2, b"m4", {}, b"no v1 subscriber") == 2
     assert b.push(b"reply") == 5
-    assert writes.fan_out_later(t1, t1_v2, b"m5", t1_v1, b"m5 v1") == 4
+    assert writes.fan_out_later(t1_v2, b"m5", t1_v1, b"m5 v1") == 4
     assert writes.fan_out(t1_v2, b"m6", "a") == 2
-    assert writes.fan_out_later(t1, t1_v2, b"m7", t1_v1, None) == 3
+    assert writes.fan_out_later(t1_v2, b"m7", t1_v1, None) == 3
     writes.settle()
     assert list(a) == [b"m1", b"m2", b"m3", b"m5", b"m7"]
     assert list(b) == [b"m1", b"m2", b"m3", b"m4", b"reply", b"m5", b"m6", b"m7"]
@@ -339,9 +338,9 @@ def test_fan_out_later_takes_one_reference_per_list_and_they_are_all_given_back(
     refs = [sys.getrefcount(f) for f in frames]
     lists = [native.pending() for _ in range(5)]
     group = dict(enumerate(lists))
-    topic, no_v1 = object(), {}  # the same groups each time: one run of 300
+    no_v1: dict[Any, Any] = {}  # the same groups each time: one run of 300
     for frame in frames:
-        native.fan_out_later(topic, group, frame, no_v1, None)
+        native.fan_out_later(group, frame, no_v1, None)
     del frame
     assert [sys.getrefcount(f) for f in frames] == [r + 1 for r in refs]  # the run's
     native.settle()
@@ -388,9 +387,9 @@ def test_a_sink_that_runs_python_finds_the_lists_references_taken() -> None:
             seen.append(sys.getrefcount(frames[0]) - base)
 
     group: dict[Any, Any] = {"first": first, "python": clearing_sink, "last": last}
-    topic, no_v1 = object(), {}
+    no_v1: dict[Any, Any] = {}
     for frame in frames:
-        native.fan_out_later(topic, group, frame, no_v1, None)
+        native.fan_out_later(group, frame, no_v1, None)
     del frame
     native.settle()
     # While the sink ran: the run's own reference and the sink's argument
