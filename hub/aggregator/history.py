@@ -289,7 +289,12 @@ class SqlHistory(History):
         """Per projection: orgs behind, events behind (sum and worst org),
         orgs stopped; and the stopped orgs with their errors."""
         pool = await self._connection_pool()
-        async with pool.acquire() as conn:
+        # One snapshot for both reads: a projection stopping between them
+        # would be listed as stopped and counted as running.
+        async with (
+            pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             rows = await conn.fetch(
                 "SELECT p.name, p.mode, p.target_schema::text AS schema, "
                 "count(l.org) FILTER (WHERE l.lag > 0) AS behind, "
