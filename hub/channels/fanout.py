@@ -12,11 +12,13 @@ Fan-out is the hot path of the hub.  For each message it:
   and its subscribers' outboxes are written then, each with everything it
   got meanwhile.
 
-Durable events and ``postgres_changes`` rows take the same path (one frame
-per wire format, the sinks, one flush per topic), plus one call per
-subscriber to :meth:`~hub.channels.subscription.Subscription.take_durable`,
-the one place their acceptance rule lives: a cost paid at durable-event
-rates (thousands per second), not at broadcast rates.
+Durable events take the same path.  While a topic has a subscription that
+may refuse one (a replay waiting or running, a truncated replay, or caught
+up by its replay ahead of the live stream), each subscriber is asked with
+:meth:`~hub.channels.subscription.Subscription.take_durable`, the one place
+their acceptance rule lives; otherwise (nearly always) the event goes out
+as a broadcast.  ``postgres_changes`` rows are matched and asked per
+subscriber: a cost paid at row-change rates, not at broadcast rates.
 
 No I/O happens here; sockets are behind :class:`~hub.outbox.Outbox`.
 """
@@ -58,12 +60,15 @@ class _TopicSubscribers:
     private channel whose policies allow presence only) are kept apart in
     ``quiet``, so the broadcast loop never asks."""
 
-    __slots__ = ("v1", "v2", "quiet", "scheduled", "write", "stats")
+    __slots__ = ("v1", "v2", "quiet", "unsettled", "scheduled", "write", "stats")
 
     def __init__(self, write: FlushSubscribers, stats: Counters) -> None:
         self.v1: dict[Subscription, Sink] = {}
         self.v2: dict[Subscription, Sink] = {}
         self.quiet: dict[Subscription, Sink] = {}
+        #: How many subscriptions in v1 and v2 are not
+        #: :attr:`~hub.channels.subscription.Subscription.durable_settled`.
+        self.unsettled = 0
         #: True from the first fan-out after a flush to the next flush.
         self.scheduled = False
         self.write = write
@@ -73,6 +78,18 @@ class _TopicSubscribers:
         if not sub.read_broadcast:
             return self.quiet
         return self.v2 if sub.vsn == VSN2 else self.v1
+
+    def add(self, sub: Subscription) -> None:
+        group = self.of(sub)
+        if sub not in group and group is not self.quiet and not sub.durable_settled:
+            self.unsettled += 1
+        group[sub] = sub.outbox.sink
+
+    def remove(self, sub: Subscription) -> None:
+        group = self.of(sub)
+        removed = group.pop(sub, None) is not None
+        if removed and group is not self.quiet and not sub.durable_settled:
+            self.unsettled -= 1
 
     def flush(self) -> None:
         """Write what the fan-out gave each subscriber's outbox."""
@@ -141,7 +158,7 @@ class Channels:
             self.engine.subscribe(key)
         # Broadcasts published before it joined are not for it.
         self.writes.settle()
-        subscribers.of(sub)[sub] = sub.outbox.sink
+        subscribers.add(sub)
         if sub.bindings:
             self._bind(sub)
 
@@ -157,7 +174,7 @@ class Channels:
         if subscribers is not None:
             # Broadcasts published while it was subscribed are still owed.
             self.writes.settle()
-            subscribers.of(sub).pop(sub, None)
+            subscribers.remove(sub)
         # Frames the fan-out gave it this iteration are still owed, and the
         # topic's flush no longer reaches it.
         sub.outbox.schedule()
@@ -296,6 +313,15 @@ class Channels:
         subscribers = self._topics.get(broadcast.topic)
         if subscribers is None:
             return
+        count = self._fan_out(subscribers, broadcast)
+        self.delivered += count
+        if self.observers:
+            self.observers.notify("broadcast", broadcast, count)
+        self.stats.fanout_latency.observe(max(0.0, time.time() - broadcast.sent_at))
+
+    def _fan_out(self, subscribers: _TopicSubscribers, broadcast: Broadcast) -> int:
+        """Give ``broadcast`` to every reader of its topic but its sender;
+        how many got it."""
         origin = broadcast.origin
         v2, v1 = subscribers.v2, subscribers.v1
         wire2 = broadcast.frame_v2().wire if v2 else None
@@ -319,20 +345,20 @@ class Channels:
         if count and not subscribers.scheduled:
             subscribers.scheduled = True
             self.schedule(subscribers)
-        self.delivered += count
-        if self.observers:
-            self.observers.notify("broadcast", broadcast, count)
-        self.stats.fanout_latency.observe(max(0.0, time.time() - broadcast.sent_at))
+        return count
 
     def deliver_durable(self, broadcast: Broadcast, seq: int, event: object) -> int:
-        """Fan out the broadcast of durable event ``seq`` (``event`` is what
-        a replay buffer holds).  As a broadcast (encoded once per wire
-        format, through the sinks, one flush per topic), but each
-        subscription decides with :meth:`Subscription.take_durable`.
-        Returns how many subscriptions got the frame now."""
+        """Fan out the broadcast of live durable event ``seq`` (``event`` is
+        what a replay buffer holds); the store's listener gives each once and
+        in order per org.  When every subscription of the topic is settled
+        it is a broadcast; otherwise each decides with
+        :meth:`Subscription.take_durable`, and one that takes it is settled
+        from then on.  Returns how many subscriptions got the frame now."""
         subscribers = self._topics.get(broadcast.topic)
         if subscribers is None:
             return 0
+        if not subscribers.unsettled:
+            return self._fan_out(subscribers, broadcast)
         count = 0
         for group in (subscribers.v2, subscribers.v1):
             if not group:
@@ -345,6 +371,9 @@ class Channels:
                 if sub.take_durable(seq, event):
                     sink(wire)
                     count += 1
+                    if not sub.durable_settled:
+                        sub.durable_settled = True
+                        subscribers.unsettled -= 1
         if count and not subscribers.scheduled:
             subscribers.scheduled = True
             self.schedule(subscribers)

@@ -31,13 +31,22 @@ class Subscription:
     bindings: list[Binding] = field(default_factory=list)
     #: False once unsubscribed; async work (a replay) checks it on resume.
     active: bool = True
-    #: The highest durable seq delivered; lower or equal ones are duplicates.
+    #: The highest durable seq it took itself; lower or equal ones are
+    #: duplicates.  Not moved once settled (every later live seq is higher).
     durable_seq: int = 0
     #: While a replay runs, live durable events wait here (see durable.py).
     replay_buffer: list[Any] | None = None
     #: Set when a replay was truncated: live durable events would leave a
     #: gap, so none are delivered until the client rejoins.
     durable_paused: bool = False
+    #: True while it takes every live durable event as it comes: it asked
+    #: for no replay, or its replay has run and it took a live event since
+    #: (so none it holds is ahead of the live stream, which the store's
+    #: listener gives once and in order).  The fan-out sets it (see
+    #: :meth:`~hub.channels.fanout.Channels.deliver_durable`); while every
+    #: subscription of a topic is settled, durable events go to them as one
+    #: broadcast without asking each, and ``durable_seq`` stays where it was.
+    durable_settled: bool = True
     #: What Realtime Authorization allows on a private channel (public and
     #: reserved channels: everything).  Reads are decided at the join;
     #: writes at the first broadcast and the first track (None: not asked
@@ -49,6 +58,10 @@ class Subscription:
     read_presence: bool = True
     write_broadcast: bool | None = True
     write_presence: bool | None = True
+
+    def __post_init__(self) -> None:
+        if self.replay_buffer is not None or self.durable_paused:
+            self.durable_settled = False
 
     @property
     def wire_topic(self) -> str:

@@ -63,7 +63,10 @@ async def test_an_event_appended_after_start_reaches_subscribers_and_the_mother(
     async with node.running():
         outbox = join(node, "org:acme")
         await node.store.append("acme", [("created", {"n": 1})])
-        await asyncio.sleep(0)
+        # Delivered at the node's next flush, which waits for the loop's
+        # next poll (hub/flusher.py).
+        for _ in range(3):
+            await asyncio.sleep(0)
         events = [orjson.loads(f.payload) for f in outbox.frames]
         assert [e["event"] for e in events] == ["phx_reply", "presence_state", "broadcast"]
         assert events[-1]["payload"]["meta"]["seq"] == 1

@@ -219,6 +219,80 @@ async def test_replay_after_id_resumes_after_that_event(setup: Any) -> None:
     assert system["payload"]["message"].startswith("ReplayUnknownId")
 
 
+@pytest.fixture
+def asked(monkeypatch: pytest.MonkeyPatch) -> list[Subscription]:
+    """Every subscription asked to take a durable event, in order."""
+    calls: list[Subscription] = []
+    take = Subscription.take_durable
+
+    def counted(sub: Subscription, seq: int, event: object, *, own: bool = True) -> bool:
+        calls.append(sub)
+        return take(sub, seq, event, own=own)
+
+    monkeypatch.setattr(Subscription, "take_durable", counted)
+    return calls
+
+
+async def test_settled_subscribers_get_durable_events_without_being_asked(
+    setup: Any, asked: list[Subscription]
+) -> None:
+    channels, store, _ = setup
+    subs = [make_sub(channels, "org:a", vsn=vsn) for vsn in ("1.0.0", "2.0.0", "1.0.0")]
+    await store.append("a", [("x", {"i": i}) for i in range(3)])
+    assert [seqs(sub) for sub in subs if sub.vsn == "1.0.0"] == [[1, 2, 3], [1, 2, 3]]
+    assert len(subs[1].outbox.frames) == 3  # type: ignore[attr-defined]
+    assert asked == []
+
+
+async def test_a_replay_that_read_ahead_of_the_listener_skips_what_it_replayed(
+    asked: list[Subscription],
+) -> None:
+    """The listener lags the table: a replay can read events the listener
+    has not announced yet.  Their live copies are dropped for the one that
+    replayed them, not for the others, and once it has taken a live event
+    the topic is back to broadcasting."""
+    channels = local_channels()
+    store = MemoryStore()  # not wired: the test plays the lagging listener
+    feed = DurableFeed(channels, store, replay_max=20)
+    live = make_sub(channels, "org:a")
+    events = await store.append("a", [("x", {"i": i}) for i in range(4)])
+    replayed = make_sub(channels, "org:a", replay_buffer=[])
+    feed.on_event(events[0])  # announced while the replay waits: buffered
+    await feed.replay(replayed, ReplayRequest(after=0))
+    assert seqs(replayed) == [1, 2, 3, 4]
+    for event in events[1:]:  # the listener catches up
+        feed.on_event(event)
+    assert seqs(replayed) == [1, 2, 3, 4] and seqs(live) == [1, 2, 3, 4]
+    # Seq 1 live (buffered), the four replayed, seq 1's buffered copy, and
+    # seqs 2 to 4 live: each refused but the replayed ones.
+    assert asked.count(replayed) == 1 + 4 + 1 + 3
+    [newer] = await store.append("a", [("x", {})])
+    feed.on_event(newer)
+    assert seqs(replayed)[-1] == seqs(live)[-1] == 5
+    asked.clear()
+    [newest] = await store.append("a", [("x", {})])
+    feed.on_event(newest)
+    assert seqs(replayed)[-1] == seqs(live)[-1] == 6
+    assert asked == [], "settled once it took a live event"
+
+
+async def test_a_paused_subscription_is_asked_until_it_leaves(
+    setup: Any, asked: list[Subscription]
+) -> None:
+    channels, store, feed = setup
+    await store.append("a", [("x", {"i": i}) for i in range(30)])
+    live = make_sub(channels, "org:a")
+    paused = make_sub(channels, "org:a", replay_buffer=[])
+    await feed.replay(paused, ReplayRequest(after=0, limit=10))
+    await store.append("a", [("x", {})])
+    assert seqs(paused) == list(range(1, 11)) and seqs(live) == [31]
+    assert paused in asked
+    channels.unsubscribe(paused)
+    asked.clear()
+    await store.append("a", [("x", {})])
+    assert seqs(live) == [31, 32] and asked == []
+
+
 def test_parse_replay() -> None:
     assert parse_replay({"after": 3}) == ReplayRequest(after=3)
     assert parse_replay({"since": 1500, "limit": 5}) == ReplayRequest(since=1.5, limit=5)
