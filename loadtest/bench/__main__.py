@@ -88,6 +88,19 @@ async def _create_db(admin: str) -> str:
     return url
 
 
+async def _pin_postgres(admin: str) -> procs.PinnedTree | str:
+    """PostgreSQL off the server's core (PERFORMANCE.md's many-orgs target
+    says so): its processes get the load generator's core."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin)
+    try:
+        # While the backend lives: its parent is the postmaster.
+        return procs.pin_postgres(int(await conn.fetchval("SELECT pg_backend_pid()")))
+    finally:
+        await conn.close()
+
+
 async def _drop_db(admin: str, url: str) -> None:
     import asyncpg
 
@@ -225,12 +238,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "scenarios": {},
     }
     db_url = None
+    pinned_pg: procs.PinnedTree | None = None
     try:
         for scen in chosen:
             out: dict[str, Any] = {}
             results["scenarios"][scen] = out
             if scen in DATABASE_SCENARIOS and db_url is None and any(n in HUB_KINDS for n in names):
                 db_url = args.database_url or await _create_db(args.pg_admin)
+                pin = await _pin_postgres(args.pg_admin)
+                if isinstance(pin, str):
+                    results["postgres"] = f"not pinned: {pin}"
+                    _say(f"PostgreSQL {results['postgres']}")
+                else:
+                    pinned_pg = pin
+                    results["postgres"] = f"pinned to core {procs.CLIENT_CORES}"
             measured: dict[str, list[dict[str, Any]]] = {}
             # Rounds go over every server in turn, so a change in the
             # machine's state over time hits them all alike.
@@ -281,6 +302,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, runs in measured.items():
                 out[name] = report.median_run(scen, runs)
     finally:
+        if pinned_pg is not None:
+            pinned_pg.restore()
         if db_url is not None and args.database_url is None:
             await _drop_db(args.pg_admin, db_url)
     return results

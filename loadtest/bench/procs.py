@@ -71,6 +71,54 @@ def pin_self() -> None:
         os.sched_setaffinity(0, {int(c) for c in CLIENT_CORES.split(",")})
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            data = stat.read_bytes()
+            if int(data[data.rindex(b")") + 2 :].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+class PinnedTree:
+    """A local server's process tree (PostgreSQL: the postmaster and its
+    backends) moved to the load generator's core, so it does not take the
+    server core from the server measured; backends forked later inherit the
+    postmaster's affinity.  :meth:`restore` gives the tree back the
+    postmaster's former affinity."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.before = os.sched_getaffinity(root)
+        cores = {int(c) for c in CLIENT_CORES.split(",")}
+        for pid in (root, *_children(root)):
+            with contextlib.suppress(OSError):  # a backend that just ended
+                os.sched_setaffinity(pid, cores)
+
+    def restore(self) -> None:
+        for pid in (self.root, *_children(self.root)):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, self.before)
+
+
+def pin_postgres(backend_pid: int) -> PinnedTree | str:
+    """Pin the PostgreSQL server that runs backend ``backend_pid`` (from
+    ``pg_backend_pid()``) to the load generator's core; or why not."""
+    if CORES < 2:
+        return "one core: nothing to move it off"
+    try:
+        with open(f"/proc/{backend_pid}/stat", "rb") as f:
+            data = f.read()
+        postmaster = int(data[data.rindex(b")") + 2 :].split()[1])
+        comm = Path(f"/proc/{postmaster}/comm").read_text().strip()
+        if not comm.startswith("postgres"):
+            return f"the backend's parent is {comm!r}, not a postmaster"
+        return PinnedTree(postmaster)
+    except OSError as exc:
+        return f"not a local process it may move ({type(exc).__name__}: {exc.strerror})"
+
+
 def pinned(cmd: list[str], cores: str) -> list[str]:
     if TASKSET and CORES > 1:
         return [TASKSET, "-c", cores, *cmd]

@@ -706,8 +706,13 @@ def render(results: dict[str, Any]) -> str:
         f"{_runs_note(results.get('runs', 1))}; "
         f"command `{results['command']}`.",
         "",
-        "Server pinned to core 0, load generator (client processes and harness) to core 1. "
-        "CPU seconds from /proc and getrusage. Latency in ms.",
+        "Server pinned to core 0, load generator (client processes and harness) to core 1"
+        + (
+            f"; PostgreSQL (the database scenarios) {results['postgres']}"
+            if "postgres" in results
+            else ""
+        )
+        + ". CPU seconds from /proc and getrusage. Latency in ms.",
         "",
     ]
     sc = results["scenarios"]
