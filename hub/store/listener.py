@@ -399,5 +399,11 @@ class Listener:
                 await self._fill(org, seq)
 
     def _announce(self, event: StoredEvent) -> None:
+        # Checked here, not only before a read: while a read awaits, another
+        # listener sharing `_last` (an org moving between databases, whose
+        # events both hold) may announce some of what the read returns.
+        # Subscribers rely on each event coming once and in order.
+        if event.seq <= self._last.get(event.org, 0):
+            return
         self._last[event.org] = event.seq
         self._deliver(event)

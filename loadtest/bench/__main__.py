@@ -88,12 +88,16 @@ async def _create_db(admin: str) -> str:
     return url
 
 
-async def _pin_postgres(admin: str) -> procs.PinnedTree | str:
-    """PostgreSQL off the server's core (PERFORMANCE.md's many-orgs target
-    says so): its processes get the load generator's core."""
+async def _pin_postgres(dsn: str) -> procs.PinnedTree | str:
+    """The PostgreSQL server of ``dsn`` (the database the scenarios use)
+    off the server's core, as PERFORMANCE.md's many-orgs target says: its
+    processes get the load generator's core.  Or why not."""
     import asyncpg
 
-    conn = await asyncpg.connect(admin)
+    try:
+        conn = await asyncpg.connect(dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"cannot connect to it ({type(exc).__name__})"
     try:
         # While the backend lives: its parent is the postmaster.
         return procs.pin_postgres(int(await conn.fetchval("SELECT pg_backend_pid()")))
@@ -245,7 +249,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["scenarios"][scen] = out
             if scen in DATABASE_SCENARIOS and db_url is None and any(n in HUB_KINDS for n in names):
                 db_url = args.database_url or await _create_db(args.pg_admin)
-                pin = await _pin_postgres(args.pg_admin)
+                pin = await _pin_postgres(db_url)
                 if isinstance(pin, str):
                     results["postgres"] = f"not pinned: {pin}"
                     _say(f"PostgreSQL {results['postgres']}")

@@ -89,16 +89,19 @@ class PinnedTree:
     postmaster's former affinity."""
 
     def __init__(self, root: int) -> None:
+        """Raises OSError when the root may not be moved (not permitted,
+        or a core it may not use); nothing is moved then."""
         self.root = root
         self.before = os.sched_getaffinity(root)
         cores = {int(c) for c in CLIENT_CORES.split(",")}
-        for pid in (root, *_children(root)):
-            with contextlib.suppress(OSError):  # a backend that just ended
+        os.sched_setaffinity(root, cores)
+        for pid in _children(root):
+            with contextlib.suppress(ProcessLookupError):  # a backend that just ended
                 os.sched_setaffinity(pid, cores)
 
     def restore(self) -> None:
         for pid in (self.root, *_children(self.root)):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(ProcessLookupError):
                 os.sched_setaffinity(pid, self.before)
 
 
@@ -114,9 +117,12 @@ def pin_postgres(backend_pid: int) -> PinnedTree | str:
         comm = Path(f"/proc/{postmaster}/comm").read_text().strip()
         if not comm.startswith("postgres"):
             return f"the backend's parent is {comm!r}, not a postmaster"
+    except OSError as exc:
+        return f"not a local process ({type(exc).__name__}: {exc.strerror})"
+    try:
         return PinnedTree(postmaster)
     except OSError as exc:
-        return f"not a local process it may move ({type(exc).__name__}: {exc.strerror})"
+        return f"its postmaster may not be moved ({type(exc).__name__}: {exc.strerror})"
 
 
 def pinned(cmd: list[str], cores: str) -> list[str]:

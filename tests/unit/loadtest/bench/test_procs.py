@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from loadtest.bench import procs
 
 # A parent that starts one child at once and another when told (a line on
@@ -59,3 +61,30 @@ def test_only_a_postmasters_backend_is_followed_to_its_server() -> None:
     assert isinstance(outcome, str) and "not a postmaster" in outcome
     gone = procs.pin_postgres(child.pid)
     assert isinstance(gone, str) and gone.startswith("not a local process")
+
+
+ONE_CHILD = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_root_that_may_not_be_moved_moves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A core this machine does not have: the kernel refuses (EINVAL), as
+    # it refuses a process of another user to a harness that is not root.
+    monkeypatch.setattr(procs, "CLIENT_CORES", str(os.cpu_count() or 1))
+    cmd = [sys.executable, "-c", ONE_CHILD]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        before = os.sched_getaffinity(child)
+        try:
+            with pytest.raises(OSError):
+                procs.PinnedTree(parent.pid)
+            assert os.sched_getaffinity(parent.pid) == before
+            assert os.sched_getaffinity(child) == before
+        finally:
+            os.kill(child, 9)
+            parent.kill()
