@@ -53,6 +53,9 @@ MAX_HEAD_LINE: Final = 8192
 MAX_HEADERS: Final = 128
 #: The REST bulk broadcast's paths (hub.api.broadcast), served here.
 BROADCAST_PATHS: Final = frozenset({"/realtime/v1/api/broadcast", "/api/broadcast"})
+#: How long a connection accepted before a shutdown, with no request yet,
+#: is given to begin one (a proxy sends its request right after connecting).
+FIRST_REQUEST_GRACE: Final = 1.0
 
 
 class HubHttpProtocol(HttpToolsProtocol):
@@ -77,6 +80,42 @@ class HubHttpProtocol(HttpToolsProtocol):
     _token_check: asyncio.Task[Principal] | None = None
     #: A REST broadcast to answer here once its body is complete.
     _waiting: RequestResponseCycle | None = None
+    #: Shutdown came before this connection's first request: that request
+    #: is still answered, then the connection closes.
+    _last_request: bool = False
+    #: A request began on this connection.
+    _began: bool = False
+    #: Closes a connection that shutdown found without a request, if none begins.
+    _first_request_due: asyncio.TimerHandle | None = None
+
+    def shutdown(self) -> None:
+        """uvicorn closes at once every connection without a request in
+        progress.  One that has not had its first request yet was accepted
+        just before the listener closed, and its client may have sent the
+        request already: a proxy (nginx) cannot retry a POST that the close
+        cuts, and answers 502.  Such a connection gets its first request
+        answered, with ``connection: close``; if none begins within
+        :data:`FIRST_REQUEST_GRACE` seconds it is closed."""
+        if self.cycle is not None:
+            super().shutdown()
+            return
+        self._last_request = True
+        if not self._began:
+            self._first_request_due = self.loop.call_later(
+                FIRST_REQUEST_GRACE, self.transport.close
+            )
+
+    def on_message_begin(self) -> None:
+        self._began = True
+        if self._first_request_due is not None:
+            self._first_request_due.cancel()
+            self._first_request_due = None
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self._last_request and self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         """uvicorn starts a request's ASGI task here: when no earlier
@@ -116,6 +155,9 @@ class HubHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._waiting = None
+        if self._first_request_due is not None:
+            self._first_request_due.cancel()
+            self._first_request_due = None
         super().connection_lost(exc)
 
     def _broadcast_now(self, api: BroadcastApi, cycle: RequestResponseCycle) -> None:
@@ -154,6 +196,11 @@ class HubHttpProtocol(HttpToolsProtocol):
             _complete(cycle, self.transport, (refusal.status, head, body))
 
     def handle_websocket_upgrade(self) -> None:
+        if self._last_request:
+            # The node is shutting down and has closed its WebSockets (1012).
+            self.connections.discard(self)
+            self._refuse(503, "Service Unavailable: the node is shutting down")
+            return
         if (
             len(self.url) > MAX_HEAD_LINE
             or len(self.headers) > MAX_HEADERS
