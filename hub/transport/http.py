@@ -197,7 +197,7 @@ class HubHttpProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         if self._last_request:
-            # The node is shutting down and has closed its WebSockets (1012).
+            # The node is shutting down: its WebSockets are being closed (1012).
             self.connections.discard(self)
             self._refuse(503, "Service Unavailable: the node is shutting down")
             return
