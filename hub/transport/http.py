@@ -107,10 +107,13 @@ class HubHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._began = True
+        self._cancel_first_request_due()
+        super().on_message_begin()
+
+    def _cancel_first_request_due(self) -> None:
         if self._first_request_due is not None:
             self._first_request_due.cancel()
             self._first_request_due = None
-        super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -155,9 +158,7 @@ class HubHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._waiting = None
-        if self._first_request_due is not None:
-            self._first_request_due.cancel()
-            self._first_request_due = None
+        self._cancel_first_request_due()
         super().connection_lost(exc)
 
     def _broadcast_now(self, api: BroadcastApi, cycle: RequestResponseCycle) -> None:

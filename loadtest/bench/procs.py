@@ -24,10 +24,15 @@ def cpu_split(pid: int) -> tuple[float, float]:
     """(utime, stime) of a process, from /proc/<pid>/stat: user space, and
     the kernel (system calls, and the loopback receiver's TCP work that this
     kernel charges to the sender)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    fields = data[data.rindex(b")") + 2 :].split()
+    fields = _stat(pid)
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def _stat(pid: int | str) -> list[bytes]:
+    """The fields of /proc/<pid>/stat after the command name (which may
+    hold spaces and parentheses): state first, then the parent's pid."""
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    return data[data.rindex(b")") + 2 :].split()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -73,11 +78,10 @@ def pin_self() -> None:
 
 def _children(pid: int) -> list[int]:
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            data = stat.read_bytes()
-            if int(data[data.rindex(b")") + 2 :].split()[1]) == pid:
-                found.append(int(stat.parent.name))
+            if int(_stat(proc.name)[1]) == pid:
+                found.append(int(proc.name))
     return found
 
 
@@ -111,9 +115,7 @@ def pin_postgres(backend_pid: int) -> PinnedTree | str:
     if CORES < 2:
         return "one core: nothing to move it off"
     try:
-        with open(f"/proc/{backend_pid}/stat", "rb") as f:
-            data = f.read()
-        postmaster = int(data[data.rindex(b")") + 2 :].split()[1])
+        postmaster = int(_stat(backend_pid)[1])
         comm = Path(f"/proc/{postmaster}/comm").read_text().strip()
         if not comm.startswith("postgres"):
             return f"the backend's parent is {comm!r}, not a postmaster"
