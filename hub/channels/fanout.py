@@ -109,6 +109,21 @@ class _TopicSubscribers:
         return len(self.v1) + len(self.v2) + len(self.quiet)
 
 
+def _wires(
+    subscribers: _TopicSubscribers, broadcast: Broadcast
+) -> tuple[bytes | None, bytes | None]:
+    """``broadcast``'s frames for the topic's vsn 2 and vsn 1 readers, each
+    None when there is none to read it (encoded only when someone will)."""
+    wire2 = broadcast.frame_v2().wire if subscribers.v2 else None
+    wire1 = None
+    if subscribers.v1:
+        frame_v1 = broadcast.frame_v1()
+        # Opaque binary payloads have no vsn 1 form; Supabase drops them.
+        if frame_v1 is not None:
+            wire1 = frame_v1.wire
+    return wire2, wire1
+
+
 class Channels:
     """The registry of this node's subscriptions and the fan-out to them."""
 
@@ -324,13 +339,7 @@ class Channels:
         how many got it."""
         origin = broadcast.origin
         v2, v1 = subscribers.v2, subscribers.v1
-        wire2 = broadcast.frame_v2().wire if v2 else None
-        wire1 = None
-        if v1:
-            frame_v1 = broadcast.frame_v1()
-            # Opaque binary payloads have no vsn 1 form; Supabase drops them.
-            if frame_v1 is not None:
-                wire1 = frame_v1.wire
+        wire2, wire1 = _wires(subscribers, broadcast)
         if origin is None:
             # Consecutive broadcasts to this topic (a REST request, a burst)
             # reach the sinks together: one pass over them for all.
@@ -342,10 +351,16 @@ class Channels:
                 count += fan_out(v2, wire2, origin)
             if wire1 is not None:
                 count += fan_out(v1, wire1, origin)
-        if count and not subscribers.scheduled:
+        if count:
+            self._due(subscribers)
+        return count
+
+    def _due(self, subscribers: _TopicSubscribers) -> None:
+        """The fan-out gave ``subscribers`` frames: their flush is scheduled
+        (once until it runs)."""
+        if not subscribers.scheduled:
             subscribers.scheduled = True
             self.schedule(subscribers)
-        return count
 
     def deliver_durable(self, broadcast: Broadcast, seq: int, event: object) -> int:
         """Fan out the broadcast of live durable event ``seq`` (``event`` is
@@ -360,13 +375,10 @@ class Channels:
         if not subscribers.unsettled:
             return self._fan_out(subscribers, broadcast)
         count = 0
-        for group in (subscribers.v2, subscribers.v1):
-            if not group:
+        wire2, wire1 = _wires(subscribers, broadcast)
+        for group, wire in ((subscribers.v2, wire2), (subscribers.v1, wire1)):
+            if wire is None:
                 continue
-            frame = broadcast.frame_v2() if group is subscribers.v2 else broadcast.frame_v1()
-            if frame is None:
-                continue
-            wire = frame.wire
             for sub, sink in group.items():
                 if sub.take_durable(seq, event):
                     sink(wire)
@@ -374,9 +386,8 @@ class Channels:
                     if not sub.durable_settled:
                         sub.durable_settled = True
                         subscribers.unsettled -= 1
-        if count and not subscribers.scheduled:
-            subscribers.scheduled = True
-            self.schedule(subscribers)
+        if count:
+            self._due(subscribers)
         return count
 
     def deliver_change(self, org: str, seq: int, change: dict[str, Any], event: object) -> int:
@@ -452,9 +463,7 @@ class Channels:
                 else:  # not expected: bindings are indexed only while subscribed
                     sub.outbox.schedule()
         for subscribers in touched.values():
-            if not subscribers.scheduled:
-                subscribers.scheduled = True
-                self.schedule(subscribers)
+            self._due(subscribers)
         return count
 
     def _deliver_presence(self, diff: PresenceDiff) -> None:
