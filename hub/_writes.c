@@ -404,10 +404,11 @@ fill_iov(Pending *p, struct iovec *iov)
 
 /* The writes are system calls made directly on Linux: glibc's send() and
  * sendmsg() are cancellation points, and in a process with threads (the
- * hub has them: the event loop's executor, the database driver's) each
- * call goes through __pthread_enable_asynccancel() and its disable, about
- * 1% of the hub's CPU at one message per 10 ms in a perf profile (as much
- * as glibc's send() wrapper itself).  No thread of the hub is cancelled. */
+ * hub has them: libuv's worker pool, which uvloop starts for its address
+ * lookups) each call goes through __pthread_enable_asynccancel() and its
+ * disable: about 1% of the hub's CPU at one message per 10 ms in a perf
+ * profile, as much as glibc's send() wrapper itself.  No thread of the hub
+ * is ever cancelled. */
 #ifdef __linux__
 #define SEND(fd, data, size, flags) syscall(SYS_sendto, (fd), (data), (size), (flags), NULL, 0)
 #define SENDMSG(fd, msg, flags) syscall(SYS_sendmsg, (fd), (msg), (flags))
